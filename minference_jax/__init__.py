@@ -1,0 +1,30 @@
+"""minference_jax: training-free dynamic sparse attention for long-context prefill, in JAX."""
+
+from minference_jax.attention import sparse_attention
+from minference_jax.config_io import PatternConfigError, load_pattern_config, save_pattern_config
+from minference_jax.index_approx import build_sparse_index
+from minference_jax.patterns import AShape, BlockSparse, Dense, HeadPatterns, VerticalSlash
+from minference_jax.reference import (
+    dense_attention_reference,
+    sparse_attention_reference,
+    sparse_attention_xla,
+)
+from minference_jax.sparse_index import SparseIndex, dense_mask_from_index
+
+__all__ = [
+    "AShape",
+    "BlockSparse",
+    "Dense",
+    "HeadPatterns",
+    "PatternConfigError",
+    "SparseIndex",
+    "VerticalSlash",
+    "build_sparse_index",
+    "dense_attention_reference",
+    "dense_mask_from_index",
+    "load_pattern_config",
+    "save_pattern_config",
+    "sparse_attention",
+    "sparse_attention_reference",
+    "sparse_attention_xla",
+]

@@ -1,0 +1,97 @@
+"""Public attention API: `sparse_attention(q, k, v, patterns, *, implementation=...)`.
+
+Dispatch lives here and only here: which backend runs, and when a layer is plain dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from minference_jax import patterns as P
+from minference_jax.index_approx import build_sparse_index
+from minference_jax.reference import (
+    dense_attention_reference,
+    sparse_attention_reference,
+    sparse_attention_xla,
+)
+from minference_jax.sparse_index import SparseIndex
+
+IMPLEMENTATIONS = ("xla", "reference")
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def check_attention_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    """Raise a clear error for inputs the attention paths do not accept."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; expected float32, bfloat16 or float16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    b, n, hq, d = q.shape
+    if (k.shape[0], k.shape[1], k.shape[3]) != (b, n, d):
+        raise ValueError(
+            f"q {q.shape} and k {k.shape} must agree on batch, seq (causal prefill: q_len == "
+            "kv_len) and head_dim"
+        )
+    if n == 0:
+        raise ValueError("empty sequence: seq length must be >= 1")
+    if hq % k.shape[2]:
+        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({hq})")
+
+
+def sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    patterns: P.Pattern | Sequence[P.Pattern],
+    *,
+    softmax_scale: float | None = None,
+    implementation: str | None = None,
+    block_q: int = 64,
+    block_kv: int = 64,
+    index: SparseIndex | None = None,
+) -> jax.Array:
+    """Causal prefill attention where each query head follows its sparse pattern.
+
+    Args:
+      q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] with kv_heads
+        dividing q_heads (query head h reads kv head h // (q_heads // kv_heads)). Causal with
+        q_len == kv_len: query i attends keys j <= i that its pattern selects.
+      patterns: one pattern for all heads, or one per query head (static).
+      softmax_scale: defaults to head_dim ** -0.5.
+      implementation: "xla" (gathered sparse, any backend), "reference" (masked dense, O(N^2)
+        memory, the oracle) or None (dense heads-only layers go to
+        `jax.nn.dot_product_attention`, the rest to "xla").
+      index: a precomputed SparseIndex (otherwise estimated from q and k here).
+    Returns:
+      [batch, seq, q_heads, head_dim] in q.dtype.
+    """
+    check_attention_inputs(q, k, v)
+    patterns = P.normalize_layer_patterns(patterns, q.shape[2])
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+    all_dense = all(isinstance(p, P.Dense) for p in patterns)
+    if all_dense and index is None:
+        if implementation == "reference":
+            return dense_attention_reference(q, k, v, softmax_scale=softmax_scale)
+        if implementation is None:
+            return jax.nn.dot_product_attention(q, k, v, scale=softmax_scale, is_causal=True)
+    if index is None:
+        index = build_sparse_index(
+            q, k, patterns, softmax_scale=softmax_scale, block_q=block_q, block_kv=block_kv
+        )
+    elif (index.seq_len, index.num_heads) != (q.shape[1], q.shape[2]):
+        raise ValueError(
+            f"index is for seq {index.seq_len} x {index.num_heads} heads, inputs have "
+            f"seq {q.shape[1]} x {q.shape[2]} heads"
+        )
+    if implementation == "reference":
+        return sparse_attention_reference(q, k, v, index, softmax_scale=softmax_scale)
+    return sparse_attention_xla(q, k, v, index, softmax_scale=softmax_scale)

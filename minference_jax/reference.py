@@ -1,0 +1,115 @@
+"""Pure-JAX attention paths: the masked-dense oracle and a gathered sparse path for any backend.
+
+Layout [batch, seq, heads, head_dim]; causal prefill (q_len == kv_len, query i sees keys <= i);
+GQA with contiguous groups (query head h reads kv head h // (Hq // Hkv)), never repeating K/V.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from minference_jax.sparse_index import (
+    SparseIndex,
+    column_is_covered,
+    dense_mask_from_index,
+)
+
+# Finite so that a fully masked row would give a uniform row, never NaN (none should exist).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _grouped_masked_attention(q, k, v, mask, scale):
+    """q [B, T, Hq, D], k/v [B, S, Hkv, D], mask [B, Hq, T, S] -> [B, T, Hq, D] in f32 math."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+    ) * scale
+    logits = jnp.where(mask.reshape(b, hkv, hq // hkv, t, -1), logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    return out.reshape(b, t, hq, d)
+
+
+def dense_attention_reference(q, k, v, *, softmax_scale: float | None = None) -> jax.Array:
+    """Causal attention in f32 math; returns q.dtype."""
+    n = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+    mask = jnp.broadcast_to(causal, (q.shape[0], q.shape[2], n, n))
+    return _grouped_masked_attention(q, k, v, mask, scale).astype(q.dtype)
+
+
+def sparse_attention_reference(
+    q, k, v, index: SparseIndex, *, softmax_scale: float | None = None
+) -> jax.Array:
+    """The oracle: dense attention under the index's [B, H, N, N] mask. O(N^2) memory."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    mask = dense_mask_from_index(index)
+    return _grouped_masked_attention(q, k, v, mask, scale).astype(q.dtype)
+
+
+def _tile_positions(index: SparseIndex, q_block: jax.Array):
+    """Key positions [B, H, P] and validity for one query block: diag, listed blocks, columns."""
+    bk, r = index.block_kv, index.ratio
+    lane = jnp.arange(bk, dtype=jnp.int32)
+
+    diag_blocks = (q_block + 1) * r - 1 - index.diag_offset  # [B, H, max_diag]
+    diag_ok = jnp.arange(index.diag_offset.shape[-1]) < index.diag_count[:, :, q_block, None]
+    listed = index.block_index[:, :, q_block]  # [B, H, max_blocks]
+    listed_ok = jnp.arange(listed.shape[-1]) < index.block_count[:, :, q_block, None]
+    blocks = jnp.concatenate([diag_blocks, listed], axis=-1)
+    blocks_ok = jnp.concatenate([diag_ok, listed_ok], axis=-1)
+    block_pos = (blocks[..., None] * bk + lane).reshape(*blocks.shape[:2], -1)
+    block_ok = jnp.repeat(blocks_ok, bk, axis=-1)
+
+    columns = index.column_index
+    col_ok = jnp.arange(columns.shape[-1]) < index.column_count[:, :, q_block, None]
+    col_ok &= ~column_is_covered(index, columns[:, :, None, :], q_block)[:, :, 0]
+    positions = jnp.concatenate([block_pos, columns], axis=-1)
+    valid = jnp.concatenate([block_ok, col_ok], axis=-1) & (positions < index.seq_len)
+    return jnp.where(valid, positions, 0), valid
+
+
+def sparse_attention_xla(
+    q, k, v, index: SparseIndex, *, softmax_scale: float | None = None
+) -> jax.Array:
+    """Gathered sparse attention in plain XLA, one query block at a time (the no-GPU fallback).
+
+    Memory per step is B x H x block_q x (tiles x block_kv), so it suits moderate N on CPU.
+    """
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    bq = index.block_q
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    n_q_blocks = index.num_q_blocks
+    q_pad = jnp.pad(q, ((0, 0), (0, n_q_blocks * bq - n), (0, 0), (0, 0)))
+    k_heads = jnp.moveaxis(k, 2, 1)  # [B, Hkv, N, D]
+    v_heads = jnp.moveaxis(v, 2, 1)
+    batch_idx = jnp.arange(b)[:, None, None]
+    kv_head_idx = (jnp.arange(hq) // (hq // hkv))[None, :, None]
+
+    def one_block(q_block):
+        positions, valid = _tile_positions(index, q_block)  # [B, H, P]
+        rows = q_block * bq + jnp.arange(bq)
+        valid = valid[:, :, None, :] & (positions[:, :, None, :] <= rows[None, None, :, None])
+        k_tiles = k_heads[batch_idx, kv_head_idx, positions]  # [B, H, P, D]
+        v_tiles = v_heads[batch_idx, kv_head_idx, positions]
+        q_rows = jax.lax.dynamic_slice_in_dim(q_pad, q_block * bq, bq, axis=1)  # [B, bq, H, D]
+        logits = jnp.einsum(
+            "bqhd,bhpd->bhqp", q_rows, k_tiles, preferred_element_type=jnp.float32
+        ) * scale
+        probs = jax.nn.softmax(jnp.where(valid, logits, MASK_VALUE), axis=-1)
+        out = jnp.einsum("bhqp,bhpd->bqhd", probs.astype(v.dtype), v_tiles,
+                         preferred_element_type=jnp.float32)
+        return out.astype(q.dtype)
+
+    out = jax.lax.map(one_block, jnp.arange(n_q_blocks, dtype=jnp.int32))  # [nqb, B, bq, H, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n_q_blocks * bq, hq, d)
+    return out[:, :n]
+

@@ -1,0 +1,227 @@
+"""The one sparse representation every pattern lowers to, and its dense mask.
+
+Queries are cut into blocks of `block_q` rows, keys into blocks of `block_kv` columns, with
+`block_q = r * block_kv`. For query block i, the keys it attends are the union of
+
+1. **diagonal key blocks**: key block `(i + 1) * r - 1 - d` for every relative offset d of the
+   head's sorted set D (`diag_offset`; `diag_count[i]` of them exist for block i). D always holds
+   0..r-1, the key blocks under the query block itself, so no query row is ever empty. Slash
+   lines, local windows and the causal diagonal all live here. D is the same for every query
+   block, so it costs O(N / block_kv) per head whatever the slash budget is.
+2. **listed key blocks** (`block_index[i, :block_count[i]]`): key blocks chosen per query block
+   (block-sparse top-k, attention-sink blocks); never one that D already covers.
+3. **columns** (`column_index[:column_count[i]]`): single keys, sorted, per head. A column whose
+   key block D covers for block i is *covered* and must be skipped (`diag_mask`); the count
+   already stops before the contiguous local run of D, so only the rare far-away covered column
+   needs the check. Columns never fall in a listed block and always lie before block i's rows.
+
+Plus causality: query row q attends key j only if j <= q (aligned prefill, q_len == kv_len).
+
+Padding entries of every list hold `SENTINEL`, which sorts after every real index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+SENTINEL = 2**30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SparseIndex:
+    diag_offset: jax.Array  # [B, H, max_diag] int32, ascending
+    diag_count: jax.Array  # [B, H, n_q_blocks] int32
+    diag_mask: jax.Array  # [B, H, n_diag_slots] bool: d is in D
+    block_index: jax.Array  # [B, H, n_q_blocks, max_blocks] int32 key blocks, ascending
+    block_count: jax.Array  # [B, H, n_q_blocks] int32
+    column_index: jax.Array  # [B, H, max_columns] int32 key positions, ascending
+    column_count: jax.Array  # [B, H, n_q_blocks] int32
+    seq_len: int = dataclasses.field(metadata=dict(static=True))
+    block_q: int = dataclasses.field(metadata=dict(static=True))
+    block_kv: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def ratio(self) -> int:
+        return self.block_q // self.block_kv
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.diag_count.shape[-1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.diag_count.shape[1]
+
+    def num_tiles(self) -> jax.Array:
+        """[B, H, n_q_blocks] key tiles each query block computes (columns in tiles of block_kv)."""
+        column_tiles = -(-self.column_count // self.block_kv)
+        return self.diag_count + self.block_count + column_tiles
+
+
+def check_block_sizes(block_q: int, block_kv: int) -> None:
+    if block_q < 1 or block_kv < 1 or block_q % block_kv:
+        raise ValueError(
+            f"block_q ({block_q}) must be a positive multiple of block_kv ({block_kv})"
+        )
+
+
+def num_blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def compact_ascending(values: jax.Array, size: int) -> jax.Array:
+    """Sort the last axis ascending (SENTINEL last) and keep the first `size` entries."""
+    values = jnp.sort(values, axis=-1)
+    if values.shape[-1] >= size:
+        return values[..., :size]
+    pad = [(0, 0)] * (values.ndim - 1) + [(0, size - values.shape[-1])]
+    return jnp.pad(values, pad, constant_values=SENTINEL)
+
+
+def diag_mask_from_slashes(
+    offsets: jax.Array, n_slots: int, block_kv: int, ratio: int
+) -> jax.Array:
+    """[..., n_slots] bool set D of relative key-block offsets covering the slash lines.
+
+    `offsets`: [..., S] int32 diagonal offsets i - j >= 0 (SENTINEL = unused). The band of slash o
+    over query block i spans key blocks `(i+1)r-1-d` for d in [o // bk, ceil(o / bk) + r - 1].
+    The diagonal blocks 0..r-1 are always included.
+    """
+    valid = offsets < SENTINEL
+    first = jnp.where(valid, offsets // block_kv, n_slots)
+    last = jnp.where(valid, -(-offsets // block_kv) + ratio - 1, n_slots)
+    lead = offsets.shape[:-1]
+    diff = jnp.zeros(lead + (n_slots + 1,), jnp.int32)
+    flat_diff = diff.reshape(-1, n_slots + 1)
+    rows = jnp.arange(flat_diff.shape[0])[:, None]
+    flat_first = jnp.minimum(first, n_slots).reshape(-1, offsets.shape[-1])
+    flat_end = jnp.minimum(last + 1, n_slots).reshape(-1, offsets.shape[-1])
+    flat_diff = flat_diff.at[rows, flat_first].add(1).at[rows, flat_end].add(-1)
+    covered = jnp.cumsum(flat_diff, axis=-1)[:, :n_slots] > 0
+    covered = covered.reshape(lead + (n_slots,))
+    return covered | (jnp.arange(n_slots) < ratio)
+
+
+def finalize_index(
+    diag_mask: jax.Array,
+    block_candidates: jax.Array,
+    columns: jax.Array,
+    *,
+    max_diag: int,
+    seq_len: int,
+    block_q: int,
+    block_kv: int,
+) -> SparseIndex:
+    """Build the SparseIndex from per-head parts.
+
+    diag_mask: [B, H, n_slots] bool, the set D (must contain 0..r-1).
+    block_candidates: [B, H, n_q_blocks, K] int32 key blocks (SENTINEL = none); those covered by D
+      or not causal for their query block are dropped, the rest sorted.
+    columns: [B, H, C] int32 key positions, unique, ascending (SENTINEL = none), never inside a
+      listed block.
+    """
+    ratio = block_q // block_kv
+    n_q_blocks = num_blocks(seq_len, block_q)
+    n_slots = diag_mask.shape[-1]
+    assert n_slots == n_q_blocks * ratio, (n_slots, n_q_blocks, ratio)
+
+    slots = jnp.arange(n_slots, dtype=jnp.int32)
+    diag_offset = compact_ascending(jnp.where(diag_mask, slots, SENTINEL), max_diag)
+    cumulative = jnp.cumsum(diag_mask.astype(jnp.int32), axis=-1)
+    diag_count = cumulative[..., ratio - 1 :: ratio]  # d <= (i+1)r-1 for block i
+    diag_count = jnp.minimum(diag_count, max_diag)
+
+    # Listed blocks: drop covered and non-causal ones.
+    last_block = (jnp.arange(n_q_blocks, dtype=jnp.int32) + 1) * ratio - 1  # [n_q_blocks]
+    rel = last_block[:, None] - block_candidates  # [B, H, n_q_blocks, K]
+    in_range = (block_candidates < SENTINEL) & (rel >= 0)
+    covered = jnp.take_along_axis(
+        diag_mask[:, :, None, :].astype(jnp.int32),
+        jnp.clip(rel, 0, n_slots - 1),
+        axis=-1,
+    ).astype(bool)
+    keep = in_range & ~covered
+    block_index = jnp.sort(jnp.where(keep, block_candidates, SENTINEL), axis=-1)
+    block_count = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+
+    # Columns: count those before the contiguous local run of D.
+    local_run = jnp.argmin(diag_mask, axis=-1).astype(jnp.int32)  # first d not in D
+    local_run = jnp.where(jnp.all(diag_mask, axis=-1), n_slots, local_run)  # [B, H]
+    limit = jnp.maximum(last_block[None, None, :] + 1 - local_run[..., None], 0) * block_kv
+    column_count = jax.vmap(jax.vmap(jnp.searchsorted))(columns, limit).astype(jnp.int32)
+
+    return SparseIndex(
+        diag_offset=diag_offset.astype(jnp.int32),
+        diag_count=diag_count.astype(jnp.int32),
+        diag_mask=diag_mask,
+        block_index=block_index.astype(jnp.int32),
+        block_count=block_count,
+        column_index=columns.astype(jnp.int32),
+        column_count=column_count,
+        seq_len=seq_len,
+        block_q=block_q,
+        block_kv=block_kv,
+    )
+
+
+def block_mask_from_index(index: SparseIndex) -> jax.Array:
+    """[B, H, n_q_blocks, n_keys_padded] bool: keys each query block attends (before causality).
+
+    Built only from the fields a kernel reads (offsets + counts), so it checks them. O(N^2 / bq).
+    """
+    bq, bk, r = index.block_q, index.block_kv, index.ratio
+    batch, heads, n_q_blocks = index.diag_count.shape
+    n_kv_blocks = n_q_blocks * r
+    q_blocks = jnp.arange(n_q_blocks, dtype=jnp.int32)
+
+    def scatter_blocks(blocks, valid):  # [B, H, nqb, T] key blocks -> [B, H, nqb, n_kv_blocks]
+        blocks = jnp.where(valid, blocks, n_kv_blocks)  # out of range -> dropped
+        out = jnp.zeros((batch, heads, n_q_blocks, n_kv_blocks), bool)
+        b, h, i = jnp.meshgrid(
+            jnp.arange(batch), jnp.arange(heads), q_blocks, indexing="ij"
+        )
+        return out.at[b[..., None], h[..., None], i[..., None], blocks].set(True, mode="drop")
+
+    max_diag = index.diag_offset.shape[-1]
+    diag_blocks = (q_blocks[:, None] + 1) * r - 1 - index.diag_offset[:, :, None, :]
+    diag_valid = jnp.arange(max_diag) < index.diag_count[..., None]
+    mask = scatter_blocks(diag_blocks, diag_valid)
+    max_blocks = index.block_index.shape[-1]
+    listed_valid = jnp.arange(max_blocks) < index.block_count[..., None]
+    mask |= scatter_blocks(index.block_index, listed_valid)
+    keys = jnp.repeat(mask, bk, axis=-1)  # [B, H, nqb, n_kv_blocks * bk]
+
+    columns = jnp.broadcast_to(
+        index.column_index[:, :, None, :], (batch, heads, n_q_blocks, index.column_index.shape[-1])
+    )
+    col_valid = jnp.arange(columns.shape[-1]) < index.column_count[..., None]
+    col_valid &= ~column_is_covered(index, columns, q_blocks[:, None])
+    cols = jnp.where(col_valid, columns, keys.shape[-1])
+    b, h, i = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), q_blocks, indexing="ij")
+    return keys.at[b[..., None], h[..., None], i[..., None], cols].set(True, mode="drop")
+
+
+def column_is_covered(index: SparseIndex, columns: jax.Array, q_blocks: jax.Array) -> jax.Array:
+    """Whether key positions lie in a diagonal key block of their query block.
+
+    columns: [B, H, X, C] key positions; q_blocks: int array broadcastable to it.
+    """
+    rel = (q_blocks + 1) * index.ratio - 1 - columns // index.block_kv
+    n_slots = index.diag_mask.shape[-1]
+    hit = jnp.take_along_axis(
+        index.diag_mask[:, :, None, :], jnp.clip(rel, 0, n_slots - 1), axis=-1
+    )
+    return hit & (rel >= 0) & (rel < n_slots)
+
+
+def dense_mask_from_index(index: SparseIndex) -> jax.Array:
+    """[B, H, N, N] bool attention mask (causal applied) of the index. For small N only."""
+    n = index.seq_len
+    per_block = block_mask_from_index(index)[..., :n]  # [B, H, nqb, N]
+    rows = jnp.repeat(per_block, index.block_q, axis=2)[:, :, :n]  # [B, H, N, N]
+    causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+    return rows & causal
