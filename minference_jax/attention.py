@@ -5,6 +5,7 @@ Dispatch lives here and only here: which backend runs, and when a layer is plain
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -67,8 +68,8 @@ def sparse_attention(
       patterns: one pattern for all heads, or one per query head (static).
       softmax_scale: defaults to head_dim ** -0.5.
       implementation: "xla" (gathered sparse, any backend), "reference" (masked dense, O(N^2)
-        memory, the oracle) or None (dense heads-only layers go to
-        `jax.nn.dot_product_attention`, the rest to "xla").
+        memory, the oracle) or None (layers whose heads are all Dense go to
+        `jax.nn.dot_product_attention` (cuDNN on GPU), the rest to "xla").
       index: a precomputed SparseIndex (otherwise estimated from q and k here).
     Returns:
       [batch, seq, q_heads, head_dim] in q.dtype.
@@ -77,21 +78,26 @@ def sparse_attention(
     patterns = P.normalize_layer_patterns(patterns, q.shape[2])
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
-    all_dense = all(isinstance(p, P.Dense) for p in patterns)
-    if all_dense and index is None:
-        if implementation == "reference":
-            return dense_attention_reference(q, k, v, softmax_scale=softmax_scale)
-        if implementation is None:
-            return jax.nn.dot_product_attention(q, k, v, scale=softmax_scale, is_causal=True)
-    if index is None:
-        index = build_sparse_index(
-            q, k, patterns, softmax_scale=softmax_scale, block_q=block_q, block_kv=block_kv
-        )
-    elif (index.seq_len, index.num_heads) != (q.shape[1], q.shape[2]):
+    if index is not None and (index.seq_len, index.num_heads) != (q.shape[1], q.shape[2]):
         raise ValueError(
             f"index is for seq {index.seq_len} x {index.num_heads} heads, inputs have "
             f"seq {q.shape[1]} x {q.shape[2]} heads"
         )
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    all_dense = all(isinstance(p, P.Dense) for p in patterns)
+    if index is None and (implementation == "xla" or not all_dense):
+        index = build_sparse_index(
+            q, k, patterns, softmax_scale=scale, block_q=block_q, block_kv=block_kv
+        )
+    return _attention(q, k, v, index, scale=scale, implementation=implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "implementation"))
+def _attention(q, k, v, index, *, scale, implementation):
+    if index is None:  # every head dense
+        if implementation is None:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+        return dense_attention_reference(q, k, v, softmax_scale=scale)
     if implementation == "reference":
-        return sparse_attention_reference(q, k, v, index, softmax_scale=softmax_scale)
-    return sparse_attention_xla(q, k, v, index, softmax_scale=softmax_scale)
+        return sparse_attention_reference(q, k, v, index, softmax_scale=scale)
+    return sparse_attention_xla(q, k, v, index, softmax_scale=scale)

@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 from collections.abc import Sequence
 
 from minference_jax.patterns import AShape, BlockSparse, Dense, HeadPatterns, Pattern, VerticalSlash
 
 REFERENCE_BLOCK_SPARSE_TOP_K = 100
+# The reference implementation's published configs, shipped with the package.
+SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
 
 class PatternConfigError(ValueError):
@@ -146,3 +149,8 @@ def save_pattern_config(
 ) -> None:
     with open(path, "w") as f:
         json.dump(dump_pattern_config(patterns, scores), f)
+
+
+def shipped_configs() -> dict[str, pathlib.Path]:
+    """Name (file stem) -> path of each pattern config shipped with the package."""
+    return {p.stem: p for p in sorted(SHIPPED_CONFIG_DIR.glob("*.json"))}

@@ -105,7 +105,7 @@ def estimate_vertical_slash(
     positions = jnp.arange(n)
     columns = jnp.where(positions < P.N_SINK_COLUMNS, jnp.inf, columns)
     diagonals = jnp.where(positions < P.N_LOCAL_SLASHES, jnp.inf, diagonals)
-    budgets = np.asarray(budgets, dtype=np.int64).reshape(-1, 2)
+    budgets = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1, 2), n)
     return _top_per_head(columns, budgets[:, 0]), _top_per_head(diagonals, budgets[:, 1])
 
 
@@ -195,22 +195,34 @@ def _ashape_parts(pattern: P.AShape, seq_len: int, block_kv: int):
 def build_sparse_index(
     q: jax.Array,
     k: jax.Array,
-    patterns: Sequence[P.Pattern],
+    patterns: P.Pattern | Sequence[P.Pattern],
     *,
     softmax_scale: float | None = None,
     block_q: int = 64,
     block_kv: int = 64,
     last_q: int = P.LAST_Q,
 ) -> SparseIndex:
-    """Estimate the SparseIndex of one layer. q [B, N, Hq, D], k [B, N, Hkv, D]; jit-friendly.
+    """Estimate the SparseIndex of one layer. q [B, N, Hq, D], k [B, N, Hkv, D]; jitted.
 
-    `patterns`: one pattern per query head (static). Block-sparse heads need
-    `block_size == block_kv`.
+    `patterns`: one pattern for all heads or one per query head (static). Block-sparse heads
+    need `block_size == block_kv`.
     """
     check_block_sizes(block_q, block_kv)
-    batch, n, num_heads, head_dim = q.shape
-    patterns = P.normalize_layer_patterns(patterns, num_heads)
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    patterns = P.normalize_layer_patterns(patterns, q.shape[2])
+    for h, p in enumerate(patterns):
+        if isinstance(p, P.BlockSparse) and p.block_size != block_kv:
+            raise ValueError(
+                f"head {h}: BlockSparse.block_size={p.block_size} must equal block_kv={block_kv}"
+            )
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return _build_sparse_index(
+        q, k, patterns, scale=scale, block_q=block_q, block_kv=block_kv, last_q=last_q
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("patterns", "scale", "block_q", "block_kv", "last_q"))
+def _build_sparse_index(q, k, patterns, *, scale, block_q, block_kv, last_q) -> SparseIndex:
+    batch, n, num_heads, _ = q.shape
     ratio = block_q // block_kv
     n_q_blocks = num_blocks(n, block_q)
     n_slots = n_q_blocks * ratio
@@ -218,12 +230,7 @@ def build_sparse_index(
     def heads_of(kind):
         return np.array([isinstance(p, kind) for p in patterns])
 
-    is_vs, is_bs, is_ashape = heads_of(P.VerticalSlash), heads_of(P.BlockSparse), heads_of(P.AShape)
-    for h, p in enumerate(patterns):
-        if isinstance(p, P.BlockSparse) and p.block_size != block_kv:
-            raise ValueError(
-                f"head {h}: BlockSparse.block_size={p.block_size} must equal block_kv={block_kv}"
-            )
+    is_vs, is_bs = heads_of(P.VerticalSlash), heads_of(P.BlockSparse)
 
     # --- D (diagonal set) per head: static for dense / A-shape / block-sparse heads ------------
     last_diag = np.full(num_heads, ratio - 1)  # the diagonal blocks only
@@ -244,31 +251,33 @@ def build_sparse_index(
         diag_mask = jnp.where(jnp.asarray(is_vs)[None, :, None], vs_mask, diag_mask)
         columns = jnp.where(jnp.asarray(is_vs)[None, :, None], verticals, SENTINEL)
 
-    # --- listed blocks and extra columns -------------------------------------------------------
-    candidates = jnp.full((batch, num_heads, n_q_blocks, 0), SENTINEL, jnp.int32)
+    # --- listed blocks (block-sparse top-k, A-shape sink blocks) and sink columns ---------------
+    parts = [_ashape_parts(p, n, block_kv) if isinstance(p, P.AShape) else (0, np.zeros(0), 0)
+             for p in patterns]
+    sink_width = max(full for full, _, _ in parts)
+    sink_blocks = np.full((num_heads, sink_width), SENTINEL, np.int64)
+    sink_col_width = max(len(cols) for _, cols, _ in parts)
+    sink_columns = np.full((num_heads, sink_col_width), SENTINEL, np.int64)
+    for h, (full, cols, _) in enumerate(parts):
+        sink_blocks[h, :full] = np.arange(full)
+        sink_columns[h, : len(cols)] = cols
+    candidates = jnp.broadcast_to(
+        jnp.asarray(sink_blocks, jnp.int32)[None, :, None, :],
+        (batch, num_heads, n_q_blocks, sink_width),
+    )
     if is_bs.any():
         top_k = [p.top_k if isinstance(p, P.BlockSparse) else 0 for p in patterns]
         chosen = estimate_block_sparse(
             q, k, top_k, scale=scale, block_q=block_q, block_kv=block_kv
         )
-        candidates = jnp.where(jnp.asarray(is_bs)[None, :, None, None], chosen, SENTINEL)
-    if is_ashape.any():
-        parts = [_ashape_parts(p, n, block_kv) if isinstance(p, P.AShape) else (0, np.zeros(0), 0)
-                 for p in patterns]
-        width = max(full for full, _, _ in parts)
-        sink_blocks = np.full((num_heads, width), SENTINEL, np.int64)
-        col_width = max(len(cols) for _, cols, _ in parts)
-        sink_columns = np.full((num_heads, col_width), SENTINEL, np.int64)
-        for h, (full, cols, _) in enumerate(parts):
-            sink_blocks[h, :full] = np.arange(full)
-            sink_columns[h, : len(cols)] = cols
-        sink_blocks = jnp.broadcast_to(
-            jnp.asarray(sink_blocks, jnp.int32)[None, :, None, :],
-            (batch, num_heads, n_q_blocks, width),
+        width = max(sink_width, chosen.shape[-1])
+        pad = lambda x: jnp.pad(  # noqa: E731
+            x, ((0, 0), (0, 0), (0, 0), (0, width - x.shape[-1])), constant_values=SENTINEL
         )
-        candidates = jnp.concatenate([candidates, sink_blocks], axis=-1)
+        candidates = jnp.where(jnp.asarray(is_bs)[None, :, None, None], pad(chosen), pad(candidates))
+    if sink_col_width:
         sink_columns = jnp.broadcast_to(
-            jnp.asarray(sink_columns, jnp.int32)[None], (batch, num_heads, col_width)
+            jnp.asarray(sink_columns, jnp.int32)[None], (batch, num_heads, sink_col_width)
         )
         columns = jnp.sort(jnp.concatenate([columns, sink_columns], axis=-1), axis=-1)
 

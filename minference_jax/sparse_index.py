@@ -23,6 +23,7 @@ Padding entries of every list hold `SENTINEL`, which sorts after every real inde
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -218,6 +219,7 @@ def column_is_covered(index: SparseIndex, columns: jax.Array, q_blocks: jax.Arra
     return hit & (rel >= 0) & (rel < n_slots)
 
 
+@jax.jit
 def dense_mask_from_index(index: SparseIndex) -> jax.Array:
     """[B, H, N, N] bool attention mask (causal applied) of the index. For small N only."""
     n = index.seq_len
@@ -225,3 +227,42 @@ def dense_mask_from_index(index: SparseIndex) -> jax.Array:
     rows = jnp.repeat(per_block, index.block_q, axis=2)[:, :, :n]  # [B, H, N, N]
     causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
     return rows & causal
+
+
+def unique_ascending(values: jax.Array) -> jax.Array:
+    """Sort the last axis and replace repeated entries by SENTINEL (which then sort last)."""
+    values = jnp.sort(values, axis=-1)
+    repeated = jnp.concatenate(
+        [jnp.zeros_like(values[..., :1], bool), values[..., 1:] == values[..., :-1]], axis=-1
+    )
+    return jnp.sort(jnp.where(repeated, SENTINEL, values), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("seq_len", "block_q", "block_kv"))
+def vertical_slash_index(
+    verticals: jax.Array,
+    slashes: jax.Array,
+    *,
+    seq_len: int,
+    block_q: int = 64,
+    block_kv: int = 64,
+) -> SparseIndex:
+    """Index of given key columns [B, H, V] and slash offsets [B, H, S] (SENTINEL = unused).
+
+    Out-of-range entries (>= seq_len) and repeats are dropped.
+    """
+    check_block_sizes(block_q, block_kv)
+    ratio = block_q // block_kv
+    n_slots = num_blocks(seq_len, block_q) * ratio
+    slashes = jnp.where(slashes < seq_len, slashes, SENTINEL)
+    diag_mask = diag_mask_from_slashes(slashes, n_slots, block_kv, ratio)
+    batch, heads = verticals.shape[:2]
+    return finalize_index(
+        diag_mask,
+        jnp.full((batch, heads, num_blocks(seq_len, block_q), 0), SENTINEL, jnp.int32),
+        unique_ascending(jnp.where(verticals < seq_len, verticals, SENTINEL)),
+        max_diag=min(n_slots, slashes.shape[-1] * (ratio + 1) + ratio),
+        seq_len=seq_len,
+        block_q=block_q,
+        block_kv=block_kv,
+    )

@@ -1,0 +1,91 @@
+"""Time the jitted index approximator alone: one layer, all heads, Llama-3-8B attention shapes.
+
+    python -m benchmarks.index_approx                       # CPU-sized default
+    python -m benchmarks.index_approx --seq-lens 32768 131072 524288   # on a GPU
+
+Patterns: layer 0 of the shipped Llama-3-8B-262k config (mixed vertical-slash budgets), or one
+uniform pattern with --pattern vs:1000,6096 | bs:100 | ashape:1024,4096. Data: i.i.d. normal
+q/k (the estimator's cost does not depend on the values; its output density does).
+Writes benchmarks/results/index_approx_<device>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import device_name, time_fn
+from minference_jax import patterns as P
+from minference_jax.config_io import load_pattern_config, shipped_configs
+from minference_jax.index_approx import build_sparse_index, index_footprint_bytes
+
+DEFAULT_CONFIG = "Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern"
+
+
+def parse_pattern(text: str | None, num_heads: int):
+    if text is None:
+        return load_pattern_config(shipped_configs()[DEFAULT_CONFIG])[0], f"{DEFAULT_CONFIG}[0]"
+    kind, _, args = text.partition(":")
+    values = [int(x) for x in args.split(",") if x]
+    pattern = {"vs": P.VerticalSlash, "bs": P.BlockSparse, "ashape": P.AShape}[kind](*values)
+    return (pattern,) * num_heads, repr(pattern)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--pattern", default=None)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+
+    patterns, pattern_name = parse_pattern(args.pattern, args.heads)
+    build = jax.jit(lambda q, k: build_sparse_index(q, k, patterns))
+    device = device_name()
+    rows = []
+    for n in args.seq_lens:
+        key_q, key_k = jax.random.split(jax.random.PRNGKey(n))
+        q = jax.random.normal(key_q, (args.batch, n, args.heads, args.head_dim), args.dtype)
+        k = jax.random.normal(key_k, (args.batch, n, args.kv_heads, args.head_dim), args.dtype)
+        ms = time_fn(build, q, k, repeats=args.repeats)
+        index = build(q, k)
+        tiles = np.asarray(index.num_tiles(), np.float64)
+        causal_tiles = (np.arange(index.num_q_blocks) + 1) * index.ratio
+        rows.append(dict(
+            device=device, seq_len=n, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
+            head_dim=args.head_dim, dtype=args.dtype, patterns=pattern_name, ms=round(ms, 3),
+            index_mib=round(index_footprint_bytes(index) / 2**20, 2),
+            computed_fraction=round(float(tiles.sum() / (causal_tiles.sum() * tiles.shape[0] * tiles.shape[1])), 4),
+        ))
+        print(f"N={n:>8}  {ms:9.3f} ms  index {rows[-1]['index_mib']} MiB  "
+              f"tiles/causal {rows[-1]['computed_fraction']}", flush=True)
+        del q, k, index
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"index_approx_{device.replace(':', '_').replace(' ', '_')}"
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    lines = [
+        f"Index approximation, one layer ({args.heads} q / {args.kv_heads} kv heads, d="
+        f"{args.head_dim}, {args.dtype}, batch {args.batch}), patterns {pattern_name}, "
+        f"i.i.d. normal q/k, device {device}. Median of {args.repeats} after warm-up.",
+        "",
+        "| N | ms / layer | index MiB | computed tiles / causal tiles |",
+        "|---|---|---|---|",
+    ] + [f"| {r['seq_len']} | {r['ms']} | {r['index_mib']} | {r['computed_fraction']} |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minference_jax import patterns as P
+from minference_jax.index_approx import build_sparse_index, estimate_block_sparse, estimate_vertical_slash
+from minference_jax.sparse_index import SENTINEL, dense_mask_from_index, vertical_slash_index
+from tests.oracles import block_rows_mask, rows_mask
+
+S = SENTINEL
+
+
+def test_vertical_slash_index_hand_written():
+    # N=10, blocks of 2: slash 0 -> d {0}; slash 5 -> keys 5 before the block: d {2, 3}.
+    index = vertical_slash_index(
+        jnp.array([[[7, 1]]]), jnp.array([[[5, 0]]]), seq_len=10, block_q=2, block_kv=2
+    )
+    np.testing.assert_array_equal(index.diag_offset[0, 0], [0, 2, 3, S, S])
+    np.testing.assert_array_equal(index.diag_count[0, 0], [1, 1, 2, 3, 3])
+    np.testing.assert_array_equal(index.column_index[0, 0], [1, 7])
+    # Local run of D is {0}: block i counts columns < 2i; column 1 is covered for blocks 2, 3.
+    np.testing.assert_array_equal(index.column_count[0, 0], [0, 1, 1, 1, 2])
+    expected_rows = np.array([
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0, 0, 0, 0, 0],  # column 1 + own block
+        [1, 1, 0, 0, 1, 1, 0, 0, 0, 0],  # slash 5 -> blocks 0 (d=2) + own
+        [1, 1, 1, 1, 0, 0, 1, 1, 0, 0],  # d=2 -> block 1, d=3 -> block 0 (covers column 1)
+        [0, 1, 1, 1, 1, 1, 0, 1, 1, 1],  # blocks 1, 2 + columns 1, 7 + own
+    ], bool)
+    mask = np.asarray(dense_mask_from_index(index))[0, 0]
+    np.testing.assert_array_equal(mask, rows_mask(expected_rows, 2, 10))
+
+
+@pytest.mark.parametrize("n", [10, 97, 200, 333])
+@pytest.mark.parametrize("block_q, block_kv", [(64, 64), (16, 16), (32, 16), (64, 16)])
+def test_vertical_slash_index_matches_brute_force(n, block_q, block_kv):
+    rng = np.random.default_rng(n * 1000 + block_q + block_kv)
+    batch, heads = 2, 3
+    verticals = rng.integers(0, n + 20, size=(batch, heads, 12))  # includes out-of-range + repeats
+    slashes = rng.integers(0, n + 20, size=(batch, heads, 9))
+    slashes[..., 0] = SENTINEL  # padding entry
+    index = vertical_slash_index(
+        jnp.asarray(verticals, jnp.int32), jnp.asarray(slashes, jnp.int32),
+        seq_len=n, block_q=block_q, block_kv=block_kv,
+    )
+    mask = np.asarray(dense_mask_from_index(index))
+    for b in range(batch):
+        for h in range(heads):
+            rows = block_rows_mask(
+                n, block_q, block_kv,
+                slashes=[o for o in slashes[b, h] if o < n],
+                verticals=[j for j in verticals[b, h] if j < n],
+            )
+            np.testing.assert_array_equal(mask[b, h], rows_mask(rows, block_q, n), err_msg=f"{b=} {h=}")
+    assert mask.sum(-1).min() >= 1
+    # Columns are never counted twice: counted columns are unique and outside D's local run.
+    counted = np.asarray(index.column_count)
+    cols = np.asarray(index.column_index)
+    for b in range(batch):
+        for h in range(heads):
+            assert len(set(cols[b, h, : counted[b, h].max()])) == counted[b, h].max()
+
+
+def _static_pattern_mask(pattern, n, block):
+    """Brute-force block-row mask of an A-shape / block-sparse-free static pattern."""
+    if isinstance(pattern, P.AShape):
+        n_init, n_local = min(pattern.n_init, n), min(pattern.n_local, n)
+        return block_rows_mask(n, block, block, slashes=range(n_local), verticals=range(n_init))
+    if isinstance(pattern, P.Dense):
+        return np.ones((-(-n // block), n), bool)
+    raise TypeError(pattern)
+
+
+@pytest.mark.parametrize("n", [50, 97, 300])
+@pytest.mark.parametrize(
+    "pattern", [P.AShape(4, 16), P.AShape(70, 100), P.AShape(0, 1), P.AShape(64, 0), P.AShape(5000, 5000), P.Dense()]
+)
+def test_static_patterns_match_brute_force(n, pattern):
+    block = 16
+    q = jnp.zeros((1, n, 2, 8))
+    index = build_sparse_index(q, q[:, :, :1], pattern, block_q=block, block_kv=block)
+    mask = np.asarray(dense_mask_from_index(index))
+    expected = rows_mask(_static_pattern_mask(pattern, n, block), block, n)
+    for h in range(2):
+        np.testing.assert_array_equal(mask[0, h], expected)
+
+
+def _random_qk(seed, batch, n, heads, kv_heads, dim):
+    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+    return (
+        jax.random.normal(kq, (batch, n, heads, dim), jnp.float32),
+        jax.random.normal(kk, (batch, n, kv_heads, dim), jnp.float32),
+    )
+
+
+def _vs_scores_numpy(q, k, last_q=64):
+    """Brute-force column and diagonal scores of the last queries (float64, per q head)."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    batch, n, heads, dim = q.shape
+    k = np.repeat(k, heads // k.shape[2], axis=2)
+    rows = min(last_q, n)
+    logits = np.einsum("brhd,bnhd->bhrn", q[:, n - rows :], k) / np.sqrt(dim)
+    for r in range(rows):
+        logits[:, :, r, n - rows + r + 1 :] = -np.inf
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    columns = p.sum(-2)
+    diagonals = np.zeros((batch, heads, n))
+    for r in range(rows):
+        for j in range(n - rows + r + 1):
+            diagonals[:, :, n - rows + r - j] += p[:, :, r, j]
+    return columns, diagonals
+
+
+@pytest.mark.parametrize("n, heads, kv_heads", [(150, 4, 2), (333, 4, 4), (80, 2, 1)])
+def test_vertical_slash_estimation_matches_brute_force(n, heads, kv_heads):
+    q, k = _random_qk(n, 2, n, heads, kv_heads, 16)
+    budgets = [(40, 100), (35, 120), (60, 130), (31, 100)][:heads]
+    verticals, slashes = estimate_vertical_slash(q, k, budgets, scale=16**-0.5)
+    columns, diagonals = _vs_scores_numpy(q, k)
+    columns[..., :30] = np.inf
+    diagonals[..., :100] = np.inf
+    for b in range(2):
+        for h, (nv, ns) in enumerate(budgets):
+            nv, ns = min(nv, n), min(ns, n)
+            want_v = set(np.argsort(-columns[b, h], kind="stable")[:nv])
+            want_s = set(np.argsort(-diagonals[b, h], kind="stable")[:ns])
+            got_v = np.asarray(verticals[b, h])
+            got_s = np.asarray(slashes[b, h])
+            assert set(got_v[got_v < SENTINEL]) == want_v
+            assert set(got_s[got_s < SENTINEL]) == want_s
+            for got in (got_v, got_s):
+                real = got[got < SENTINEL]
+                assert np.all(np.diff(real) > 0) and np.all(got[len(real) :] == SENTINEL)
+
+
+def test_small_slash_budget_picks_only_forced_local_offsets():
+    q, k = _random_qk(3, 1, 400, 2, 2, 16)
+    _, slashes = estimate_vertical_slash(q, k, [(30, 50), (30, 50)], scale=0.25)
+    got = np.asarray(slashes)
+    assert np.all(got < 100) and got.shape[-1] == 50
+
+
+@pytest.mark.parametrize("n, block", [(200, 16), (97, 32), (256, 64)])
+def test_block_sparse_estimation_matches_brute_force(n, block):
+    heads, kv_heads, dim = 4, 2, 8
+    q, k = _random_qk(7 + n, 2, n, heads, kv_heads, dim)
+    top_k = [3, 5, 1, 100]
+    chosen = np.asarray(estimate_block_sparse(q, k, top_k, scale=0.3, block_q=block, block_kv=block))
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    nb = -(-n // block)
+    pq = np.stack([qn[:, i * block : (i + 1) * block].mean(1) for i in range(nb)], 1)
+    pk = np.stack([kn[:, i * block : (i + 1) * block].mean(1) for i in range(nb)], 1)
+    pk = np.repeat(pk, heads // kv_heads, axis=2)
+    scores = np.einsum("bihd,bjhd->bhij", pq, pk)
+    for b in range(2):
+        for h in range(heads):
+            for i in range(nb):
+                want = set(np.argsort(-scores[b, h, i, :i], kind="stable")[: top_k[h] - 1])
+                got = chosen[b, h, i]
+                assert set(got[got < SENTINEL]) == want, (b, h, i)
+
+
+def test_mixed_layer_index_rows_never_empty_and_budget_sized():
+    n, heads = 333, 8
+    q, k = _random_qk(11, 2, n, heads, 2, 16)
+    layer = (P.VerticalSlash(40, 60), P.AShape(100, 64), P.BlockSparse(3), P.Dense(),
+             P.VerticalSlash(3000, 3000), P.AShape(0, 0), P.BlockSparse(1000), P.VerticalSlash(1, 1))
+    index = jax.jit(lambda q, k: build_sparse_index(q, k, layer))(q, k)
+    mask = np.asarray(dense_mask_from_index(index))
+    assert mask.sum(-1).min() >= 1
+    np.testing.assert_array_equal(mask[:, 3], np.broadcast_to(np.tril(np.ones((n, n), bool)), (2, n, n)))
+    # Buffers follow the budgets (clamped to N), not N^2.
+    assert index.column_index.shape[-1] <= n + 100
+    assert index.block_index.shape[-1] <= -(-n // 64)
+
+
+def test_block_sparse_block_size_must_match():
+    q = jnp.zeros((1, 64, 1, 8))
+    with pytest.raises(ValueError, match="block_size=32 must equal block_kv=64"):
+        build_sparse_index(q, q, P.BlockSparse(2, block_size=32))
+    with pytest.raises(ValueError, match="multiple of block_kv"):
+        build_sparse_index(q, q, P.Dense(), block_q=48, block_kv=32)
