@@ -1,0 +1,142 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minference_jax import patterns as P
+from minference_jax.attention import sparse_attention
+from minference_jax.index_approx import build_sparse_index
+from minference_jax.sparse_index import dense_mask_from_index, vertical_slash_index
+from tests.oracles import block_rows_mask, masked_attention_f64, rel_err, rows_mask
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _qkv(seed, batch, n, heads, kv_heads, dim, dtype):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    shapes = [(batch, n, heads, dim), (batch, n, kv_heads, dim), (batch, n, kv_heads, dim)]
+    return [jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in zip(keys, shapes)]
+
+
+MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
+CASES = [
+    # (batch, n, heads, kv_heads, patterns)
+    (1, 97, 4, 4, P.VerticalSlash(30, 50)),
+    (2, 333, 4, 2, MIXED),
+    (1, 1000, 8, 2, MIXED * 2),
+    (2, 4096 // 16 + 17, 4, 1, P.BlockSparse(2)),
+    (1, 200, 2, 1, P.VerticalSlash(5000, 5000)),  # budgets larger than N
+    (1, 150, 2, 2, P.AShape(1000, 1000)),
+    (1, 130, 2, 1, P.BlockSparse(1000)),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("batch, n, heads, kv_heads, patterns", CASES)
+def test_xla_path_matches_masked_reference(dtype, batch, n, heads, kv_heads, patterns):
+    q, k, v = _qkv(n + heads, batch, n, heads, kv_heads, 32, dtype)
+    index = build_sparse_index(q, k, patterns)
+    ref = sparse_attention(q, k, v, patterns, index=index, implementation="reference")
+    out = sparse_attention(q, k, v, patterns, index=index, implementation="xla")
+    oracle = masked_attention_f64(q, k, v, np.asarray(dense_mask_from_index(index)))
+    assert out.dtype == dtype and out.shape == q.shape
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    # The reference is the oracle for kernels: it must be tight to float64 under the same mask.
+    assert rel_err(ref, oracle) < TOLERANCE[dtype] / 2
+    assert rel_err(out, oracle) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("block_q, block_kv", [(64, 64), (128, 64), (32, 16)])
+@pytest.mark.parametrize("n", [97, 333])
+def test_given_vertical_slash_index_against_brute_force_attention(block_q, block_kv, n):
+    """Independent chain: verticals/slashes -> brute-force mask -> float64 attention."""
+    batch, heads, kv_heads = 2, 4, 2
+    rng = np.random.default_rng(n + block_q)
+    verticals = rng.choice(n, size=(batch, heads, 20))
+    slashes = rng.choice(n, size=(batch, heads, 7))
+    q, k, v = _qkv(n, batch, n, heads, kv_heads, 16, jnp.float32)
+    index = vertical_slash_index(
+        jnp.asarray(verticals, jnp.int32), jnp.asarray(slashes, jnp.int32),
+        seq_len=n, block_q=block_q, block_kv=block_kv,
+    )
+    mask = np.stack([
+        np.stack([
+            rows_mask(block_rows_mask(n, block_q, block_kv, slashes=slashes[b, h],
+                                      verticals=verticals[b, h]), block_q, n)
+            for h in range(heads)
+        ]) for b in range(batch)
+    ])
+    oracle = masked_attention_f64(q, k, v, mask)
+    for implementation in ("reference", "xla"):
+        out = sparse_attention(q, k, v, P.VerticalSlash(1, 1), index=index, implementation=implementation)
+        assert rel_err(out, oracle) < 1e-5, implementation
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads, kv_heads, n", [(4, 4, 97), (8, 2, 300)])
+def test_dense_pattern_equals_dot_product_attention(dtype, heads, kv_heads, n):
+    q, k, v = _qkv(heads * n, 2, n, heads, kv_heads, 64, dtype)
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    for implementation in (None, "xla", "reference"):
+        out = sparse_attention(q, k, v, P.Dense(), implementation=implementation)
+        assert rel_err(out, expected) < TOLERANCE[dtype], implementation
+    oracle = masked_attention_f64(q, k, v, np.tril(np.ones((n, n), bool)))
+    assert rel_err(sparse_attention(q, k, v, P.Dense(), implementation="xla"), oracle) < TOLERANCE[dtype]
+
+
+def test_sparse_differs_from_dense_when_it_should():
+    """A test that cannot fail is a defect: a narrow pattern must change the output."""
+    q, k, v = _qkv(0, 1, 500, 2, 2, 32, jnp.float32)
+    dense = sparse_attention(q, k, v, P.Dense(), implementation="xla")
+    sparse = sparse_attention(q, k, v, P.AShape(4, 64), implementation="xla")
+    assert rel_err(sparse, dense) > 1e-2
+
+
+def test_softmax_scale_is_honoured():
+    q, k, v = _qkv(1, 1, 100, 2, 2, 16, jnp.float32)
+    out = sparse_attention(q, k, v, P.VerticalSlash(30, 50), softmax_scale=0.1, implementation="xla")
+    index = build_sparse_index(q, k, P.VerticalSlash(30, 50), softmax_scale=0.1)
+    oracle = masked_attention_f64(q, k, v, np.asarray(dense_mask_from_index(index)), scale=0.1)
+    assert rel_err(out, oracle) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "shapes, dtype, message, error",
+    [
+        (((1, 8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 8)), jnp.float32, "k and v shapes differ", ValueError),
+        (((1, 8, 2, 16), (1, 9, 2, 16), (1, 9, 2, 16)), jnp.float32, "q_len == kv_len", ValueError),
+        (((1, 8, 3, 16), (1, 8, 2, 16), (1, 8, 2, 16)), jnp.float32, "must divide query heads", ValueError),
+        (((1, 8, 2), (1, 8, 2), (1, 8, 2)), jnp.float32, "must be \\[batch, seq, heads, head_dim\\]", ValueError),
+        (((1, 0, 2, 16), (1, 0, 2, 16), (1, 0, 2, 16)), jnp.float32, "empty sequence", ValueError),
+        (((1, 8, 2, 16),) * 3, jnp.int32, "expected float32, bfloat16 or float16", TypeError),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(shapes, dtype, message, error):
+    q, k, v = (jnp.ones(s, dtype) for s in shapes)
+    with pytest.raises(error, match=message):
+        sparse_attention(q, k, v, P.VerticalSlash(30, 50))
+
+
+def test_other_bad_arguments():
+    q = jnp.ones((1, 8, 2, 16))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        sparse_attention(q, q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), P.Dense())
+    with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
+        sparse_attention(q, q, q, P.Dense(), implementation="cuda")
+    with pytest.raises(ValueError, match="1 per-head patterns for 2 query heads"):
+        sparse_attention(q, q, q, [P.Dense()])
+    index = build_sparse_index(q, q, P.Dense())
+    with pytest.raises(ValueError, match="index is for seq 8"):
+        sparse_attention(jnp.ones((1, 9, 2, 16)), jnp.ones((1, 9, 2, 16)), jnp.ones((1, 9, 2, 16)),
+                         P.Dense(), index=index)
+
+
+def test_estimated_index_is_jittable_without_recompiling_for_new_data():
+    pattern = (P.VerticalSlash(30, 60), P.BlockSparse(2))
+    fn = jax.jit(lambda q, k, v: sparse_attention(q, k, v, pattern))
+    q, k, v = _qkv(5, 1, 130, 2, 1, 16, jnp.float32)
+    fn(q, k, v)
+    q2, k2, v2 = _qkv(6, 1, 130, 2, 1, 16, jnp.float32)
+    out = fn(q2, k2, v2)
+    assert fn._cache_size() == 1
+    assert not np.isnan(np.asarray(out)).any()
