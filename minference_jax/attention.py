@@ -14,13 +14,21 @@ import jax.numpy as jnp
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.reference import (
-    dense_attention_reference,
     sparse_attention_reference,
     sparse_attention_xla,
 )
 from minference_jax.sparse_index import SparseIndex
+from pallas_kernels.sparse_flash import sparse_flash_attention
 
-IMPLEMENTATIONS = ("xla", "reference")
+# Below this many tokens a GPU layer runs dense cuDNN attention: the sparse kernel (and the index
+# estimation) do not pay off there. Measured on H100/H200, see benchmarks/NOTES.md.
+DENSE_CROSSOVER_TOKENS = 8192
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+IMPLEMENTATIONS = ("pallas", "xla", "reference")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -67,9 +75,11 @@ def sparse_attention(
         q_len == kv_len: query i attends keys j <= i that its pattern selects.
       patterns: one pattern for all heads, or one per query head (static).
       softmax_scale: defaults to head_dim ** -0.5.
-      implementation: "xla" (gathered sparse, any backend), "reference" (masked dense, O(N^2)
-        memory, the oracle) or None (layers whose heads are all Dense go to
-        `jax.nn.dot_product_attention` (cuDNN on GPU), the rest to "xla").
+      implementation: "pallas" (the Pallas-Triton kernel; GPU, or CPU in interpret mode),
+        "xla" (gathered sparse in plain XLA, any backend), "reference" (masked dense, O(N^2)
+        memory, the oracle) or None: layers whose heads are all Dense, and on GPU prompts
+        shorter than DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN);
+        the rest to "pallas" on GPU and "xla" elsewhere.
       index: a precomputed SparseIndex (otherwise estimated from q and k here).
     Returns:
       [batch, seq, q_heads, head_dim] in q.dtype.
@@ -84,20 +94,27 @@ def sparse_attention(
             f"seq {q.shape[1]} x {q.shape[2]} heads"
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    all_dense = all(isinstance(p, P.Dense) for p in patterns)
-    if index is None and (implementation == "xla" or not all_dense):
+    if implementation is None:
+        short_prompt = _on_gpu() and q.shape[1] < DENSE_CROSSOVER_TOKENS
+        if index is None and (short_prompt or all(isinstance(p, P.Dense) for p in patterns)):
+            return _dense_attention(q, k, v, scale=scale)
+        implementation = "pallas" if _on_gpu() else "xla"
+    if index is None:
         index = build_sparse_index(
             q, k, patterns, softmax_scale=scale, block_q=block_q, block_kv=block_kv
         )
-    return _attention(q, k, v, index, scale=scale, implementation=implementation)
+    return _sparse_attention(q, k, v, index, scale=scale, implementation=implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _dense_attention(q, k, v, *, scale):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "implementation"))
-def _attention(q, k, v, index, *, scale, implementation):
-    if index is None:  # every head dense
-        if implementation is None:
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
-        return dense_attention_reference(q, k, v, softmax_scale=scale)
+def _sparse_attention(q, k, v, index, *, scale, implementation):
     if implementation == "reference":
         return sparse_attention_reference(q, k, v, index, softmax_scale=scale)
+    if implementation == "pallas":
+        return sparse_flash_attention(q, k, v, index, softmax_scale=scale, interpret=not _on_gpu())
     return sparse_attention_xla(q, k, v, index, softmax_scale=scale)

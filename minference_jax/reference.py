@@ -77,11 +77,13 @@ def _tile_positions(index: SparseIndex, q_block: jax.Array):
 
 
 def sparse_attention_xla(
-    q, k, v, index: SparseIndex, *, softmax_scale: float | None = None
+    q, k, v, index: SparseIndex, *, softmax_scale: float | None = None, query_blocks=None
 ) -> jax.Array:
     """Gathered sparse attention in plain XLA, one query block at a time (the no-GPU fallback).
 
     Memory per step is B x H x block_q x (tiles x block_kv), so it suits moderate N on CPU.
+    `query_blocks` (int array): compute only these query blocks and return their rows
+    [B, len(query_blocks) * block_q, H, D] (rows past N included) — spot checks at 1M tokens.
     """
     b, n, hq, d = q.shape
     hkv = k.shape[2]
@@ -91,6 +93,8 @@ def sparse_attention_xla(
     q_pad = jnp.pad(q, ((0, 0), (0, n_q_blocks * bq - n), (0, 0), (0, 0)))
     k_heads = jnp.moveaxis(k, 2, 1)  # [B, Hkv, N, D]
     v_heads = jnp.moveaxis(v, 2, 1)
+    # f32 inputs get true f32 matmuls (GPUs default to TF32); 16-bit inputs use the tensor cores.
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     batch_idx = jnp.arange(b)[:, None, None]
     kv_head_idx = (jnp.arange(hq) // (hq // hkv))[None, :, None]
 
@@ -102,13 +106,17 @@ def sparse_attention_xla(
         v_tiles = v_heads[batch_idx, kv_head_idx, positions]
         q_rows = jax.lax.dynamic_slice_in_dim(q_pad, q_block * bq, bq, axis=1)  # [B, bq, H, D]
         logits = jnp.einsum(
-            "bqhd,bhpd->bhqp", q_rows, k_tiles, preferred_element_type=jnp.float32
+            "bqhd,bhpd->bhqp", q_rows, k_tiles, preferred_element_type=jnp.float32,
+            precision=precision,
         ) * scale
         probs = jax.nn.softmax(jnp.where(valid, logits, MASK_VALUE), axis=-1)
         out = jnp.einsum("bhqp,bhpd->bqhd", probs.astype(v.dtype), v_tiles,
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=jnp.float32, precision=precision)
         return out.astype(q.dtype)
 
+    if query_blocks is not None:
+        out = jax.lax.map(one_block, jnp.asarray(query_blocks, jnp.int32))
+        return jnp.moveaxis(out, 0, 1).reshape(b, -1, hq, d)
     out = jax.lax.map(one_block, jnp.arange(n_q_blocks, dtype=jnp.int32))  # [nqb, B, bq, H, D]
     out = jnp.moveaxis(out, 0, 1).reshape(b, n_q_blocks * bq, hq, d)
     return out[:, :n]

@@ -1,0 +1,101 @@
+"""The Pallas kernel against the masked-dense reference: CPU interpret mode in CI, GPU marked."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minference_jax import patterns as P
+from minference_jax.index_approx import build_sparse_index
+from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
+from minference_jax.sparse_index import vertical_slash_index
+from pallas_kernels.sparse_flash import sparse_flash_attention
+from tests.oracles import rel_err
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
+MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
+
+
+def _qkv(seed, batch, n, heads, kv_heads, dim, dtype):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    shapes = [(batch, n, heads, dim), (batch, n, kv_heads, dim), (batch, n, kv_heads, dim)]
+    return [jax.random.normal(key, s, jnp.float32).astype(dtype) for key, s in zip(keys, shapes)]
+
+
+def _check(q, k, v, index, dtype, interpret):
+    out = sparse_flash_attention(q, k, v, index, interpret=interpret, poison=True)
+    ref = sparse_attention_reference(q, k, v, index)
+    out_np = np.asarray(out.astype(jnp.float32))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not np.isnan(out_np).any(), "unwritten (NaN-poisoned) or NaN output elements"
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+INTERPRET_CASES = [
+    # batch, n, heads, kv_heads, head_dim, patterns, block_q, block_kv
+    (2, 300, 4, 2, 32, MIXED, 64, 64),
+    (1, 97, 2, 1, 64, P.VerticalSlash(30, 50), 64, 64),
+    (1, 200, 4, 2, 24, (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3, 16), P.Dense()), 32, 16),  # head_dim padded to 32, ratio 2
+    (1, 1000, 2, 1, 16, (P.BlockSparse(4, 32), P.AShape(40, 100)), 64, 32),
+    (1, 4096 + 17, 2, 1, 16, (P.VerticalSlash(100, 300), P.AShape(128, 512)), 64, 64),
+    (1, 150, 2, 2, 16, (P.VerticalSlash(5000, 5000), P.BlockSparse(1000, 32)), 32, 32),  # budgets > N
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("batch, n, heads, kv_heads, dim, patterns, block_q, block_kv", INTERPRET_CASES)
+def test_kernel_interpret_matches_reference(dtype, batch, n, heads, kv_heads, dim, patterns, block_q, block_kv):
+    if n > 2000 and dtype == jnp.bfloat16:
+        pytest.skip("one dtype suffices for the long interpret-mode case (CI time)")
+    q, k, v = _qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
+    index = build_sparse_index(q, k, patterns, block_q=block_q, block_kv=block_kv)
+    _check(q, k, v, index, dtype, interpret=True)
+
+
+def test_kernel_rejects_bad_inputs():
+    q, k, v = _qkv(0, 1, 64, 2, 1, 16, jnp.float32)
+    index = build_sparse_index(q, k, P.Dense())
+    with pytest.raises(TypeError, match="share a dtype"):
+        sparse_flash_attention(q, k.astype(jnp.bfloat16), v, index, interpret=True)
+    with pytest.raises(ValueError, match="index is for batch x heads"):
+        sparse_flash_attention(q[:, :32], k[:, :32], v[:, :32], index, interpret=True)
+    small = build_sparse_index(q, k, P.Dense(), block_q=8, block_kv=8)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        sparse_flash_attention(q, k, v, small, interpret=True)
+
+
+GPU_CASES = [
+    (2, 1000, 32, 8, 128, MIXED * 8, 64, 64),
+    (1, 4096 + 17, 32, 8, 128, MIXED * 8, 64, 64),
+    (2, 4096 + 17, 8, 2, 64, (P.VerticalSlash(100, 300), P.AShape(128, 512)) * 4, 128, 64),
+    (1, 1000, 4, 4, 96, (P.VerticalSlash(5000, 5000), P.BlockSparse(1000)) * 2, 64, 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("batch, n, heads, kv_heads, dim, patterns, block_q, block_kv", GPU_CASES)
+def test_kernel_gpu_matches_reference(dtype, batch, n, heads, kv_heads, dim, patterns, block_q, block_kv):
+    q, k, v = _qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
+    index = build_sparse_index(q, k, patterns, block_q=block_q, block_kv=block_kv)
+    _check(q, k, v, index, dtype, interpret=False)
+
+
+@pytest.mark.gpu
+def test_kernel_gpu_one_million_tokens_32_heads():
+    """64-bit addressing: 1M tokens x 32 heads x 128 in one launch; spot-checked query blocks."""
+    n, heads, kv_heads = 1 << 20, 32, 8
+    q, k, v = _qkv(1, 1, n, heads, kv_heads, 128, jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    verticals = np.concatenate([np.broadcast_to(np.arange(30), (1, heads, 30)),
+                                rng.integers(30, n, (1, heads, 970))], axis=-1)
+    slashes = np.broadcast_to(np.arange(6096), (1, heads, 6096))
+    index = vertical_slash_index(jnp.asarray(verticals, jnp.int32), jnp.asarray(slashes, jnp.int32), seq_len=n)
+    out = sparse_flash_attention(q, k, v, index)
+    blocks = np.array([0, 1, 777, index.num_q_blocks // 2, index.num_q_blocks - 1])
+    ref = sparse_attention_xla(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                               index, query_blocks=blocks)
+    rows = (blocks[:, None] * 64 + np.arange(64)).reshape(-1)
+    got = out[:, rows]
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    assert rel_err(got, ref) < 1e-2
