@@ -46,7 +46,7 @@ def tile_flops(index) -> float:
     return float(np.asarray(index.num_tiles(), np.float64).sum()) * 4 * index.block_q * index.block_kv * HEAD_DIM
 
 
-def fixed_vs_index(n: int, seed: int, block: int):
+def fixed_vs_index(n: int, seed: int, block_q: int, block_kv: int):
     rng = np.random.default_rng(seed)
     n_random = min(970, max(n - 30, 0))
     verticals = np.concatenate(
@@ -57,7 +57,7 @@ def fixed_vs_index(n: int, seed: int, block: int):
     slashes = np.broadcast_to(np.arange(min(6096, n)), (1, HEADS, min(6096, n)))
     return vertical_slash_index(
         jnp.asarray(verticals, jnp.int32), jnp.asarray(slashes, jnp.int32),
-        seq_len=n, block_q=block, block_kv=block,
+        seq_len=n, block_q=block_q, block_kv=block_kv,
     )
 
 
@@ -78,7 +78,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--dense-max", type=int, default=524288)
-    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--block-q", type=int, default=64)
+    parser.add_argument("--block-kv", type=int, default=64)
     parser.add_argument("--num-warps", type=int, default=None)
     parser.add_argument("--num-stages", type=int, default=None)
     parser.add_argument("--cases", nargs="+", default=["vs_fixed", "vs_estimated", "block_sparse", "a_shape"])
@@ -94,11 +95,11 @@ def main(argv=None):
         q, k, v, is_causal=True, implementation=dense_impl))
     build = {
         "vs_estimated": jax.jit(lambda q, k: build_sparse_index(
-            q, k, P.VerticalSlash(1000, 6096), block_q=args.block, block_kv=args.block)),
+            q, k, P.VerticalSlash(1000, 6096), block_q=args.block_q, block_kv=args.block_kv)),
         "block_sparse": jax.jit(lambda q, k: build_sparse_index(
-            q, k, P.BlockSparse(100, args.block), block_q=args.block, block_kv=args.block)),
+            q, k, P.BlockSparse(100, args.block_kv), block_q=args.block_q, block_kv=args.block_kv)),
         "a_shape": jax.jit(lambda q, k: build_sparse_index(
-            q, k, P.AShape(1024, 4096), block_q=args.block, block_kv=args.block)),
+            q, k, P.AShape(1024, 4096), block_q=args.block_q, block_kv=args.block_kv)),
     }
     rows, dense_ref = [], None
     for n in args.seq_lens:
@@ -116,14 +117,14 @@ def main(argv=None):
         print(f"N={n}: dense cuDNN {dense_ms:.2f} ms ({dense_note}), "
               f"{dense_rate / 1e12:.0f} TFLOP/s", flush=True)
         for case in args.cases:
-            index = fixed_vs_index(n, n, args.block) if case == "vs_fixed" else build[case](q, k)
+            index = fixed_vs_index(n, n, args.block_q, args.block_kv) if case == "vs_fixed" else build[case](q, k)
             ms = time_fn(kernel, q, k, v, index, warmup=1, repeats=args.repeats)
             out = kernel(q, k, v, index)
             err = spot_check(q, k, v, index, out)
             flops = tile_flops(index)
             row = dict(
                 device=device, seq_len=n, case=case, dtype="bfloat16", heads=HEADS, kv_heads=KV_HEADS,
-                head_dim=HEAD_DIM, block=args.block, num_warps=args.num_warps, num_stages=args.num_stages,
+                head_dim=HEAD_DIM, block_q=args.block_q, block_kv=args.block_kv, num_warps=args.num_warps, num_stages=args.num_stages,
                 kernel_ms=round(ms, 3), dense_ms=round(dense_ms, 3), dense=dense_note,
                 speedup=round(dense_ms / ms, 2),
                 computed_fraction=round(flops / causal_flops(n), 4),
@@ -139,11 +140,14 @@ def main(argv=None):
         del q, k, v
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"kernels_{device.replace(':', '_').replace(' ', '_')}"
+    stem = args.out / (f"kernels_{device.replace(':', '_').replace(' ', '_')}"
+                       f"_{args.block_q}x{args.block_kv}_w{args.num_warps}_s{args.num_stages}")
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [
         f"Sparse kernels vs dense cuDNN on {device}: batch 1, {HEADS} q / {KV_HEADS} kv heads, "
-        f"d={HEAD_DIM}, bf16, causal, tiles {args.block}x{args.block}, median of {args.repeats}.",
+        f"d={HEAD_DIM}, bf16, causal, tiles {args.block_q}x{args.block_kv}, "
+        f"num_warps {args.num_warps or 'default'}, num_stages {args.num_stages or 'default'}, "
+        f"median of {args.repeats}.",
         "",
         "| N | case | kernel ms | dense ms | speedup | ideal ms | TFLOP/s (computed tiles) | computed / causal | spot rel err |",
         "|---|---|---|---|---|---|---|---|---|",

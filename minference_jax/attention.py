@@ -21,8 +21,11 @@ from minference_jax.sparse_index import SparseIndex
 from pallas_kernels.sparse_flash import sparse_flash_attention
 
 # Below this many tokens a GPU layer runs dense cuDNN attention: the sparse kernel (and the index
-# estimation) do not pay off there. Measured on H100/H200, see benchmarks/NOTES.md.
-DENSE_CROSSOVER_TOKENS = 8192
+# estimation) do not pay off there. Measured on H200, see benchmarks/NOTES.md.
+DENSE_CROSSOVER_TOKENS = 16384
+# The sparse kernel computes a tile at ~60% of cuDNN's dense rate, so an estimated index denser
+# than this runs dense cuDNN instead (decided on device, per layer, no host round trip).
+DENSE_FALLBACK_FRACTION = 0.5
 
 
 def _on_gpu() -> bool:
@@ -79,7 +82,8 @@ def sparse_attention(
         "xla" (gathered sparse in plain XLA, any backend), "reference" (masked dense, O(N^2)
         memory, the oracle) or None: layers whose heads are all Dense, and on GPU prompts
         shorter than DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN);
-        the rest to "pallas" on GPU and "xla" elsewhere.
+        on GPU the rest run "pallas" unless the estimated index computes more than
+        DENSE_FALLBACK_FRACTION of the causal tiles (then cuDNN); elsewhere "xla".
       index: a precomputed SparseIndex (otherwise estimated from q and k here).
     Returns:
       [batch, seq, q_heads, head_dim] in q.dtype.
@@ -98,17 +102,30 @@ def sparse_attention(
         short_prompt = _on_gpu() and q.shape[1] < DENSE_CROSSOVER_TOKENS
         if index is None and (short_prompt or all(isinstance(p, P.Dense) for p in patterns)):
             return _dense_attention(q, k, v, scale=scale)
-        implementation = "pallas" if _on_gpu() else "xla"
     if index is None:
         index = build_sparse_index(
             q, k, patterns, softmax_scale=scale, block_q=block_q, block_kv=block_kv
         )
+    if implementation is None:
+        if _on_gpu():
+            return _sparse_or_dense(q, k, v, index, scale=scale)
+        implementation = "xla"
     return _sparse_attention(q, k, v, index, scale=scale, implementation=implementation)
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
 def _dense_attention(q, k, v, *, scale):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _sparse_or_dense(q, k, v, index, *, scale):
+    """The Pallas kernel, or dense cuDNN when the estimated index is too dense to pay off."""
+    return jax.lax.cond(
+        index.computed_fraction() > DENSE_FALLBACK_FRACTION,
+        lambda: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True),
+        lambda: sparse_flash_attention(q, k, v, index, softmax_scale=scale),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "implementation"))

@@ -62,6 +62,12 @@ class SparseIndex:
         column_tiles = -(-self.column_count // self.block_kv)
         return self.diag_count + self.block_count + column_tiles
 
+    def computed_fraction(self) -> jax.Array:
+        """Scalar: key tiles computed / tiles a dense causal kernel computes (same tile shape)."""
+        causal_tiles = (jnp.arange(self.num_q_blocks, dtype=jnp.float32) + 1) * self.ratio
+        batch, heads = self.diag_count.shape[:2]
+        return self.num_tiles().sum(dtype=jnp.float32) / (causal_tiles.sum() * batch * heads)
+
 
 def check_block_sizes(block_q: int, block_kv: int) -> None:
     if block_q < 1 or block_kv < 1 or block_q % block_kv:
