@@ -22,7 +22,7 @@ from pallas_kernels.sparse_flash import sparse_flash_attention
 
 # Below this many tokens a GPU layer runs dense cuDNN attention: the sparse kernel (and the index
 # estimation) do not pay off there. Measured on H200, see benchmarks/NOTES.md.
-DENSE_CROSSOVER_TOKENS = 16384
+DENSE_CROSSOVER_TOKENS = 32768
 # The sparse kernel computes a tile at ~60% of cuDNN's dense rate, so an estimated index denser
 # than this runs dense cuDNN instead (decided on device, per layer, no host round trip).
 DENSE_FALLBACK_FRACTION = 0.5
