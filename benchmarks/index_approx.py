@@ -16,7 +16,6 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import device_name, time_fn
@@ -29,7 +28,12 @@ DEFAULT_CONFIG = "Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern"
 
 def parse_pattern(text: str | None, num_heads: int):
     if text is None:
-        return load_pattern_config(shipped_configs()[DEFAULT_CONFIG])[0], f"{DEFAULT_CONFIG}[0]"
+        layer = load_pattern_config(shipped_configs()[DEFAULT_CONFIG])[0]
+        if len(layer) != num_heads:
+            raise SystemExit(
+                f"the default config has {len(layer)} heads; pass --pattern for --heads {num_heads}"
+            )
+        return layer, f"{DEFAULT_CONFIG}[0]"
     kind, _, args = text.partition(":")
     values = [int(x) for x in args.split(",") if x]
     pattern = {"vs": P.VerticalSlash, "bs": P.BlockSparse, "ashape": P.AShape}[kind](*values)
@@ -46,7 +50,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--pattern", default=None)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
+    )
     args = parser.parse_args(argv)
 
     patterns, pattern_name = parse_pattern(args.pattern, args.heads)
@@ -61,14 +67,28 @@ def main(argv=None) -> list[dict]:
         index = build(q, k)
         tiles = np.asarray(index.num_tiles(), np.float64)
         causal_tiles = (np.arange(index.num_q_blocks) + 1) * index.ratio
-        rows.append(dict(
-            device=device, seq_len=n, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
-            head_dim=args.head_dim, dtype=args.dtype, patterns=pattern_name, ms=round(ms, 3),
-            index_mib=round(index_footprint_bytes(index) / 2**20, 2),
-            computed_fraction=round(float(tiles.sum() / (causal_tiles.sum() * tiles.shape[0] * tiles.shape[1])), 4),
-        ))
-        print(f"N={n:>8}  {ms:9.3f} ms  index {rows[-1]['index_mib']} MiB  "
-              f"tiles/causal {rows[-1]['computed_fraction']}", flush=True)
+        rows.append(
+            dict(
+                device=device,
+                seq_len=n,
+                batch=args.batch,
+                heads=args.heads,
+                kv_heads=args.kv_heads,
+                head_dim=args.head_dim,
+                dtype=args.dtype,
+                patterns=pattern_name,
+                ms=round(ms, 3),
+                index_mib=round(index_footprint_bytes(index) / 2**20, 2),
+                computed_fraction=round(
+                    float(tiles.sum() / (causal_tiles.sum() * tiles.shape[0] * tiles.shape[1])), 4
+                ),
+            )
+        )
+        print(
+            f"N={n:>8}  {ms:9.3f} ms  index {rows[-1]['index_mib']} MiB  "
+            f"tiles/causal {rows[-1]['computed_fraction']}",
+            flush=True,
+        )
         del q, k, index
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +101,10 @@ def main(argv=None) -> list[dict]:
         "",
         "| N | ms / layer | index MiB | computed tiles / causal tiles |",
         "|---|---|---|---|",
-    ] + [f"| {r['seq_len']} | {r['ms']} | {r['index_mib']} | {r['computed_fraction']} |" for r in rows]
+    ] + [
+        f"| {r['seq_len']} | {r['ms']} | {r['index_mib']} | {r['computed_fraction']} |"
+        for r in rows
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows

@@ -43,28 +43,44 @@ def causal_flops(n: int) -> float:
 
 
 def tile_flops(index) -> float:
-    return float(np.asarray(index.num_tiles(), np.float64).sum()) * 4 * index.block_q * index.block_kv * HEAD_DIM
+    return (
+        float(np.asarray(index.num_tiles(), np.float64).sum())
+        * 4
+        * index.block_q
+        * index.block_kv
+        * HEAD_DIM
+    )
 
 
 def fixed_vs_index(n: int, seed: int, block_q: int, block_kv: int):
     rng = np.random.default_rng(seed)
     n_random = min(970, max(n - 30, 0))
     verticals = np.concatenate(
-        [np.broadcast_to(np.arange(30), (1, HEADS, 30)),
-         np.stack([rng.choice(np.arange(30, n), n_random, replace=False) for _ in range(HEADS)])[None]],
+        [
+            np.broadcast_to(np.arange(30), (1, HEADS, 30)),
+            np.stack([rng.choice(np.arange(30, n), n_random, replace=False) for _ in range(HEADS)])[
+                None
+            ],
+        ],
         axis=-1,
     )
     slashes = np.broadcast_to(np.arange(min(6096, n)), (1, HEADS, min(6096, n)))
     return vertical_slash_index(
-        jnp.asarray(verticals, jnp.int32), jnp.asarray(slashes, jnp.int32),
-        seq_len=n, block_q=block_q, block_kv=block_kv,
+        jnp.asarray(verticals, jnp.int32),
+        jnp.asarray(slashes, jnp.int32),
+        seq_len=n,
+        block_q=block_q,
+        block_kv=block_kv,
     )
 
 
 def spot_check(q, k, v, index, out) -> float:
     blocks = np.unique([0, index.num_q_blocks // 3, index.num_q_blocks - 1])
     ref = sparse_attention_xla(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), index,
+        q.astype(jnp.float32),
+        k.astype(jnp.float32),
+        v.astype(jnp.float32),
+        index,
         query_blocks=blocks,
     )
     rows = (blocks[:, None] * index.block_q + np.arange(index.block_q)).reshape(-1)
@@ -82,24 +98,53 @@ def main(argv=None):
     parser.add_argument("--block-kv", type=int, default=64)
     parser.add_argument("--num-warps", type=int, default=None)
     parser.add_argument("--num-stages", type=int, default=None)
-    parser.add_argument("--cases", nargs="+", default=["vs_fixed", "vs_estimated", "block_sparse", "a_shape"])
+    parser.add_argument(
+        "--cases", nargs="+", default=["vs_fixed", "vs_estimated", "block_sparse", "a_shape"]
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--interpret", action="store_true", help="CPU smoke run (interpret mode)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
+    )
     args = parser.parse_args(argv)
     device = device_name()
-    kernel = jax.jit(lambda q, k, v, index: sparse_flash_attention(
-        q, k, v, index, num_warps=args.num_warps, num_stages=args.num_stages, interpret=args.interpret))
+    kernel = jax.jit(
+        lambda q, k, v, index: sparse_flash_attention(
+            q,
+            k,
+            v,
+            index,
+            num_warps=args.num_warps,
+            num_stages=args.num_stages,
+            interpret=args.interpret,
+        )
+    )
     dense_impl = None if args.interpret else "cudnn"
-    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation=dense_impl))
+    dense = jax.jit(
+        lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=dense_impl
+        )
+    )
     build = {
-        "vs_estimated": jax.jit(lambda q, k: build_sparse_index(
-            q, k, P.VerticalSlash(1000, 6096), block_q=args.block_q, block_kv=args.block_kv)),
-        "block_sparse": jax.jit(lambda q, k: build_sparse_index(
-            q, k, P.BlockSparse(100, args.block_kv), block_q=args.block_q, block_kv=args.block_kv)),
-        "a_shape": jax.jit(lambda q, k: build_sparse_index(
-            q, k, P.AShape(1024, 4096), block_q=args.block_q, block_kv=args.block_kv)),
+        "vs_estimated": jax.jit(
+            lambda q, k: build_sparse_index(
+                q, k, P.VerticalSlash(1000, 6096), block_q=args.block_q, block_kv=args.block_kv
+            )
+        ),
+        "block_sparse": jax.jit(
+            lambda q, k: build_sparse_index(
+                q,
+                k,
+                P.BlockSparse(100, args.block_kv),
+                block_q=args.block_q,
+                block_kv=args.block_kv,
+            )
+        ),
+        "a_shape": jax.jit(
+            lambda q, k: build_sparse_index(
+                q, k, P.AShape(1024, 4096), block_q=args.block_q, block_kv=args.block_kv
+            )
+        ),
     }
     rows, dense_ref = [], None
     for n in args.seq_lens:
@@ -114,18 +159,35 @@ def main(argv=None):
             dense_ms = dense_ref[1] * (n / dense_ref[0]) ** 2
             dense_note = f"extrapolated from {dense_ref[0]}"
         dense_rate = causal_flops(n) / (dense_ms * 1e-3)
-        print(f"N={n}: dense cuDNN {dense_ms:.2f} ms ({dense_note}), "
-              f"{dense_rate / 1e12:.0f} TFLOP/s", flush=True)
+        print(
+            f"N={n}: dense cuDNN {dense_ms:.2f} ms ({dense_note}), {dense_rate / 1e12:.0f} TFLOP/s",
+            flush=True,
+        )
         for case in args.cases:
-            index = fixed_vs_index(n, n, args.block_q, args.block_kv) if case == "vs_fixed" else build[case](q, k)
+            index = (
+                fixed_vs_index(n, n, args.block_q, args.block_kv)
+                if case == "vs_fixed"
+                else build[case](q, k)
+            )
             ms = time_fn(kernel, q, k, v, index, warmup=1, repeats=args.repeats)
             out = kernel(q, k, v, index)
             err = spot_check(q, k, v, index, out)
             flops = tile_flops(index)
             row = dict(
-                device=device, seq_len=n, case=case, dtype="bfloat16", heads=HEADS, kv_heads=KV_HEADS,
-                head_dim=HEAD_DIM, block_q=args.block_q, block_kv=args.block_kv, num_warps=args.num_warps, num_stages=args.num_stages,
-                kernel_ms=round(ms, 3), dense_ms=round(dense_ms, 3), dense=dense_note,
+                device=device,
+                seq_len=n,
+                case=case,
+                dtype="bfloat16",
+                heads=HEADS,
+                kv_heads=KV_HEADS,
+                head_dim=HEAD_DIM,
+                block_q=args.block_q,
+                block_kv=args.block_kv,
+                num_warps=args.num_warps,
+                num_stages=args.num_stages,
+                kernel_ms=round(ms, 3),
+                dense_ms=round(dense_ms, 3),
+                dense=dense_note,
                 speedup=round(dense_ms / ms, 2),
                 computed_fraction=round(flops / causal_flops(n), 4),
                 ideal_ms=round(flops / dense_rate * 1e3, 3),
@@ -133,30 +195,40 @@ def main(argv=None):
                 spot_rel_err=float(f"{err:.2e}"),
             )
             rows.append(row)
-            print(f"  {case:13s} {ms:9.2f} ms  x{row['speedup']:<6} ideal {row['ideal_ms']:8.2f} ms  "
-                  f"{row['tflops']:6.1f} TFLOP/s  computed {row['computed_fraction']:.4f}  err {err:.1e}",
-                  flush=True)
+            print(
+                f"  {case:13s} {ms:9.2f} ms  x{row['speedup']:<6} "
+                f"ideal {row['ideal_ms']:8.2f} ms  {row['tflops']:6.1f} TFLOP/s  "
+                f"computed {row['computed_fraction']:.4f}  err {err:.1e}",
+                flush=True,
+            )
             del index, out
         del q, k, v
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (f"kernels_{device.replace(':', '_').replace(' ', '_')}"
-                       f"_{args.block_q}x{args.block_kv}_w{args.num_warps}_s{args.num_stages}")
+    stem = args.out / (
+        f"kernels_{device.replace(':', '_').replace(' ', '_')}"
+        f"_{args.block_q}x{args.block_kv}_w{args.num_warps}_s{args.num_stages}"
+    )
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    lines = [
-        f"Sparse kernels vs dense cuDNN on {device}: batch 1, {HEADS} q / {KV_HEADS} kv heads, "
-        f"d={HEAD_DIM}, bf16, causal, tiles {args.block_q}x{args.block_kv}, "
-        f"num_warps {args.num_warps or 'default'}, num_stages {args.num_stages or 'default'}, "
-        f"median of {args.repeats}.",
-        "",
-        "| N | case | kernel ms | dense ms | speedup | ideal ms | TFLOP/s (computed tiles) | computed / causal | spot rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ] + [
-        f"| {r['seq_len']} | {r['case']} | {r['kernel_ms']} | {r['dense_ms']}"
-        f"{'*' if r['dense'] != 'measured' else ''} | {r['speedup']} | {r['ideal_ms']} | {r['tflops']} | "
-        f"{r['computed_fraction']} | {r['spot_rel_err']} |"
-        for r in rows
-    ] + ["", "\\* dense time extrapolated as t(N0) * (N/N0)^2 from the longest measured length."]
+    lines = (
+        [
+            f"Sparse kernels vs dense cuDNN on {device}: batch 1, {HEADS} q / {KV_HEADS} kv heads, "
+            f"d={HEAD_DIM}, bf16, causal, tiles {args.block_q}x{args.block_kv}, "
+            f"num_warps {args.num_warps or 'default'}, num_stages {args.num_stages or 'default'}, "
+            f"median of {args.repeats}.",
+            "",
+            "| N | case | kernel ms | dense ms | speedup | ideal ms | TFLOP/s (computed tiles) "
+            "| computed / causal | spot rel err |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        + [
+            f"| {r['seq_len']} | {r['case']} | {r['kernel_ms']} | {r['dense_ms']}"
+            f"{'*' if r['dense'] != 'measured' else ''} | {r['speedup']} | {r['ideal_ms']} | "
+            f"{r['tflops']} | {r['computed_fraction']} | {r['spot_rel_err']} |"
+            for r in rows
+        ]
+        + ["", "\\* dense time extrapolated as t(N0) * (N/N0)^2 from the longest measured length."]
+    )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

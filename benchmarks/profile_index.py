@@ -46,8 +46,11 @@ def _scores_skew_logits(q_last, k, *, scale):
     *lead, _, _ = logits.shape
     width = n + rows
     padded = jnp.pad(masked, [(0, 0)] * len(lead) + [(0, 0), (rows, 0)], constant_values=-jnp.inf)
-    flat = jnp.pad(padded.reshape(*lead, rows * width), [(0, 0)] * len(lead) + [(0, rows + 1)],
-                   constant_values=-jnp.inf)
+    flat = jnp.pad(
+        padded.reshape(*lead, rows * width),
+        [(0, 0)] * len(lead) + [(0, rows + 1)],
+        constant_values=-jnp.inf,
+    )
     skewed = flat[..., 1 : 1 + rows * (width + 1)].reshape(*lead, rows, width + 1)[..., :n]
     diagonals = (jnp.exp(skewed - row_max) / row_sum).sum(-2)[..., ::-1]
     return columns, diagonals
@@ -67,12 +70,18 @@ def _scores_conv(q_last, k, *, scale):
     row_max = masked.max(-1, keepdims=True)
     e = jnp.exp(masked - row_max)
     inv_sum = 1.0 / e.sum(-1)  # [B, G, R]
-    x = jnp.pad(e.astype(q_last.dtype).reshape(1, b * g * rows, n), ((0, 0), (0, 0), (rows - 1, rows - 1)))
+    x = jnp.pad(
+        e.astype(q_last.dtype).reshape(1, b * g * rows, n), ((0, 0), (0, 0), (rows - 1, rows - 1))
+    )
     taps = jnp.stack([jnp.zeros((rows, rows)).at[:, rows - 1].set(1.0), jnp.eye(rows)])  # [2, r, t]
     w = (taps[None, None] * inv_sum[:, :, None, :, None]).reshape(b * g * 2, rows, rows)
     y = jax.lax.conv_general_dilated(
-        x, w.astype(q_last.dtype), window_strides=(1,), padding="VALID",
-        feature_group_count=b * g, dimension_numbers=("NCH", "OIH", "NCH"),
+        x,
+        w.astype(q_last.dtype),
+        window_strides=(1,),
+        padding="VALID",
+        feature_group_count=b * g,
+        dimension_numbers=("NCH", "OIH", "NCH"),
         preferred_element_type=jnp.float32,
     ).reshape(b, g, 2, -1)
     return y[:, :, 0, :n], y[:, :, 1, :n][..., ::-1]
@@ -128,7 +137,13 @@ def main(argv=None):
     scores = jax.random.normal(kq, (1, h, n), jnp.float32)
     print(f"device {device_name()}, N={n}, {h} q / {hkv} kv heads, d={d}, bf16")
     for name, fn in stages.items():
-        inputs = (scores,) if name.startswith(("top_k", "sort")) else (q_last, k) if "scores" in name or "logits" in name else (q, k)
+        inputs = (
+            (scores,)
+            if name.startswith(("top_k", "sort"))
+            else (q_last, k)
+            if "scores" in name or "logits" in name
+            else (q, k)
+        )
         print(f"{name:40s} {time_fn(fn, *inputs):8.3f} ms", flush=True)
 
 

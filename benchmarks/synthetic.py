@@ -5,8 +5,9 @@ near-dense and says nothing about real speed. Real heads show attention sinks (a
 tokens), a local band that decays with distance, and a few heavy tokens anywhere. This generator
 builds exactly those three from named directions, per kv head, deterministic given the key:
 
-- dims [0, D/2) carry RoPE (base 500000, as Llama-3) of a shared content vector c plus noise: q_i . k_j then
-  holds |c|^2 sum_f cos((i - j) theta_f), largest at i = j and decaying with distance (slashes);
+- dims [0, D/2) carry RoPE (base 500000, as Llama-3) of a shared content vector c plus noise:
+  q_i . k_j then holds |c|^2 sum_f cos((i - j) theta_f), largest at i = j and decaying with
+  distance (slashes);
 - dims [D/2, D) are position-free: every query holds a sink direction u and a heavy direction w;
   the first `n_sinks` keys hold u (verticals at the start), `n_heavy` random keys hold w
   (verticals anywhere);
@@ -65,6 +66,10 @@ def structured_qk(
 
     noise = jax.random.normal(keys[6], (batch, seq_len, num_heads, head_dim))
     q_rope = local * per_query_head(content) + noise[..., :rope_dim]
-    q_nope = sink * per_query_head(sink_dir) + heavy * per_query_head(heavy_dir) + 0.5 * noise[..., rope_dim:]
+    q_nope = (
+        sink * per_query_head(sink_dir)
+        + heavy * per_query_head(heavy_dir)
+        + 0.5 * noise[..., rope_dim:]
+    )
     q = jnp.concatenate([_rope(q_rope, positions), q_nope], axis=-1)
     return q.astype(dtype), k.astype(dtype)

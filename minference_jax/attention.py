@@ -31,6 +31,7 @@ DENSE_FALLBACK_FRACTION = 0.5
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
+
 IMPLEMENTATIONS = ("pallas", "xla", "reference")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -91,7 +92,9 @@ def sparse_attention(
     check_attention_inputs(q, k, v)
     patterns = P.normalize_layer_patterns(patterns, q.shape[2])
     if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+        raise ValueError(
+            f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}"
+        )
     if index is not None and (index.seq_len, index.num_heads) != (q.shape[1], q.shape[2]):
         raise ValueError(
             f"index is for seq {index.seq_len} x {index.num_heads} heads, inputs have "
@@ -124,7 +127,9 @@ def _sparse_or_dense(q, k, v, index, *, scale):
     return jax.lax.cond(
         index.computed_fraction() > DENSE_FALLBACK_FRACTION,
         lambda: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True),
-        lambda: sparse_flash_attention(q, k, v, index, softmax_scale=scale),
+        lambda: sparse_flash_attention(
+            q, k, v, index, softmax_scale=scale, interpret=not _on_gpu()
+        ),
     )
 
 

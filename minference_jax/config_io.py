@@ -63,11 +63,15 @@ def parse_pattern_config(
 ) -> tuple[HeadPatterns, tuple[tuple[float, ...], ...]]:
     """Parse the decoded JSON (a list per layer) into patterns and the per-head scores."""
     if not isinstance(layers_json, list) or not layers_json:
-        raise PatternConfigError("a pattern config is a non-empty JSON list with one entry per layer")
+        raise PatternConfigError(
+            "a pattern config is a non-empty JSON list with one entry per layer"
+        )
     layers, scores = [], []
     for layer_id, layer in enumerate(layers_json):
         if not isinstance(layer, dict) or not layer:
-            raise PatternConfigError(f"layer {layer_id}: expected a non-empty {{head: entry}} object")
+            raise PatternConfigError(
+                f"layer {layer_id}: expected a non-empty {{head: entry}} object"
+            )
         try:
             heads = sorted(int(h) for h in layer)
         except ValueError as err:
@@ -137,7 +141,10 @@ def dump_pattern_config(
         if len(layer_scores) != len(layer):
             raise ValueError(f"layer {layer_id}: {len(layer_scores)} scores for {len(layer)} heads")
         out.append(
-            {str(h): _entry_from_pattern(p, s) for h, (p, s) in enumerate(zip(layer, layer_scores))}
+            {
+                str(h): _entry_from_pattern(p, s)
+                for h, (p, s) in enumerate(zip(layer, layer_scores, strict=True))
+            }
         )
     return out
 

@@ -41,7 +41,9 @@ def _map_over_kv_heads(fn, q_grouped, k, score_bytes: int):
     if score_bytes <= _SCORE_BYTES_PER_STEP:
         out = jax.vmap(fn, in_axes=in_axes, out_axes=1)(q_grouped, k)
     else:  # bound memory at 1M tokens: one kv head (G query heads) at a time
-        out = jax.lax.map(lambda qk: fn(*qk), (jnp.moveaxis(q_grouped, 2, 0), jnp.moveaxis(k, 2, 0)))
+        out = jax.lax.map(
+            lambda qk: fn(*qk), (jnp.moveaxis(q_grouped, 2, 0), jnp.moveaxis(k, 2, 0))
+        )
         out = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), out)
     # [B, Hkv, G, ...] -> [B, Hq, ...]
     return jax.tree.map(lambda x: x.reshape(x.shape[0], -1, *x.shape[3:]), out)
@@ -164,7 +166,9 @@ def estimate_block_sparse(
     if n_chunks == 1:
         idx = top_blocks(padded_q, 0)
     else:
-        chunks = jnp.moveaxis(padded_q.reshape(q.shape[0], n_chunks, chunk, *pooled_q.shape[2:]), 1, 0)
+        chunks = jnp.moveaxis(
+            padded_q.reshape(q.shape[0], n_chunks, chunk, *pooled_q.shape[2:]), 1, 0
+        )
         idx = jax.lax.map(lambda a: top_blocks(a[0], a[1] * chunk), (chunks, jnp.arange(n_chunks)))
         idx = jnp.moveaxis(idx, 0, 2).reshape(q.shape[0], q.shape[2], -1, k_max)
     idx = idx[:, :, :n_q_blocks]
@@ -252,8 +256,10 @@ def _build_sparse_index(q, k, patterns, *, scale, block_q, block_kv, last_q) -> 
         columns = jnp.where(jnp.asarray(is_vs)[None, :, None], verticals, SENTINEL)
 
     # --- listed blocks (block-sparse top-k, A-shape sink blocks) and sink columns ---------------
-    parts = [_ashape_parts(p, n, block_kv) if isinstance(p, P.AShape) else (0, np.zeros(0), 0)
-             for p in patterns]
+    parts = [
+        _ashape_parts(p, n, block_kv) if isinstance(p, P.AShape) else (0, np.zeros(0), 0)
+        for p in patterns
+    ]
     sink_width = max(full for full, _, _ in parts)
     sink_blocks = np.full((num_heads, sink_width), SENTINEL, np.int64)
     sink_col_width = max(len(cols) for _, cols, _ in parts)
@@ -267,14 +273,14 @@ def _build_sparse_index(q, k, patterns, *, scale, block_q, block_kv, last_q) -> 
     )
     if is_bs.any():
         top_k = [p.top_k if isinstance(p, P.BlockSparse) else 0 for p in patterns]
-        chosen = estimate_block_sparse(
-            q, k, top_k, scale=scale, block_q=block_q, block_kv=block_kv
-        )
+        chosen = estimate_block_sparse(q, k, top_k, scale=scale, block_q=block_q, block_kv=block_kv)
         width = max(sink_width, chosen.shape[-1])
         pad = lambda x: jnp.pad(  # noqa: E731
             x, ((0, 0), (0, 0), (0, 0), (0, width - x.shape[-1])), constant_values=SENTINEL
         )
-        candidates = jnp.where(jnp.asarray(is_bs)[None, :, None, None], pad(chosen), pad(candidates))
+        candidates = jnp.where(
+            jnp.asarray(is_bs)[None, :, None, None], pad(chosen), pad(candidates)
+        )
     if sink_col_width:
         sink_columns = jnp.broadcast_to(
             jnp.asarray(sink_columns, jnp.int32)[None], (batch, num_heads, sink_col_width)

@@ -24,10 +24,16 @@ def _grouped_masked_attention(q, k, v, mask, scale):
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, t, hkv, hq // hkv, d)
-    logits = jnp.einsum(
-        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
-        precision=jax.lax.Precision.HIGHEST,
-    ) * scale
+    logits = (
+        jnp.einsum(
+            "btkgd,bskd->bkgts",
+            qg,
+            k,
+            preferred_element_type=jnp.float32,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        * scale
+    )
     logits = jnp.where(mask.reshape(b, hkv, hq // hkv, t, -1), logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum(
@@ -105,13 +111,24 @@ def sparse_attention_xla(
         k_tiles = k_heads[batch_idx, kv_head_idx, positions]  # [B, H, P, D]
         v_tiles = v_heads[batch_idx, kv_head_idx, positions]
         q_rows = jax.lax.dynamic_slice_in_dim(q_pad, q_block * bq, bq, axis=1)  # [B, bq, H, D]
-        logits = jnp.einsum(
-            "bqhd,bhpd->bhqp", q_rows, k_tiles, preferred_element_type=jnp.float32,
-            precision=precision,
-        ) * scale
+        logits = (
+            jnp.einsum(
+                "bqhd,bhpd->bhqp",
+                q_rows,
+                k_tiles,
+                preferred_element_type=jnp.float32,
+                precision=precision,
+            )
+            * scale
+        )
         probs = jax.nn.softmax(jnp.where(valid, logits, MASK_VALUE), axis=-1)
-        out = jnp.einsum("bhqp,bhpd->bqhd", probs.astype(v.dtype), v_tiles,
-                         preferred_element_type=jnp.float32, precision=precision)
+        out = jnp.einsum(
+            "bhqp,bhpd->bqhd",
+            probs.astype(v.dtype),
+            v_tiles,
+            preferred_element_type=jnp.float32,
+            precision=precision,
+        )
         return out.astype(q.dtype)
 
     if query_blocks is not None:
@@ -120,4 +137,3 @@ def sparse_attention_xla(
     out = jax.lax.map(one_block, jnp.arange(n_q_blocks, dtype=jnp.int32))  # [nqb, B, bq, H, D]
     out = jnp.moveaxis(out, 0, 1).reshape(b, n_q_blocks * bq, hq, d)
     return out[:, :n]
-

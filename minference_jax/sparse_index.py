@@ -180,7 +180,7 @@ def block_mask_from_index(index: SparseIndex) -> jax.Array:
 
     Built only from the fields a kernel reads (offsets + counts), so it checks them. O(N^2 / bq).
     """
-    bq, bk, r = index.block_q, index.block_kv, index.ratio
+    bk, r = index.block_kv, index.ratio
     batch, heads, n_q_blocks = index.diag_count.shape
     n_kv_blocks = n_q_blocks * r
     q_blocks = jnp.arange(n_q_blocks, dtype=jnp.int32)
@@ -188,9 +188,7 @@ def block_mask_from_index(index: SparseIndex) -> jax.Array:
     def scatter_blocks(blocks, valid):  # [B, H, nqb, T] key blocks -> [B, H, nqb, n_kv_blocks]
         blocks = jnp.where(valid, blocks, n_kv_blocks)  # out of range -> dropped
         out = jnp.zeros((batch, heads, n_q_blocks, n_kv_blocks), bool)
-        b, h, i = jnp.meshgrid(
-            jnp.arange(batch), jnp.arange(heads), q_blocks, indexing="ij"
-        )
+        b, h, i = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), q_blocks, indexing="ij")
         return out.at[b[..., None], h[..., None], i[..., None], blocks].set(True, mode="drop")
 
     max_diag = index.diag_offset.shape[-1]

@@ -66,22 +66,31 @@ def _sparse_flash_kernel(
     lanes = jnp.arange(block_kv, dtype=jnp.int32)
 
     def attend(carry, k, v, mask):
-        acc, m, l = carry
-        s = jax.lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-            precision=precision,
-        ) * qk_scale
+        acc, m, row_sum = carry
+        s = (
+            jax.lax.dot_general(
+                q,
+                k,
+                (((1,), (1,)), ((), ())),
+                preferred_element_type=jnp.float32,
+                precision=precision,
+            )
+            * qk_scale
+        )
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         correction = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
-        l = correction * l + p.sum(axis=-1)
+        row_sum = correction * row_sum + p.sum(axis=-1)
         pv = jax.lax.dot_general(
-            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
             precision=precision,
         )
-        return correction[:, None] * acc + pv, m_new, l
+        return correction[:, None] * acc + pv, m_new, row_sum
 
     def attend_block(carry, key_block, mask=None):
         start = key_block * block_kv
@@ -124,8 +133,8 @@ def _sparse_flash_kernel(
     n_column_tiles = jax.lax.div(n_columns + block_kv - 1, block_kv)
     carry = jax.lax.fori_loop(0, n_column_tiles, column_body, carry)
 
-    acc, _, l = carry
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    acc, _, row_sum = carry
+    o_ref[...] = (acc / row_sum[:, None]).astype(o_ref.dtype)
 
 
 def _pad_axis(x, axis, size, value=0):
@@ -160,7 +169,9 @@ def sparse_flash_attention(
     batch, n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q/k/v must share a dtype among bf16/f16/f32, got {q.dtype}/{k.dtype}/{v.dtype}")
+        raise TypeError(
+            f"q/k/v must share a dtype among bf16/f16/f32, got {q.dtype}/{k.dtype}/{v.dtype}"
+        )
     if num_heads % num_kv_heads:
         raise ValueError(f"kv heads ({num_kv_heads}) must divide query heads ({num_heads})")
     if index.diag_count.shape[:2] != (batch, num_heads) or index.seq_len != n:
@@ -180,7 +191,9 @@ def sparse_flash_attention(
 
     q_p, k_p, v_p = (_pad_axis(_pad_axis(x, 1, n_pad), 3, d_pad) for x in (q, k, v))
     columns = index.column_index
-    columns = _pad_axis(columns, 2, max(block_kv, -(-columns.shape[2] // block_kv) * block_kv), SENTINEL)
+    columns = _pad_axis(
+        columns, 2, max(block_kv, -(-columns.shape[2] // block_kv) * block_kv), SENTINEL
+    )
     block_index = _pad_axis(index.block_index, 3, max(1, index.block_index.shape[3]), SENTINEL)
 
     def whole(x):  # per-(batch, head) slice of an index array
@@ -188,10 +201,17 @@ def sparse_flash_attention(
         return pl.BlockSpec((None, None, *trailing), lambda i, b, h: (b, h) + (0,) * len(trailing))
 
     index_arrays = (
-        index.diag_offset, index.diag_count, block_index, index.block_count, columns,
-        index.column_count, index.diag_mask.astype(jnp.int32),
+        index.diag_offset,
+        index.diag_count,
+        block_index,
+        index.block_count,
+        columns,
+        index.column_count,
+        index.diag_mask.astype(jnp.int32),
     )
-    row_block = pl.BlockSpec((None, block_q, None, d_pad), lambda i, b, h: (b, n_q_blocks - 1 - i, h, 0))
+    row_block = pl.BlockSpec(
+        (None, block_q, None, d_pad), lambda i, b, h: (b, n_q_blocks - 1 - i, h, 0)
+    )
     kv_spec = pl.BlockSpec((None, n_pad, None, d_pad), lambda i, b, h: (b, 0, h // group, 0))
     in_specs = [whole(x) for x in index_arrays] + [row_block, kv_spec, kv_spec]
     inputs = [*index_arrays, q_p, k_p, v_p]

@@ -15,7 +15,10 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 def _qkv(seed, batch, n, heads, kv_heads, dim, dtype):
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     shapes = [(batch, n, heads, dim), (batch, n, kv_heads, dim), (batch, n, kv_heads, dim)]
-    return [jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in zip(keys, shapes)]
+    return [
+        jax.random.normal(key, shape, jnp.float32).astype(dtype)
+        for key, shape in zip(keys, shapes, strict=True)
+    ]
 
 
 MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
@@ -56,19 +59,34 @@ def test_given_vertical_slash_index_against_brute_force_attention(block_q, block
     slashes = rng.choice(n, size=(batch, heads, 7))
     q, k, v = _qkv(n, batch, n, heads, kv_heads, 16, jnp.float32)
     index = vertical_slash_index(
-        jnp.asarray(verticals, jnp.int32), jnp.asarray(slashes, jnp.int32),
-        seq_len=n, block_q=block_q, block_kv=block_kv,
+        jnp.asarray(verticals, jnp.int32),
+        jnp.asarray(slashes, jnp.int32),
+        seq_len=n,
+        block_q=block_q,
+        block_kv=block_kv,
     )
-    mask = np.stack([
-        np.stack([
-            rows_mask(block_rows_mask(n, block_q, block_kv, slashes=slashes[b, h],
-                                      verticals=verticals[b, h]), block_q, n)
-            for h in range(heads)
-        ]) for b in range(batch)
-    ])
+    mask = np.stack(
+        [
+            np.stack(
+                [
+                    rows_mask(
+                        block_rows_mask(
+                            n, block_q, block_kv, slashes=slashes[b, h], verticals=verticals[b, h]
+                        ),
+                        block_q,
+                        n,
+                    )
+                    for h in range(heads)
+                ]
+            )
+            for b in range(batch)
+        ]
+    )
     oracle = masked_attention_f64(q, k, v, mask)
     for implementation in ("reference", "xla"):
-        out = sparse_attention(q, k, v, P.VerticalSlash(1, 1), index=index, implementation=implementation)
+        out = sparse_attention(
+            q, k, v, P.VerticalSlash(1, 1), index=index, implementation=implementation
+        )
         assert rel_err(out, oracle) < 1e-5, implementation
 
 
@@ -81,7 +99,10 @@ def test_dense_pattern_equals_dot_product_attention(dtype, heads, kv_heads, n):
         out = sparse_attention(q, k, v, P.Dense(), implementation=implementation)
         assert rel_err(out, expected) < TOLERANCE[dtype], implementation
     oracle = masked_attention_f64(q, k, v, np.tril(np.ones((n, n), bool)))
-    assert rel_err(sparse_attention(q, k, v, P.Dense(), implementation="xla"), oracle) < TOLERANCE[dtype]
+    assert (
+        rel_err(sparse_attention(q, k, v, P.Dense(), implementation="xla"), oracle)
+        < TOLERANCE[dtype]
+    )
 
 
 def test_sparse_differs_from_dense_when_it_should():
@@ -94,7 +115,9 @@ def test_sparse_differs_from_dense_when_it_should():
 
 def test_softmax_scale_is_honoured():
     q, k, v = _qkv(1, 1, 100, 2, 2, 16, jnp.float32)
-    out = sparse_attention(q, k, v, P.VerticalSlash(30, 50), softmax_scale=0.1, implementation="xla")
+    out = sparse_attention(
+        q, k, v, P.VerticalSlash(30, 50), softmax_scale=0.1, implementation="xla"
+    )
     index = build_sparse_index(q, k, P.VerticalSlash(30, 50), softmax_scale=0.1)
     oracle = masked_attention_f64(q, k, v, np.asarray(dense_mask_from_index(index)), scale=0.1)
     assert rel_err(out, oracle) < 1e-5
@@ -103,10 +126,25 @@ def test_softmax_scale_is_honoured():
 @pytest.mark.parametrize(
     "shapes, dtype, message, error",
     [
-        (((1, 8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 8)), jnp.float32, "k and v shapes differ", ValueError),
+        (
+            ((1, 8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 8)),
+            jnp.float32,
+            "k and v shapes differ",
+            ValueError,
+        ),
         (((1, 8, 2, 16), (1, 9, 2, 16), (1, 9, 2, 16)), jnp.float32, "q_len == kv_len", ValueError),
-        (((1, 8, 3, 16), (1, 8, 2, 16), (1, 8, 2, 16)), jnp.float32, "must divide query heads", ValueError),
-        (((1, 8, 2), (1, 8, 2), (1, 8, 2)), jnp.float32, "must be \\[batch, seq, heads, head_dim\\]", ValueError),
+        (
+            ((1, 8, 3, 16), (1, 8, 2, 16), (1, 8, 2, 16)),
+            jnp.float32,
+            "must divide query heads",
+            ValueError,
+        ),
+        (
+            ((1, 8, 2), (1, 8, 2), (1, 8, 2)),
+            jnp.float32,
+            "must be \\[batch, seq, heads, head_dim\\]",
+            ValueError,
+        ),
         (((1, 0, 2, 16), (1, 0, 2, 16), (1, 0, 2, 16)), jnp.float32, "empty sequence", ValueError),
         (((1, 8, 2, 16),) * 3, jnp.int32, "expected float32, bfloat16 or float16", TypeError),
     ],
@@ -127,8 +165,13 @@ def test_other_bad_arguments():
         sparse_attention(q, q, q, [P.Dense()])
     index = build_sparse_index(q, q, P.Dense())
     with pytest.raises(ValueError, match="index is for seq 8"):
-        sparse_attention(jnp.ones((1, 9, 2, 16)), jnp.ones((1, 9, 2, 16)), jnp.ones((1, 9, 2, 16)),
-                         P.Dense(), index=index)
+        sparse_attention(
+            jnp.ones((1, 9, 2, 16)),
+            jnp.ones((1, 9, 2, 16)),
+            jnp.ones((1, 9, 2, 16)),
+            P.Dense(),
+            index=index,
+        )
 
 
 def test_estimated_index_is_jittable_without_recompiling_for_new_data():
@@ -140,3 +183,25 @@ def test_estimated_index_is_jittable_without_recompiling_for_new_data():
     out = fn(q2, k2, v2)
     assert fn._cache_size() == 1
     assert not np.isnan(np.asarray(out)).any()
+
+
+@pytest.mark.parametrize("n_local, dense_expected", [(32, False), (400, True)])
+def test_density_guard_runs_dense_only_for_dense_indices(n_local, dense_expected):
+    from minference_jax.attention import DENSE_FALLBACK_FRACTION, _sparse_or_dense
+
+    q, k, v = _qkv(2, 1, 512, 2, 1, 16, jnp.float32)
+    index = build_sparse_index(q, k, P.AShape(16, n_local), block_q=32, block_kv=32)
+    assert (float(index.computed_fraction()) > DENSE_FALLBACK_FRACTION) == dense_expected
+    out = _sparse_or_dense(q, k, v, index, scale=16**-0.5)
+    dense = masked_attention_f64(q, k, v, np.tril(np.ones((512, 512), bool)))
+    sparse = masked_attention_f64(q, k, v, np.asarray(dense_mask_from_index(index)))
+    assert rel_err(sparse, dense) > 1e-3  # the two answers differ, so the branch is observable
+    assert rel_err(out, dense if dense_expected else sparse) < 1e-5
+
+
+@pytest.mark.gpu
+def test_auto_dispatch_on_gpu_long_prompt():
+    q, k, v = _qkv(3, 1, 40000, 4, 2, 64, jnp.bfloat16)
+    out = sparse_attention(q, k, v, P.AShape(64, 1024))
+    ref = sparse_attention(q, k, v, P.AShape(64, 1024), implementation="xla")
+    assert rel_err(out, ref) < 1e-2

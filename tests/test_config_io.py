@@ -36,7 +36,9 @@ def test_shipped_configs_load(name):
 
 
 def test_phi3_has_ashape_heads():
-    patterns = load_pattern_config(shipped_configs()["Phi_3_mini_128k_instruct_kv_out_v32_fit_o_best_pattern"])
+    patterns = load_pattern_config(
+        shipped_configs()["Phi_3_mini_128k_instruct_kv_out_v32_fit_o_best_pattern"]
+    )
     kinds = {type(p) for layer in patterns.layers for p in layer}
     assert kinds == {P.VerticalSlash, P.AShape}
     assert P.AShape(100, 800) in {p for layer in patterns.layers for p in layer}
@@ -79,8 +81,13 @@ def _write(tmp_path, obj):
         ([{"0": ["vertical_and_slash", 1, 2.5, 0.0]}], "s_size must be an integer"),
         ([{"0": ["vertical_and_slash", 1, 2]}], "expected \\[type, v_size, s_size, score\\]"),
         ([{"0": ["stream_llm", 1, 2, "x"]}], "score must be a finite number"),
-        ([{"0": ["stream_llm", 1, 2, 0]}, {"0": ["stream_llm", 1, 2, 0], "1": ["stream_llm", 1, 2, 0]}],
-         "different head counts"),
+        (
+            [
+                {"0": ["stream_llm", 1, 2, 0]},
+                {"0": ["stream_llm", 1, 2, 0], "1": ["stream_llm", 1, 2, 0]},
+            ],
+            "different head counts",
+        ),
         ([{"0": ["stream_llm", 1, 2, 0], "2": ["stream_llm", 1, 2, 0]}], "numbered 0..1"),
         ([{"a": ["stream_llm", 1, 2, 0]}], "head keys must be integers"),
         ([], "non-empty JSON list"),

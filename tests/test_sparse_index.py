@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from minference_jax import patterns as P
-from minference_jax.index_approx import build_sparse_index, estimate_block_sparse, estimate_vertical_slash
+from minference_jax.index_approx import (
+    build_sparse_index,
+    estimate_block_sparse,
+    estimate_vertical_slash,
+)
 from minference_jax.sparse_index import SENTINEL, dense_mask_from_index, vertical_slash_index
 from tests.oracles import block_rows_mask, rows_mask
 
@@ -21,13 +25,16 @@ def test_vertical_slash_index_hand_written():
     np.testing.assert_array_equal(index.column_index[0, 0], [1, 7])
     # Local run of D is {0}: block i counts columns < 2i; column 1 is covered for blocks 2, 3.
     np.testing.assert_array_equal(index.column_count[0, 0], [0, 1, 1, 1, 2])
-    expected_rows = np.array([
-        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 1, 1, 1, 0, 0, 0, 0, 0, 0],  # column 1 + own block
-        [1, 1, 0, 0, 1, 1, 0, 0, 0, 0],  # slash 5 -> blocks 0 (d=2) + own
-        [1, 1, 1, 1, 0, 0, 1, 1, 0, 0],  # d=2 -> block 1, d=3 -> block 0 (covers column 1)
-        [0, 1, 1, 1, 1, 1, 0, 1, 1, 1],  # blocks 1, 2 + columns 1, 7 + own
-    ], bool)
+    expected_rows = np.array(
+        [
+            [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 1, 1, 1, 0, 0, 0, 0, 0, 0],  # column 1 + own block
+            [1, 1, 0, 0, 1, 1, 0, 0, 0, 0],  # slash 5 -> blocks 0 (d=2) + own
+            [1, 1, 1, 1, 0, 0, 1, 1, 0, 0],  # d=2 -> block 1, d=3 -> block 0 (covers column 1)
+            [0, 1, 1, 1, 1, 1, 0, 1, 1, 1],  # blocks 1, 2 + columns 1, 7 + own
+        ],
+        bool,
+    )
     mask = np.asarray(dense_mask_from_index(index))[0, 0]
     np.testing.assert_array_equal(mask, rows_mask(expected_rows, 2, 10))
 
@@ -41,18 +48,25 @@ def test_vertical_slash_index_matches_brute_force(n, block_q, block_kv):
     slashes = rng.integers(0, n + 20, size=(batch, heads, 9))
     slashes[..., 0] = SENTINEL  # padding entry
     index = vertical_slash_index(
-        jnp.asarray(verticals, jnp.int32), jnp.asarray(slashes, jnp.int32),
-        seq_len=n, block_q=block_q, block_kv=block_kv,
+        jnp.asarray(verticals, jnp.int32),
+        jnp.asarray(slashes, jnp.int32),
+        seq_len=n,
+        block_q=block_q,
+        block_kv=block_kv,
     )
     mask = np.asarray(dense_mask_from_index(index))
     for b in range(batch):
         for h in range(heads):
             rows = block_rows_mask(
-                n, block_q, block_kv,
+                n,
+                block_q,
+                block_kv,
                 slashes=[o for o in slashes[b, h] if o < n],
                 verticals=[j for j in verticals[b, h] if j < n],
             )
-            np.testing.assert_array_equal(mask[b, h], rows_mask(rows, block_q, n), err_msg=f"{b=} {h=}")
+            np.testing.assert_array_equal(
+                mask[b, h], rows_mask(rows, block_q, n), err_msg=f"{b=} {h=}"
+            )
     assert mask.sum(-1).min() >= 1
     # Columns are never counted twice: counted columns are unique and outside D's local run.
     counted = np.asarray(index.column_count)
@@ -74,7 +88,15 @@ def _static_pattern_mask(pattern, n, block):
 
 @pytest.mark.parametrize("n", [50, 97, 300])
 @pytest.mark.parametrize(
-    "pattern", [P.AShape(4, 16), P.AShape(70, 100), P.AShape(0, 1), P.AShape(64, 0), P.AShape(5000, 5000), P.Dense()]
+    "pattern",
+    [
+        P.AShape(4, 16),
+        P.AShape(70, 100),
+        P.AShape(0, 1),
+        P.AShape(64, 0),
+        P.AShape(5000, 5000),
+        P.Dense(),
+    ],
 )
 def test_static_patterns_match_brute_force(n, pattern):
     block = 16
@@ -147,7 +169,9 @@ def test_block_sparse_estimation_matches_brute_force(n, block):
     heads, kv_heads, dim = 4, 2, 8
     q, k = _random_qk(7 + n, 2, n, heads, kv_heads, dim)
     top_k = [3, 5, 1, 100]
-    chosen = np.asarray(estimate_block_sparse(q, k, top_k, scale=0.3, block_q=block, block_kv=block))
+    chosen = np.asarray(
+        estimate_block_sparse(q, k, top_k, scale=0.3, block_q=block, block_kv=block)
+    )
     qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
     nb = -(-n // block)
     pq = np.stack([qn[:, i * block : (i + 1) * block].mean(1) for i in range(nb)], 1)
@@ -165,12 +189,22 @@ def test_block_sparse_estimation_matches_brute_force(n, block):
 def test_mixed_layer_index_rows_never_empty_and_budget_sized():
     n, heads = 333, 8
     q, k = _random_qk(11, 2, n, heads, 2, 16)
-    layer = (P.VerticalSlash(40, 60), P.AShape(100, 64), P.BlockSparse(3), P.Dense(),
-             P.VerticalSlash(3000, 3000), P.AShape(0, 0), P.BlockSparse(1000), P.VerticalSlash(1, 1))
+    layer = (
+        P.VerticalSlash(40, 60),
+        P.AShape(100, 64),
+        P.BlockSparse(3),
+        P.Dense(),
+        P.VerticalSlash(3000, 3000),
+        P.AShape(0, 0),
+        P.BlockSparse(1000),
+        P.VerticalSlash(1, 1),
+    )
     index = jax.jit(lambda q, k: build_sparse_index(q, k, layer))(q, k)
     mask = np.asarray(dense_mask_from_index(index))
     assert mask.sum(-1).min() >= 1
-    np.testing.assert_array_equal(mask[:, 3], np.broadcast_to(np.tril(np.ones((n, n), bool)), (2, n, n)))
+    np.testing.assert_array_equal(
+        mask[:, 3], np.broadcast_to(np.tril(np.ones((n, n), bool)), (2, n, n))
+    )
     # Buffers follow the budgets (clamped to N), not N^2.
     assert index.column_index.shape[-1] <= n + 100
     assert index.block_index.shape[-1] <= -(-n // 64)
