@@ -1,0 +1,153 @@
+"""Model configs, built from a Hugging Face `config.json` (frozen, hashable: jit static args)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+
+# HF model_type -> our family. Yi checkpoints use the Llama layout and model_type "llama".
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3"}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+
+
+class ModelConfigError(ValueError):
+    """config.json is missing, malformed or describes an architecture we do not support."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int | None = None  # llama3, longrope, dynamic
+    short_factor: tuple[float, ...] | None = None  # longrope
+    long_factor: tuple[float, ...] | None = None  # longrope
+    attention_factor: float | None = None  # longrope: cos/sin scale (derived when None)
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ModelConfigError(
+                f"unsupported rope type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str  # "llama" (Llama 2/3/3.1, Mistral, Yi), "qwen2", "phi3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+    rope: RopeConfig = RopeConfig()
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> ModelConfig:
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            arch = hf.get("architectures")
+            raise ModelConfigError(
+                f"unsupported architecture (model_type={model_type!r}, architectures={arch}); "
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            kv_heads = int(hf.get("num_key_value_heads") or heads)
+            head_dim = int(hf.get("head_dim") or hidden // heads)
+            config = cls(
+                family=SUPPORTED_MODEL_TYPES[model_type],
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                rope=_rope_from_hf(hf),
+            )
+        except KeyError as err:
+            raise ModelConfigError(f"config.json lacks required field {err}") from err
+        if heads % kv_heads:
+            raise ModelConfigError(f"num_key_value_heads {kv_heads} must divide heads {heads}")
+        if hf.get("mlp_bias"):
+            raise ModelConfigError("mlp_bias=true is not supported")
+        if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ModelConfigError("partial rotary embeddings are not supported")
+        return config
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | os.PathLike) -> ModelConfig:
+        return cls.from_hf_dict(read_hf_config(folder))
+
+
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    path = pathlib.Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelConfigError(f"no config.json in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelConfigError(f"{path} is not valid JSON: {err}") from err
+
+
+def _rope_from_hf(hf: dict) -> RopeConfig:
+    """Reads both the transformers 5 `rope_parameters` and the older rope_theta + rope_scaling."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    if rope_type == "su":  # early Phi-3 name of longrope
+        rope_type = "longrope"
+    original = merged.get("original_max_position_embeddings") or hf.get(
+        "original_max_position_embeddings"
+    )
+    if rope_type == "dynamic" and original is None:
+        original = hf.get("max_position_embeddings")
+    factor = merged.get("factor")
+    if rope_type == "longrope" and factor is None and original:
+        factor = hf["max_position_embeddings"] / original
+    return RopeConfig(
+        theta=float(merged.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_type=rope_type,
+        factor=float(factor if factor is not None else 1.0),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(original) if original else None,
+        short_factor=tuple(map(float, merged["short_factor"]))
+        if "short_factor" in merged
+        else None,
+        long_factor=tuple(map(float, merged["long_factor"])) if "long_factor" in merged else None,
+        attention_factor=(
+            float(merged["attention_factor"])
+            if merged.get("attention_factor") is not None
+            else None
+        ),
+    )
+
+
+def longrope_attention_factor(rope: RopeConfig) -> float:
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+    if rope.factor <= 1.0 or not rope.original_max_position_embeddings:
+        return 1.0
+    return math.sqrt(1 + math.log(rope.factor) / math.log(rope.original_max_position_embeddings))

@@ -1,0 +1,157 @@
+"""Decoder-only transformer (Llama 2/3/3.1, Mistral, Yi, Qwen2/2.5, Phi-3) in Flax NNX.
+
+One module tree for every family: Phi-3's fused qkv / gate_up weights are split at conversion,
+Qwen2's q/k/v biases are optional Params. Attention goes through `sparse_attention` with each
+layer's per-head patterns, so the model does not know which kernel runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from minference_jax import patterns as P
+from minference_jax.attention import sparse_attention
+from minference_jax.models.config import ModelConfig
+from minference_jax.models.rope import apply_rope, rope_tables
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """How every layer attends: dense, or one pattern per (layer, query head)."""
+
+    patterns: P.HeadPatterns | None = None  # None: dense
+    implementation: str | None = None  # passed to sparse_attention
+
+    def layer(self, layer_id: int, num_heads: int):
+        if self.patterns is None:
+            return P.Dense()
+        return self.patterns[layer_id]
+
+    def check(self, config: ModelConfig) -> None:
+        if self.patterns is not None:
+            self.patterns.check_model(config.num_layers, config.num_heads)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] (HF stores [out, in])."""
+
+    def __init__(self, n_in: int, n_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (n_in, n_out), dtype) * 0.02)
+        self.bias = nnx.Param(jnp.zeros((n_out,), dtype)) if bias else None
+
+    def __call__(self, x):
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf.astype(x.dtype) * self.scale[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        bias = c.attention_bias
+        self.q_proj = Linear(
+            c.hidden_size, c.num_heads * c.head_dim, bias=bias, dtype=dtype, rngs=rngs
+        )
+        self.k_proj = Linear(
+            c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias, dtype=dtype, rngs=rngs
+        )
+        self.v_proj = Linear(
+            c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias, dtype=dtype, rngs=rngs
+        )
+        self.o_proj = Linear(
+            c.num_heads * c.head_dim, c.hidden_size, bias=False, dtype=dtype, rngs=rngs
+        )
+        self.config = config
+
+    def qkv(self, x, cos, sin):
+        """x [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] with RoPE applied."""
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = Linear(
+            c.hidden_size, c.intermediate_size, bias=False, dtype=dtype, rngs=rngs
+        )
+        self.up_proj = Linear(
+            c.hidden_size, c.intermediate_size, bias=False, dtype=dtype, rngs=rngs
+        )
+        self.down_proj = Linear(
+            c.intermediate_size, c.hidden_size, bias=False, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.attn = Attention(config, dtype, rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.embed = nnx.Param(
+            jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size), dtype) * 0.02
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)]
+        )
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def logits(self, hidden):
+        hidden = self.final_norm(hidden)
+        if self.lm_head is None:
+            return jnp.einsum("...h,vh->...v", hidden, self.embed[...])
+        return self.lm_head(hidden)
+
+    def __call__(self, input_ids, attention: AttentionSpec = AttentionSpec()):
+        """input_ids [B, T] -> logits [B, T, V] (float32). Whole-sequence forward (tests, short)."""
+        attention.check(self.config)
+        seq_len = input_ids.shape[1]
+        cos, sin = rope_tables(self.config, jnp.arange(seq_len), seq_len)
+        x = self.embed[...][input_ids]
+        for layer_id, layer in enumerate(self.layers):
+            h = layer.input_norm(x)
+            q, k, v = layer.attn.qkv(h, cos, sin)
+            o = sparse_attention(
+                q,
+                k,
+                v,
+                attention.layer(layer_id, self.config.num_heads),
+                implementation=attention.implementation,
+            )
+            x = x + layer.attn.o_proj(o.reshape(*o.shape[:2], -1))
+            x = x + layer.mlp(layer.post_attn_norm(x))
+        return self.logits(x).astype(jnp.float32)

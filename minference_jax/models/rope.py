@@ -1,0 +1,67 @@
+"""Rotary position embeddings with the scalings HF checkpoints use (f32 angle arithmetic)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minference_jax.models.config import ModelConfig, longrope_attention_factor
+
+
+def inverse_frequencies(config: ModelConfig, seq_len: int) -> tuple[np.ndarray, float]:
+    """(inv_freq [head_dim/2] float64, cos/sin scale) for a prompt of `seq_len` tokens.
+
+    `seq_len` matters for "dynamic" (NTK base grows past the original context) and "longrope"
+    (long factors past the original context), as in transformers.
+    """
+    rope, dim = config.rope, config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
+    base = rope.theta
+    scale = 1.0
+    if rope.rope_type == "dynamic":
+        original = rope.original_max_position_embeddings or config.max_position_embeddings
+        if seq_len > original:
+            base = base * ((rope.factor * seq_len / original) - (rope.factor - 1)) ** (
+                dim / (dim - 2)
+            )
+    inv_freq = 1.0 / base**exponents
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        original = rope.original_max_position_embeddings
+        low_wavelen = original / rope.low_freq_factor
+        high_wavelen = original / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (original / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif rope.rope_type == "longrope":
+        use_long = seq_len > (rope.original_max_position_embeddings or 0)
+        factors = np.asarray(rope.long_factor if use_long else rope.short_factor, np.float64)
+        inv_freq = 1.0 / (factors * rope.theta**exponents)
+        scale = longrope_attention_factor(rope)
+    return inv_freq, scale
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array, seq_len: int):
+    """cos, sin [T, head_dim] in f32 for integer positions [T] (exact up to 2^24 positions)."""
+    inv_freq, scale = inverse_frequencies(config, seq_len)
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D] rotated (HF rotate-half convention); math in f32, result in x.dtype."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
