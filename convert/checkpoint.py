@@ -55,8 +55,7 @@ def weight_files(folder: str | os.PathLike) -> list[pathlib.Path]:
         if missing:
             raise CheckpointError(f"missing shard(s) listed in {index.name}: {', '.join(missing)}")
         return [folder / s for s in shards]
-    files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if f.name != "params.safetensors"]
+    files = sorted(folder.glob("model*.safetensors"))  # model.safetensors or model-0000k-of-n
     if files:
         return files
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -85,7 +84,10 @@ def expected_shapes(config: ModelConfig, dtype=jnp.float32) -> dict[str, tuple[i
 def flat_params(model: CausalLM) -> dict[str, jax.Array]:
     """Parameter path ("layers.0.attn.q_proj.kernel") -> array."""
     state = nnx.state(model, nnx.Param)
-    return {".".join(str(k) for k in path): leaf.value for path, leaf in nnx.to_flat_state(state)}
+    return {
+        ".".join(str(k) for k in path): leaf.get_raw_value()
+        for path, leaf in nnx.to_flat_state(state)
+    }
 
 
 def read_hf_params(

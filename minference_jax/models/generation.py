@@ -98,7 +98,10 @@ def prefill(
     cache = [] if return_cache else None
     for layer_id, layer in enumerate(model.layers):
         x, k, v = _layer_step(
-            layer, x, cos, sin,
+            layer,
+            x,
+            cos,
+            sin,
             patterns=attention.layer(layer_id, config.num_heads),
             implementation=attention.implementation,
             chunk=chunk_size,
