@@ -204,7 +204,7 @@ def is_converted(folder) -> bool:
 
 
 def load_model(folder, dtype=None, *, progress: bool = False) -> tuple[CausalLM, ModelConfig]:
-    """A converted folder, or an HF folder converted on the fly; dtype defaults to the stored one."""
+    """A converted folder, or an HF folder converted on the fly (dtype default: as stored)."""
     folder = pathlib.Path(folder)
     if not is_converted(folder):
         return load_hf(folder, dtype or jnp.float32, progress=progress)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from minference_jax.attention import sparse_attention
-from minference_jax.models.modeling import AttentionSpec, CausalLM
+from minference_jax.models.modeling import DENSE_ATTENTION, AttentionSpec, CausalLM
 from minference_jax.models.rope import apply_rope, rope_tables
 
 
@@ -75,7 +75,7 @@ def _last_logits(model, x):
 def prefill(
     model: CausalLM,
     input_ids,
-    attention: AttentionSpec = AttentionSpec(),
+    attention: AttentionSpec = DENSE_ATTENTION,
     *,
     chunk_size: int = 8192,
     return_cache: bool = False,
@@ -144,7 +144,7 @@ def generate(
     model: CausalLM,
     input_ids,
     max_new_tokens: int,
-    attention: AttentionSpec = AttentionSpec(),
+    attention: AttentionSpec = DENSE_ATTENTION,
     *,
     chunk_size: int = 8192,
 ) -> tuple[np.ndarray, PrefillResult]:

@@ -36,6 +36,9 @@ class AttentionSpec:
             self.patterns.check_model(config.num_layers, config.num_heads)
 
 
+DENSE_ATTENTION = AttentionSpec()
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out] (HF stores [out, in])."""
 
@@ -136,7 +139,7 @@ class CausalLM(nnx.Module):
             return jnp.einsum("...h,vh->...v", hidden, self.embed[...])
         return self.lm_head(hidden)
 
-    def __call__(self, input_ids, attention: AttentionSpec = AttentionSpec()):
+    def __call__(self, input_ids, attention: AttentionSpec = DENSE_ATTENTION):
         """input_ids [B, T] -> logits [B, T, V] (float32). Whole-sequence forward (tests, short)."""
         attention.check(self.config)
         seq_len = input_ids.shape[1]
