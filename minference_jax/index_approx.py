@@ -7,6 +7,7 @@ computing each pattern family once for the whole layer and selecting per head wi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -75,9 +76,8 @@ def _vertical_slash_scores(q_last, k, *, scale: float):
     return probs.sum(axis=-2), _skew_diagonal_sums(probs)
 
 
-def _top_per_head(scores: jax.Array, budgets: np.ndarray) -> jax.Array:
-    """Top `budgets[h]` indices of scores [B, H, N] per head, ascending, SENTINEL-padded."""
-    k_max = int(budgets.max())
+def _top_per_head(scores: jax.Array, budgets: jax.Array, k_max: int) -> jax.Array:
+    """Top `budgets[h]` (<= k_max) indices of scores [B, H, N] per head, ascending, padded."""
     _, idx = jax.lax.top_k(scores, k_max)  # [B, H, k_max], best first
     in_budget = jnp.arange(k_max)[None, :] < jnp.asarray(budgets)[:, None]  # [H, k_max]
     return jnp.sort(jnp.where(in_budget, idx, SENTINEL), axis=-1).astype(jnp.int32)
@@ -86,14 +86,16 @@ def _top_per_head(scores: jax.Array, budgets: np.ndarray) -> jax.Array:
 def estimate_vertical_slash(
     q: jax.Array,
     k: jax.Array,
-    budgets: Sequence[tuple[int, int]],
+    budgets,
     *,
     scale: float,
     last_q: int = P.LAST_Q,
+    max_budgets: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Estimate verticals and slashes for every query head.
 
-    q [B, N, Hq, D], k [B, N, Hkv, D]; budgets[h] = (n_vertical, n_slash), already clamped.
+    q [B, N, Hq, D], k [B, N, Hkv, D]; budgets [Hq, 2] = (n_vertical, n_slash) per head, may be
+    traced when `max_budgets` (static top-k widths, >= every budget) is given.
     Returns (verticals [B, Hq, max_v] key positions, slashes [B, Hq, max_s] offsets i - j), both
     ascending and SENTINEL-padded. The first 30 columns and the 100 most local offsets always win.
     """
@@ -107,8 +109,13 @@ def estimate_vertical_slash(
     positions = jnp.arange(n)
     columns = jnp.where(positions < P.N_SINK_COLUMNS, jnp.inf, columns)
     diagonals = jnp.where(positions < P.N_LOCAL_SLASHES, jnp.inf, diagonals)
-    budgets = np.minimum(np.asarray(budgets, dtype=np.int64).reshape(-1, 2), n)
-    return _top_per_head(columns, budgets[:, 0]), _top_per_head(diagonals, budgets[:, 1])
+    if max_budgets is None:
+        max_budgets = tuple(int(x) for x in np.asarray(budgets).reshape(-1, 2).max(axis=0))
+    budgets = jnp.minimum(jnp.asarray(budgets, jnp.int32).reshape(-1, 2), n)
+    return (
+        _top_per_head(columns, budgets[:, 0], min(max_budgets[0], n)),
+        _top_per_head(diagonals, budgets[:, 1], min(max_budgets[1], n)),
+    )
 
 
 def _pool_blocks(x: jax.Array, block: int) -> jax.Array:
@@ -124,22 +131,26 @@ def _pool_blocks(x: jax.Array, block: int) -> jax.Array:
 def estimate_block_sparse(
     q: jax.Array,
     k: jax.Array,
-    top_k: Sequence[int],
+    top_k,
     *,
     scale: float,
     block_q: int,
     block_kv: int,
+    max_top_k: int | None = None,
 ) -> jax.Array:
     """Top key blocks per query block from mean-pooled q and k, excluding the diagonal blocks.
 
-    q [B, N, Hq, D], k [B, N, Hkv, D]; top_k[h] counts all tiles incl. the r diagonal blocks.
+    q [B, N, Hq, D], k [B, N, Hkv, D]; top_k [Hq] counts all tiles incl. the r diagonal blocks
+    (may be traced when the static `max_top_k` is given).
     Returns [B, Hq, n_q_blocks, max(top_k) - r] key-block ids (SENTINEL-padded).
     """
     n = q.shape[1]
     ratio = block_q // block_kv
-    extra = np.maximum(np.asarray(top_k, dtype=np.int64) - ratio, 0)
+    if max_top_k is None:
+        max_top_k = int(np.max(top_k))
+    extra = jnp.maximum(jnp.asarray(top_k, jnp.int32) - ratio, 0)
     n_q_blocks = num_blocks(n, block_q)
-    k_max = int(min(extra.max(), n_q_blocks * ratio))
+    k_max = int(min(max(max_top_k - ratio, 0), num_blocks(n, block_kv)))
     if k_max == 0:
         return jnp.full((q.shape[0], q.shape[2], n_q_blocks, 0), SENTINEL, jnp.int32)
     pooled_q = _grouped(_pool_blocks(q, block_q), k.shape[2])  # [B, nqb, Hkv, G, D]
@@ -176,24 +187,95 @@ def estimate_block_sparse(
     return jnp.where(in_budget[None, :, None, :], idx, SENTINEL).astype(jnp.int32)
 
 
-def _diag_bound(pattern: P.Pattern, seq_len: int, n_slots: int, block_kv: int, ratio: int) -> int:
-    """Static upper bound on |D| for one head."""
-    if isinstance(pattern, P.Dense):
-        return n_slots
-    if isinstance(pattern, P.VerticalSlash):
-        _, n_slash = pattern.budgets(seq_len)
-        return min(n_slots, n_slash * (ratio + 1) + ratio)
-    if isinstance(pattern, P.AShape):
-        return min(n_slots, num_blocks(max(min(pattern.n_local, seq_len) - 1, 0), block_kv) + ratio)
-    return min(n_slots, ratio)
+KINDS = {P.Dense: "dense", P.AShape: "ashape", P.VerticalSlash: "vs", P.BlockSparse: "bs"}
 
 
-def _ashape_parts(pattern: P.AShape, seq_len: int, block_kv: int):
-    """(full sink blocks, leftover sink columns, max local offset) of an A-shape head."""
-    n_init = min(pattern.n_init, seq_len)
-    full_blocks = n_init // block_kv
-    columns = np.arange(full_blocks * block_kv, n_init)
-    return full_blocks, columns, min(pattern.n_local, seq_len)
+def _round_up_pow2(x: int, floor: int = 1) -> int:
+    """0 stays 0; else the next power of two >= max(x, floor). Buckets static widths so layers
+    whose budgets differ share one compiled program."""
+    return 0 if x <= 0 else 1 << (max(x, floor) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexPlan:
+    """Static part of one layer's index construction: pattern kinds and bucketed buffer widths.
+
+    Budgets themselves are traced arrays (`plan_index`), so layers that differ only in budgets
+    (e.g. every layer of a searched Llama config) compile once.
+    """
+
+    kinds: tuple[str, ...]  # per query head: "dense" | "ashape" | "vs" | "bs"
+    seq_len: int
+    block_q: int
+    block_kv: int
+    last_q: int
+    max_vertical: int
+    max_slash: int
+    max_top_k: int
+    max_sink_blocks: int
+    max_sink_columns: int
+    max_diag: int
+
+
+def plan_index(
+    patterns: P.Pattern | Sequence[P.Pattern],
+    seq_len: int,
+    num_heads: int,
+    *,
+    block_q: int = 64,
+    block_kv: int = 64,
+    last_q: int = P.LAST_Q,
+) -> tuple[IndexPlan, dict[str, np.ndarray]]:
+    """Split a layer's patterns into a static IndexPlan and per-head int32 budget arrays."""
+    check_block_sizes(block_q, block_kv)
+    patterns = P.normalize_layer_patterns(patterns, num_heads)
+    ratio = block_q // block_kv
+    n_slots = num_blocks(seq_len, block_q) * ratio
+    fields = ("n_vertical", "n_slash", "top_k", "last_diag", "sink_blocks", "sink_lo", "sink_hi")
+    budgets = {name: np.zeros(num_heads, np.int32) for name in fields}
+    budgets["last_diag"][:] = ratio - 1  # the causal diagonal blocks only
+    for h, p in enumerate(patterns):
+        if isinstance(p, P.Dense):
+            budgets["last_diag"][h] = n_slots - 1
+        elif isinstance(p, P.VerticalSlash):
+            budgets["n_vertical"][h], budgets["n_slash"][h] = p.budgets(seq_len)
+        elif isinstance(p, P.BlockSparse):
+            if p.block_size != block_kv:
+                raise ValueError(
+                    f"head {h}: BlockSparse.block_size={p.block_size} "
+                    f"must equal block_kv={block_kv}"
+                )
+            budgets["top_k"][h] = p.top_k
+        else:  # A-shape: sinks as full key blocks + leftover columns, window as diagonals
+            n_init, n_local = min(p.n_init, seq_len), min(p.n_local, seq_len)
+            budgets["sink_blocks"][h] = n_init // block_kv
+            budgets["sink_lo"][h], budgets["sink_hi"][h] = n_init // block_kv * block_kv, n_init
+            budgets["last_diag"][h] = num_blocks(max(n_local - 1, 0), block_kv) + ratio - 1
+    kinds = tuple(KINDS[type(p)] for p in patterns)
+    max_slash = min(_round_up_pow2(int(budgets["n_slash"].max()), 64), seq_len)
+    diag_bounds = [ratio]
+    if "dense" in kinds:
+        diag_bounds.append(n_slots)
+    if "vs" in kinds:
+        diag_bounds.append(max_slash * (ratio + 1) + ratio)
+    if "ashape" in kinds:
+        diag_bounds.append(
+            _round_up_pow2(int(budgets["last_diag"][np.array(kinds) == "ashape"].max()) + 1)
+        )
+    plan = IndexPlan(
+        kinds=kinds,
+        seq_len=seq_len,
+        block_q=block_q,
+        block_kv=block_kv,
+        last_q=last_q,
+        max_vertical=min(_round_up_pow2(int(budgets["n_vertical"].max()), 64), seq_len),
+        max_slash=max_slash,
+        max_top_k=_round_up_pow2(int(budgets["top_k"].max()), 64),
+        max_sink_blocks=_round_up_pow2(int(budgets["sink_blocks"].max())),
+        max_sink_columns=_round_up_pow2(int((budgets["sink_hi"] - budgets["sink_lo"]).max())),
+        max_diag=min(n_slots, max(diag_bounds)),
+    )
+    return plan, budgets
 
 
 def build_sparse_index(
@@ -208,91 +290,82 @@ def build_sparse_index(
 ) -> SparseIndex:
     """Estimate the SparseIndex of one layer. q [B, N, Hq, D], k [B, N, Hkv, D]; jitted.
 
-    `patterns`: one pattern for all heads or one per query head (static). Block-sparse heads
-    need `block_size == block_kv`.
+    `patterns`: one pattern for all heads or one per query head. Block-sparse heads need
+    `block_size == block_kv`.
     """
-    check_block_sizes(block_q, block_kv)
-    patterns = P.normalize_layer_patterns(patterns, q.shape[2])
-    for h, p in enumerate(patterns):
-        if isinstance(p, P.BlockSparse) and p.block_size != block_kv:
-            raise ValueError(
-                f"head {h}: BlockSparse.block_size={p.block_size} must equal block_kv={block_kv}"
-            )
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return _build_sparse_index(
-        q, k, patterns, scale=scale, block_q=block_q, block_kv=block_kv, last_q=last_q
+    plan, budgets = plan_index(
+        patterns, q.shape[1], q.shape[2], block_q=block_q, block_kv=block_kv, last_q=last_q
     )
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return build_planned_index(q, k, budgets, plan=plan, scale=scale)
 
 
-@functools.partial(jax.jit, static_argnames=("patterns", "scale", "block_q", "block_kv", "last_q"))
-def _build_sparse_index(q, k, patterns, *, scale, block_q, block_kv, last_q) -> SparseIndex:
+@functools.partial(jax.jit, static_argnames=("plan", "scale"))
+def build_planned_index(q, k, budgets, *, plan: IndexPlan, scale: float) -> SparseIndex:
+    """The index of one layer from a static plan and traced per-head budgets (see plan_index)."""
     batch, n, num_heads, _ = q.shape
+    if (n, num_heads) != (plan.seq_len, len(plan.kinds)):
+        raise ValueError(f"plan is for seq {plan.seq_len} x {len(plan.kinds)} heads, got {q.shape}")
+    block_q, block_kv = plan.block_q, plan.block_kv
     ratio = block_q // block_kv
     n_q_blocks = num_blocks(n, block_q)
     n_slots = n_q_blocks * ratio
+    kinds = np.array(plan.kinds)
+    budgets = {name: jnp.asarray(value, jnp.int32) for name, value in budgets.items()}
 
-    def heads_of(kind):
-        return np.array([isinstance(p, kind) for p in patterns])
+    def per_head(mask, ndim):  # static [H] bool -> broadcastable over [B, H, ...]
+        return jnp.asarray(mask).reshape((1, num_heads) + (1,) * (ndim - 2))
 
-    is_vs, is_bs = heads_of(P.VerticalSlash), heads_of(P.BlockSparse)
-
-    # --- D (diagonal set) per head: static for dense / A-shape / block-sparse heads ------------
-    last_diag = np.full(num_heads, ratio - 1)  # the diagonal blocks only
-    for h, p in enumerate(patterns):
-        if isinstance(p, P.Dense):
-            last_diag[h] = n_slots - 1
-        elif isinstance(p, P.AShape):
-            n_local = _ashape_parts(p, n, block_kv)[2]
-            last_diag[h] = num_blocks(max(n_local - 1, 0), block_kv) + ratio - 1
-    static_mask = np.arange(n_slots)[None, :] <= last_diag[:, None]
-    diag_mask = jnp.broadcast_to(jnp.asarray(static_mask), (batch, num_heads, n_slots))
-
-    columns = jnp.full((batch, num_heads, 0), SENTINEL, jnp.int32)
-    if is_vs.any():
-        budgets = [p.budgets(n) if isinstance(p, P.VerticalSlash) else (1, 1) for p in patterns]
-        verticals, slashes = estimate_vertical_slash(q, k, budgets, scale=scale, last_q=last_q)
-        vs_mask = diag_mask_from_slashes(slashes, n_slots, block_kv, ratio)
-        diag_mask = jnp.where(jnp.asarray(is_vs)[None, :, None], vs_mask, diag_mask)
-        columns = jnp.where(jnp.asarray(is_vs)[None, :, None], verticals, SENTINEL)
-
-    # --- listed blocks (block-sparse top-k, A-shape sink blocks) and sink columns ---------------
-    parts = [
-        _ashape_parts(p, n, block_kv) if isinstance(p, P.AShape) else (0, np.zeros(0), 0)
-        for p in patterns
-    ]
-    sink_width = max(full for full, _, _ in parts)
-    sink_blocks = np.full((num_heads, sink_width), SENTINEL, np.int64)
-    sink_col_width = max(len(cols) for _, cols, _ in parts)
-    sink_columns = np.full((num_heads, sink_col_width), SENTINEL, np.int64)
-    for h, (full, cols, _) in enumerate(parts):
-        sink_blocks[h, :full] = np.arange(full)
-        sink_columns[h, : len(cols)] = cols
-    candidates = jnp.broadcast_to(
-        jnp.asarray(sink_blocks, jnp.int32)[None, :, None, :],
-        (batch, num_heads, n_q_blocks, sink_width),
+    # --- D (diagonal set): dense / A-shape / block-sparse from budgets, VS estimated ---------
+    diag_mask = jnp.broadcast_to(
+        jnp.arange(n_slots)[None, :] <= budgets["last_diag"][:, None], (batch, num_heads, n_slots)
     )
-    if is_bs.any():
-        top_k = [p.top_k if isinstance(p, P.BlockSparse) else 0 for p in patterns]
-        chosen = estimate_block_sparse(q, k, top_k, scale=scale, block_q=block_q, block_kv=block_kv)
-        width = max(sink_width, chosen.shape[-1])
+    columns = jnp.full((batch, num_heads, 0), SENTINEL, jnp.int32)
+    if "vs" in plan.kinds:
+        verticals, slashes = estimate_vertical_slash(
+            q,
+            k,
+            jnp.stack([budgets["n_vertical"], budgets["n_slash"]], axis=-1),
+            scale=scale,
+            last_q=plan.last_q,
+            max_budgets=(plan.max_vertical, plan.max_slash),
+        )
+        vs_mask = diag_mask_from_slashes(slashes, n_slots, block_kv, ratio)
+        diag_mask = jnp.where(per_head(kinds == "vs", 3), vs_mask, diag_mask)
+        columns = jnp.where(per_head(kinds == "vs", 3), verticals, SENTINEL)
+
+    # --- listed blocks (A-shape sink blocks, block-sparse top-k) and sink columns -------------
+    lanes = jnp.arange(plan.max_sink_blocks, dtype=jnp.int32)
+    sinks = jnp.where(lanes[None, :] < budgets["sink_blocks"][:, None], lanes[None, :], SENTINEL)
+    candidates = jnp.broadcast_to(
+        sinks[None, :, None, :], (batch, num_heads, n_q_blocks, plan.max_sink_blocks)
+    )
+    if "bs" in plan.kinds:
+        chosen = estimate_block_sparse(
+            q,
+            k,
+            budgets["top_k"],
+            scale=scale,
+            block_q=block_q,
+            block_kv=block_kv,
+            max_top_k=plan.max_top_k,
+        )
+        width = max(candidates.shape[-1], chosen.shape[-1])
         pad = lambda x: jnp.pad(  # noqa: E731
             x, ((0, 0), (0, 0), (0, 0), (0, width - x.shape[-1])), constant_values=SENTINEL
         )
-        candidates = jnp.where(
-            jnp.asarray(is_bs)[None, :, None, None], pad(chosen), pad(candidates)
-        )
-    if sink_col_width:
-        sink_columns = jnp.broadcast_to(
-            jnp.asarray(sink_columns, jnp.int32)[None], (batch, num_heads, sink_col_width)
-        )
+        candidates = jnp.where(per_head(kinds == "bs", 4), pad(chosen), pad(candidates))
+    if plan.max_sink_columns:
+        offsets = budgets["sink_lo"][:, None] + jnp.arange(plan.max_sink_columns, dtype=jnp.int32)
+        sink_columns = jnp.where(offsets < budgets["sink_hi"][:, None], offsets, SENTINEL)
+        sink_columns = jnp.broadcast_to(sink_columns[None], (batch, *sink_columns.shape))
         columns = jnp.sort(jnp.concatenate([columns, sink_columns], axis=-1), axis=-1)
 
-    max_diag = max(_diag_bound(p, n, n_slots, block_kv, ratio) for p in patterns)
     return finalize_index(
         diag_mask,
         candidates,
         columns,
-        max_diag=max_diag,
+        max_diag=plan.max_diag,
         seq_len=n,
         block_q=block_q,
         block_kv=block_kv,

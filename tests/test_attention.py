@@ -192,7 +192,7 @@ def test_density_guard_runs_dense_only_for_dense_indices(n_local, dense_expected
     q, k, v = _qkv(2, 1, 512, 2, 1, 16, jnp.float32)
     index = build_sparse_index(q, k, P.AShape(16, n_local), block_q=32, block_kv=32)
     assert (float(index.computed_fraction()) > DENSE_FALLBACK_FRACTION) == dense_expected
-    out = _sparse_or_dense(q, k, v, index, scale=16**-0.5)
+    out = _sparse_or_dense(q, k, v, index, 16**-0.5, interpret=True)
     dense = masked_attention_f64(q, k, v, np.tril(np.ones((512, 512), bool)))
     sparse = masked_attention_f64(q, k, v, np.asarray(dense_mask_from_index(index)))
     assert rel_err(sparse, dense) > 1e-3  # the two answers differ, so the branch is observable

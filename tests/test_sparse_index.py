@@ -216,3 +216,17 @@ def test_block_sparse_block_size_must_match():
         build_sparse_index(q, q, P.BlockSparse(2, block_size=32))
     with pytest.raises(ValueError, match="multiple of block_kv"):
         build_sparse_index(q, q, P.Dense(), block_q=48, block_kv=32)
+
+
+def test_layers_differing_only_in_budgets_share_one_plan():
+    """Budgets are traced data: a searched config's layers compile once per bucketed width."""
+    from minference_jax.index_approx import plan_index
+
+    n, heads = 100_000, 4
+    a, budgets_a = plan_index([P.VerticalSlash(1000, 6096), P.VerticalSlash(30, 800)] * 2, n, heads)
+    b, budgets_b = plan_index([P.VerticalSlash(700, 5000), P.VerticalSlash(100, 100)] * 2, n, heads)
+    assert a == b and hash(a) == hash(b)
+    assert list(budgets_a["n_vertical"]) == [1000, 30, 1000, 30]
+    assert list(budgets_b["n_slash"]) == [5000, 100, 5000, 100]
+    c, _ = plan_index(P.VerticalSlash(3500, 100), n, heads)
+    assert c.max_vertical == 4096 and c != a

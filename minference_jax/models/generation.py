@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minference_jax.attention import sparse_attention
+from minference_jax.attention import layer_plan, planned_attention
 from minference_jax.models.modeling import DENSE_ATTENTION, AttentionSpec, CausalLM
 from minference_jax.models.rope import apply_rope, rope_tables
 
@@ -43,8 +43,8 @@ def _chunked(fn, x, chunk: int):
     )
 
 
-@functools.partial(nnx.jit, static_argnames=("patterns", "implementation", "chunk"))
-def _layer_step(layer, x, cos, sin, *, patterns, implementation, chunk):
+@functools.partial(nnx.jit, static_argnames=("plan", "implementation", "chunk"))
+def _layer_step(layer, x, cos, sin, budgets, *, plan, implementation, chunk):
     config = layer.attn.config
     b, t, _ = x.shape
 
@@ -56,7 +56,9 @@ def _layer_step(layer, x, cos, sin, *, patterns, implementation, chunk):
     q = apply_rope(q.reshape(b, t, config.num_heads, config.head_dim), cos, sin)
     k = apply_rope(k.reshape(b, t, config.num_kv_heads, config.head_dim), cos, sin)
     v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
-    o = sparse_attention(q, k, v, patterns, implementation=implementation)
+    o = planned_attention(
+        q, k, v, budgets, plan=plan, scale=config.head_dim**-0.5, implementation=implementation
+    )
     x = x + _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
     x = x + _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
     return x, k, v
@@ -97,12 +99,19 @@ def prefill(
     x = _embed(model, input_ids)
     cache = [] if return_cache else None
     for layer_id, layer in enumerate(model.layers):
+        plan, budgets = layer_plan(
+            attention.layer(layer_id, config.num_heads),
+            seq_len,
+            config.num_heads,
+            attention.implementation,
+        )
         x, k, v = _layer_step(
             layer,
             x,
             cos,
             sin,
-            patterns=attention.layer(layer_id, config.num_heads),
+            budgets,
+            plan=plan,
             implementation=attention.implementation,
             chunk=chunk_size,
         )
