@@ -156,12 +156,15 @@ def generate(
     attention: AttentionSpec = DENSE_ATTENTION,
     *,
     chunk_size: int = 8192,
+    progress=None,
 ) -> tuple[np.ndarray, PrefillResult]:
     """Greedy continuation: sparse (or dense) prefill, then dense decoding over the KV cache.
 
     Returns (new tokens [B, max_new_tokens], the prefill result).
     """
-    result = prefill(model, input_ids, attention, chunk_size=chunk_size, return_cache=True)
+    result = prefill(
+        model, input_ids, attention, chunk_size=chunk_size, return_cache=True, progress=progress
+    )
     seq_len = result.cache[0][0].shape[1]
     total = seq_len + max_new_tokens
     caches = [
