@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+def random_qkv(seed, batch, n, heads, kv_heads, dim, dtype):
+    """Fresh normal q [B, N, Hq, D], k, v [B, N, Hkv, D] in `dtype`."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    shapes = [(batch, n, heads, dim), (batch, n, kv_heads, dim), (batch, n, kv_heads, dim)]
+    return [
+        jax.random.normal(key, shape, jnp.float32).astype(dtype)
+        for key, shape in zip(keys, shapes, strict=True)
+    ]
 
 
 def block_rows_mask(n, block_q, block_kv, *, slashes=(), verticals=(), listed=None):

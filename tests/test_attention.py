@@ -7,18 +7,9 @@ from minference_jax import patterns as P
 from minference_jax.attention import sparse_attention
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.sparse_index import dense_mask_from_index, vertical_slash_index
-from tests.oracles import block_rows_mask, masked_attention_f64, rel_err, rows_mask
+from tests.oracles import block_rows_mask, masked_attention_f64, random_qkv, rel_err, rows_mask
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-
-
-def _qkv(seed, batch, n, heads, kv_heads, dim, dtype):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    shapes = [(batch, n, heads, dim), (batch, n, kv_heads, dim), (batch, n, kv_heads, dim)]
-    return [
-        jax.random.normal(key, shape, jnp.float32).astype(dtype)
-        for key, shape in zip(keys, shapes, strict=True)
-    ]
 
 
 MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
@@ -37,7 +28,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("batch, n, heads, kv_heads, patterns", CASES)
 def test_xla_path_matches_masked_reference(dtype, batch, n, heads, kv_heads, patterns):
-    q, k, v = _qkv(n + heads, batch, n, heads, kv_heads, 32, dtype)
+    q, k, v = random_qkv(n + heads, batch, n, heads, kv_heads, 32, dtype)
     index = build_sparse_index(q, k, patterns)
     ref = sparse_attention(q, k, v, patterns, index=index, implementation="reference")
     out = sparse_attention(q, k, v, patterns, index=index, implementation="xla")
@@ -57,7 +48,7 @@ def test_given_vertical_slash_index_against_brute_force_attention(block_q, block
     rng = np.random.default_rng(n + block_q)
     verticals = rng.choice(n, size=(batch, heads, 20))
     slashes = rng.choice(n, size=(batch, heads, 7))
-    q, k, v = _qkv(n, batch, n, heads, kv_heads, 16, jnp.float32)
+    q, k, v = random_qkv(n, batch, n, heads, kv_heads, 16, jnp.float32)
     index = vertical_slash_index(
         jnp.asarray(verticals, jnp.int32),
         jnp.asarray(slashes, jnp.int32),
@@ -93,7 +84,7 @@ def test_given_vertical_slash_index_against_brute_force_attention(block_q, block
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("heads, kv_heads, n", [(4, 4, 97), (8, 2, 300)])
 def test_dense_pattern_equals_dot_product_attention(dtype, heads, kv_heads, n):
-    q, k, v = _qkv(heads * n, 2, n, heads, kv_heads, 64, dtype)
+    q, k, v = random_qkv(heads * n, 2, n, heads, kv_heads, 64, dtype)
     expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     for implementation in (None, "xla", "reference"):
         out = sparse_attention(q, k, v, P.Dense(), implementation=implementation)
@@ -107,14 +98,14 @@ def test_dense_pattern_equals_dot_product_attention(dtype, heads, kv_heads, n):
 
 def test_sparse_differs_from_dense_when_it_should():
     """A test that cannot fail is a defect: a narrow pattern must change the output."""
-    q, k, v = _qkv(0, 1, 500, 2, 2, 32, jnp.float32)
+    q, k, v = random_qkv(0, 1, 500, 2, 2, 32, jnp.float32)
     dense = sparse_attention(q, k, v, P.Dense(), implementation="xla")
     sparse = sparse_attention(q, k, v, P.AShape(4, 64), implementation="xla")
     assert rel_err(sparse, dense) > 1e-2
 
 
 def test_softmax_scale_is_honoured():
-    q, k, v = _qkv(1, 1, 100, 2, 2, 16, jnp.float32)
+    q, k, v = random_qkv(1, 1, 100, 2, 2, 16, jnp.float32)
     out = sparse_attention(
         q, k, v, P.VerticalSlash(30, 50), softmax_scale=0.1, implementation="xla"
     )
@@ -177,9 +168,9 @@ def test_other_bad_arguments():
 def test_estimated_index_is_jittable_without_recompiling_for_new_data():
     pattern = (P.VerticalSlash(30, 60), P.BlockSparse(2))
     fn = jax.jit(lambda q, k, v: sparse_attention(q, k, v, pattern))
-    q, k, v = _qkv(5, 1, 130, 2, 1, 16, jnp.float32)
+    q, k, v = random_qkv(5, 1, 130, 2, 1, 16, jnp.float32)
     fn(q, k, v)
-    q2, k2, v2 = _qkv(6, 1, 130, 2, 1, 16, jnp.float32)
+    q2, k2, v2 = random_qkv(6, 1, 130, 2, 1, 16, jnp.float32)
     out = fn(q2, k2, v2)
     assert fn._cache_size() == 1
     assert not np.isnan(np.asarray(out)).any()
@@ -189,7 +180,7 @@ def test_estimated_index_is_jittable_without_recompiling_for_new_data():
 def test_density_guard_runs_dense_only_for_dense_indices(n_local, dense_expected):
     from minference_jax.attention import DENSE_FALLBACK_FRACTION, _sparse_or_dense
 
-    q, k, v = _qkv(2, 1, 512, 2, 1, 16, jnp.float32)
+    q, k, v = random_qkv(2, 1, 512, 2, 1, 16, jnp.float32)
     index = build_sparse_index(q, k, P.AShape(16, n_local), block_q=32, block_kv=32)
     assert (float(index.computed_fraction()) > DENSE_FALLBACK_FRACTION) == dense_expected
     out = _sparse_or_dense(q, k, v, index, 16**-0.5, interpret=True)
@@ -201,7 +192,7 @@ def test_density_guard_runs_dense_only_for_dense_indices(n_local, dense_expected
 
 @pytest.mark.gpu
 def test_auto_dispatch_on_gpu_long_prompt():
-    q, k, v = _qkv(3, 1, 40000, 4, 2, 64, jnp.bfloat16)
+    q, k, v = random_qkv(3, 1, 40000, 4, 2, 64, jnp.bfloat16)
     out = sparse_attention(q, k, v, P.AShape(64, 1024))
     ref = sparse_attention(q, k, v, P.AShape(64, 1024), implementation="xla")
     assert rel_err(out, ref) < 1e-2

@@ -1,6 +1,5 @@
 """The Pallas kernel against the masked-dense reference: CPU interpret mode in CI, GPU marked."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,19 +9,10 @@ from minference_jax.index_approx import build_sparse_index
 from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
 from minference_jax.sparse_index import vertical_slash_index
 from pallas_kernels.sparse_flash import sparse_flash_attention
-from tests.oracles import rel_err
+from tests.oracles import random_qkv, rel_err
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
-
-
-def _qkv(seed, batch, n, heads, kv_heads, dim, dtype):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    shapes = [(batch, n, heads, dim), (batch, n, kv_heads, dim), (batch, n, kv_heads, dim)]
-    return [
-        jax.random.normal(key, s, jnp.float32).astype(dtype)
-        for key, s in zip(keys, shapes, strict=True)
-    ]
 
 
 def _check(q, k, v, index, dtype, interpret):
@@ -78,13 +68,13 @@ INTERPRET_PARAMS = [
 def test_kernel_interpret_matches_reference(
     dtype, batch, n, heads, kv_heads, dim, patterns, block_q, block_kv
 ):
-    q, k, v = _qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
+    q, k, v = random_qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
     index = build_sparse_index(q, k, patterns, block_q=block_q, block_kv=block_kv)
     _check(q, k, v, index, dtype, interpret=True)
 
 
 def test_kernel_rejects_bad_inputs():
-    q, k, v = _qkv(0, 1, 64, 2, 1, 16, jnp.float32)
+    q, k, v = random_qkv(0, 1, 64, 2, 1, 16, jnp.float32)
     index = build_sparse_index(q, k, P.Dense())
     with pytest.raises(TypeError, match="share a dtype"):
         sparse_flash_attention(q, k.astype(jnp.bfloat16), v, index, interpret=True)
@@ -111,7 +101,7 @@ GPU_CASES = [
 def test_kernel_gpu_matches_reference(
     dtype, batch, n, heads, kv_heads, dim, patterns, block_q, block_kv
 ):
-    q, k, v = _qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
+    q, k, v = random_qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
     index = build_sparse_index(q, k, patterns, block_q=block_q, block_kv=block_kv)
     _check(q, k, v, index, dtype, interpret=False)
 
@@ -120,7 +110,7 @@ def test_kernel_gpu_matches_reference(
 def test_kernel_gpu_one_million_tokens_32_heads():
     """64-bit addressing: 1M tokens x 32 heads x 128 in one launch; spot-checked query blocks."""
     n, heads, kv_heads = 1 << 20, 32, 8
-    q, k, v = _qkv(1, 1, n, heads, kv_heads, 128, jnp.bfloat16)
+    q, k, v = random_qkv(1, 1, n, heads, kv_heads, 128, jnp.bfloat16)
     rng = np.random.default_rng(0)
     verticals = np.concatenate(
         [np.broadcast_to(np.arange(30), (1, heads, 30)), rng.integers(30, n, (1, heads, 970))],
