@@ -3,6 +3,8 @@
 Everything is vectorised over batch and all heads of a layer: no Python loop over heads, no
 host round trip. Heads with different patterns (and budgets) in one layer are handled by
 computing each pattern family once for the whole layer and selecting per head with static masks.
+Budgets are traced data (`plan_index` splits a layer into a static `IndexPlan` of bucketed
+buffer widths and per-head budget arrays), so layers differing only in budgets share a program.
 """
 
 from __future__ import annotations
