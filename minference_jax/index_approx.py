@@ -2,7 +2,7 @@
 
 Everything is vectorised over batch and all heads of a layer: no Python loop over heads, no
 host round trip. Heads with different patterns (and budgets) in one layer are handled by
-computing each pattern family once for the whole layer and selecting per head with static masks.
+computing each pattern family present once for the whole layer and selecting per head with masks.
 Budgets are traced data (`plan_index` splits a layer into a static `IndexPlan` of bucketed
 buffer widths and per-head budget arrays), so layers differing only in budgets share a program.
 """
@@ -200,13 +200,15 @@ def _round_up_pow2(x: int, floor: int = 1) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class IndexPlan:
-    """Static part of one layer's index construction: pattern kinds and bucketed buffer widths.
+    """Static part of one layer's index construction: pattern families and bucketed widths.
 
-    Budgets themselves are traced arrays (`plan_index`), so layers that differ only in budgets
-    (e.g. every layer of a searched Llama config) compile once.
+    Which head has which pattern, and its budgets, are traced arrays (`plan_index`), so layers
+    that differ only in those (e.g. every layer of a searched Llama config) compile once, and
+    devices holding different heads run one program under `shard_map`.
     """
 
-    kinds: tuple[str, ...]  # per query head: "dense" | "ashape" | "vs" | "bs"
+    families: tuple[str, ...]  # sorted subset of "ashape", "bs", "dense", "vs" present
+    num_heads: int
     seq_len: int
     block_q: int
     block_kv: int
@@ -233,13 +235,24 @@ def plan_index(
     patterns = P.normalize_layer_patterns(patterns, num_heads)
     ratio = block_q // block_kv
     n_slots = num_blocks(seq_len, block_q) * ratio
-    fields = ("n_vertical", "n_slash", "top_k", "last_diag", "sink_blocks", "sink_lo", "sink_hi")
+    fields = (
+        "is_vs",
+        "is_bs",
+        "n_vertical",
+        "n_slash",
+        "top_k",
+        "last_diag",
+        "sink_blocks",
+        "sink_lo",
+        "sink_hi",
+    )
     budgets = {name: np.zeros(num_heads, np.int32) for name in fields}
     budgets["last_diag"][:] = ratio - 1  # the causal diagonal blocks only
     for h, p in enumerate(patterns):
         if isinstance(p, P.Dense):
             budgets["last_diag"][h] = n_slots - 1
         elif isinstance(p, P.VerticalSlash):
+            budgets["is_vs"][h] = 1
             budgets["n_vertical"][h], budgets["n_slash"][h] = p.budgets(seq_len)
         elif isinstance(p, P.BlockSparse):
             if p.block_size != block_kv:
@@ -247,6 +260,7 @@ def plan_index(
                     f"head {h}: BlockSparse.block_size={p.block_size} "
                     f"must equal block_kv={block_kv}"
                 )
+            budgets["is_bs"][h] = 1
             budgets["top_k"][h] = p.top_k
         else:  # A-shape: sinks as full key blocks + leftover columns, window as diagonals
             n_init, n_local = min(p.n_init, seq_len), min(p.n_local, seq_len)
@@ -265,7 +279,8 @@ def plan_index(
             _round_up_pow2(int(budgets["last_diag"][np.array(kinds) == "ashape"].max()) + 1)
         )
     plan = IndexPlan(
-        kinds=kinds,
+        families=tuple(sorted(set(kinds))),
+        num_heads=num_heads,
         seq_len=seq_len,
         block_q=block_q,
         block_kv=block_kv,
@@ -306,24 +321,23 @@ def build_sparse_index(
 def build_planned_index(q, k, budgets, *, plan: IndexPlan, scale: float) -> SparseIndex:
     """The index of one layer from a static plan and traced per-head budgets (see plan_index)."""
     batch, n, num_heads, _ = q.shape
-    if (n, num_heads) != (plan.seq_len, len(plan.kinds)):
-        raise ValueError(f"plan is for seq {plan.seq_len} x {len(plan.kinds)} heads, got {q.shape}")
+    if (n, num_heads) != (plan.seq_len, plan.num_heads):
+        raise ValueError(f"plan is for seq {plan.seq_len} x {plan.num_heads} heads, got {q.shape}")
     block_q, block_kv = plan.block_q, plan.block_kv
     ratio = block_q // block_kv
     n_q_blocks = num_blocks(n, block_q)
     n_slots = n_q_blocks * ratio
-    kinds = np.array(plan.kinds)
     budgets = {name: jnp.asarray(value, jnp.int32) for name, value in budgets.items()}
 
-    def per_head(mask, ndim):  # static [H] bool -> broadcastable over [B, H, ...]
-        return jnp.asarray(mask).reshape((1, num_heads) + (1,) * (ndim - 2))
+    def per_head(flag, ndim):  # traced [H] 0/1 -> bool broadcastable over [B, H, ...]
+        return (budgets[flag] != 0).reshape((1, num_heads) + (1,) * (ndim - 2))
 
     # --- D (diagonal set): dense / A-shape / block-sparse from budgets, VS estimated ---------
     diag_mask = jnp.broadcast_to(
         jnp.arange(n_slots)[None, :] <= budgets["last_diag"][:, None], (batch, num_heads, n_slots)
     )
     columns = jnp.full((batch, num_heads, 0), SENTINEL, jnp.int32)
-    if "vs" in plan.kinds:
+    if "vs" in plan.families:
         verticals, slashes = estimate_vertical_slash(
             q,
             k,
@@ -333,8 +347,8 @@ def build_planned_index(q, k, budgets, *, plan: IndexPlan, scale: float) -> Spar
             max_budgets=(plan.max_vertical, plan.max_slash),
         )
         vs_mask = diag_mask_from_slashes(slashes, n_slots, block_kv, ratio)
-        diag_mask = jnp.where(per_head(kinds == "vs", 3), vs_mask, diag_mask)
-        columns = jnp.where(per_head(kinds == "vs", 3), verticals, SENTINEL)
+        diag_mask = jnp.where(per_head("is_vs", 3), vs_mask, diag_mask)
+        columns = jnp.where(per_head("is_vs", 3), verticals, SENTINEL)
 
     # --- listed blocks (A-shape sink blocks, block-sparse top-k) and sink columns -------------
     lanes = jnp.arange(plan.max_sink_blocks, dtype=jnp.int32)
@@ -342,7 +356,7 @@ def build_planned_index(q, k, budgets, *, plan: IndexPlan, scale: float) -> Spar
     candidates = jnp.broadcast_to(
         sinks[None, :, None, :], (batch, num_heads, n_q_blocks, plan.max_sink_blocks)
     )
-    if "bs" in plan.kinds:
+    if "bs" in plan.families:
         chosen = estimate_block_sparse(
             q,
             k,
@@ -356,7 +370,7 @@ def build_planned_index(q, k, budgets, *, plan: IndexPlan, scale: float) -> Spar
         pad = lambda x: jnp.pad(  # noqa: E731
             x, ((0, 0), (0, 0), (0, 0), (0, width - x.shape[-1])), constant_values=SENTINEL
         )
-        candidates = jnp.where(per_head(kinds == "bs", 4), pad(chosen), pad(candidates))
+        candidates = jnp.where(per_head("is_bs", 4), pad(chosen), pad(candidates))
     if plan.max_sink_columns:
         offsets = budgets["sink_lo"][:, None] + jnp.arange(plan.max_sink_columns, dtype=jnp.int32)
         sink_columns = jnp.where(offsets < budgets["sink_hi"][:, None], offsets, SENTINEL)
