@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--chunk-size", type=int, default=8192)
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split heads and MLP over N local devices (0: all of them)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument(
         "--allow-long",
@@ -167,8 +174,17 @@ def run(args) -> dict:
             print(f"  layer {layer + 1}/{total}  {seconds:7.2f} s", file=sys.stderr, flush=True)
 
     spec = AttentionSpec(table)
+    mesh = None
+    if args.tensor_parallel != 1:
+        from minference_jax.models.sharding import check_divisible, make_mesh
+
+        try:
+            mesh = make_mesh(args.tensor_parallel or None)
+            check_divisible(config, mesh.size)
+        except ValueError as err:
+            raise CliError(str(err)) from err
     if args.warmup:
-        prefill(model, ids[None], spec, chunk_size=args.chunk_size)
+        prefill(model, ids[None], spec, chunk_size=args.chunk_size, mesh=mesh)
     new_tokens, result = generate(
         model,
         ids[None],
@@ -176,6 +192,7 @@ def run(args) -> dict:
         spec,
         chunk_size=args.chunk_size,
         progress=progress,
+        mesh=mesh,
     )
     stats = jax.devices()[0].memory_stats() or {}
     tokens = [int(t) for t in np.asarray(new_tokens)[0]]
@@ -183,6 +200,7 @@ def run(args) -> dict:
         "model": model_name,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
         "mode": args.mode,
+        "devices": 1 if mesh is None else mesh.size,
         "patterns": pattern_name,
         "prompt_tokens": len(ids),
         "prefill_seconds": round(result.seconds, 4),

@@ -104,3 +104,8 @@ def test_cli_process_exit_codes_and_no_traceback():
             env={"JAX_PLATFORMS": "cpu", "PATH": ""},
         )
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip()
+
+
+def test_tensor_parallel_flag_reports_clear_error_on_one_device(capsys):
+    assert main(["--tensor-parallel", "2", "--quiet", "--max-new-tokens", "1"]) == 2
+    assert "asked for 2 devices, 1 are visible" in capsys.readouterr().err

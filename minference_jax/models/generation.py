@@ -43,25 +43,35 @@ def _chunked(fn, x, chunk: int):
     )
 
 
-@functools.partial(nnx.jit, static_argnames=("plan", "implementation", "chunk"))
-def _layer_step(layer, x, cos, sin, budgets, *, plan, implementation, chunk):
-    config = layer.attn.config
+def layer_body(layer, x, cos, sin, budgets, *, plan, implementation, chunk, axis_name=None):
+    """One decoder layer over the whole prompt: x [B, T, hidden] -> (x, k, v).
+
+    With `axis_name`, `layer` holds this device's slice of the heads and MLP columns (tensor
+    parallel under shard_map) and the attention / MLP outputs are summed across devices.
+    """
     b, t, _ = x.shape
+    d = layer.attn.config.head_dim
 
     def project(xc):
         h = layer.input_norm(xc)
         return layer.attn.q_proj(h), layer.attn.k_proj(h), layer.attn.v_proj(h)
 
     q, k, v = _chunked(project, x, chunk)
-    q = apply_rope(q.reshape(b, t, config.num_heads, config.head_dim), cos, sin)
-    k = apply_rope(k.reshape(b, t, config.num_kv_heads, config.head_dim), cos, sin)
-    v = v.reshape(b, t, config.num_kv_heads, config.head_dim)
-    o = planned_attention(
-        q, k, v, budgets, plan=plan, scale=config.head_dim**-0.5, implementation=implementation
-    )
-    x = x + _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
-    x = x + _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
-    return x, k, v
+    q = apply_rope(q.reshape(b, t, -1, d), cos, sin)
+    k = apply_rope(k.reshape(b, t, -1, d), cos, sin)
+    v = v.reshape(b, t, -1, d)
+    o = planned_attention(q, k, v, budgets, plan=plan, scale=d**-0.5, implementation=implementation)
+    attn_out = _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
+    if axis_name is not None:
+        attn_out = jax.lax.psum(attn_out, axis_name)
+    x = x + attn_out
+    mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
+    if axis_name is not None:
+        mlp_out = jax.lax.psum(mlp_out, axis_name)
+    return x + mlp_out, k, v
+
+
+_layer_step = nnx.jit(layer_body, static_argnames=("plan", "implementation", "chunk", "axis_name"))
 
 
 @nnx.jit
@@ -83,10 +93,13 @@ def prefill(
     return_cache: bool = False,
     cache_on_host: bool = False,
     progress=None,
+    mesh=None,
 ) -> PrefillResult:
     """Run the prompt through the model; last-token logits and optionally the KV cache.
 
     progress: None, or a callable(layer_id, num_layers, seconds_so_far) called after each layer.
+    mesh: a 1-D `jax.sharding.Mesh` (axis "tp") to run tensor-parallel over its devices
+      (see `minference_jax.models.sharding`); the KV cache then comes back sharded by kv head.
     """
     config = model.config
     attention.check(config)
@@ -98,6 +111,12 @@ def prefill(
     cos, sin = rope_tables(config, jnp.arange(seq_len), seq_len)
     x = _embed(model, input_ids)
     cache = [] if return_cache else None
+    if mesh is not None:
+        from minference_jax.models.sharding import TensorParallel  # it imports this module
+
+        sharded = TensorParallel(model, mesh)
+    else:
+        sharded = None
     for layer_id, layer in enumerate(model.layers):
         plan, budgets = layer_plan(
             attention.layer(layer_id, config.num_heads),
@@ -105,7 +124,8 @@ def prefill(
             config.num_heads,
             attention.implementation,
         )
-        x, k, v = _layer_step(
+        step = _layer_step if sharded is None else sharded.step(layer_id)
+        x, k, v = step(
             layer,
             x,
             cos,
@@ -157,13 +177,20 @@ def generate(
     *,
     chunk_size: int = 8192,
     progress=None,
+    mesh=None,
 ) -> tuple[np.ndarray, PrefillResult]:
     """Greedy continuation: sparse (or dense) prefill, then dense decoding over the KV cache.
 
     Returns (new tokens [B, max_new_tokens], the prefill result).
     """
     result = prefill(
-        model, input_ids, attention, chunk_size=chunk_size, return_cache=True, progress=progress
+        model,
+        input_ids,
+        attention,
+        chunk_size=chunk_size,
+        return_cache=True,
+        progress=progress,
+        mesh=mesh,
     )
     seq_len = result.cache[0][0].shape[1]
     total = seq_len + max_new_tokens

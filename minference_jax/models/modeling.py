@@ -82,11 +82,11 @@ class Attention(nnx.Module):
 
     def qkv(self, x, cos, sin):
         """x [B, T, hidden] -> q [B, T, H, D], k, v [B, T, Hkv, D] with RoPE applied."""
-        c = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        d = self.config.head_dim  # head counts from the weights: a tensor-parallel shard works too
+        q = self.q_proj(x).reshape(b, t, -1, d)
+        k = self.k_proj(x).reshape(b, t, -1, d)
+        v = self.v_proj(x).reshape(b, t, -1, d)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
