@@ -192,6 +192,9 @@ def generate(
         progress=progress,
         mesh=mesh,
     )
+    if mesh is not None:  # decoding runs on one device: gather the head-sharded cache
+        device = model.embed[...].devices().pop()
+        result.cache = [jax.device_put(kv, device) for kv in result.cache]
     seq_len = result.cache[0][0].shape[1]
     total = seq_len + max_new_tokens
     caches = [
