@@ -1,9 +1,10 @@
 """Long-prompt prefill (per-layer loop, sequence-chunked projections/MLP) and greedy decoding.
 
-Per-layer loop, one jitted step per layer: every layer has the same shapes, so the step compiles
-once per (prompt length, pattern tuple) and the Python loop can print progress and move each
-layer's KV cache to the host. Projections and the MLP run over `chunk_size`-token slices (a
-`lax.map`), so a 1M-token Llama-3-8B prefill never holds a [N, intermediate] activation.
+Per-layer loop, one jitted step per layer: every layer has the same shapes and the patterns'
+budgets are traced data, so the step compiles once per prompt length and IndexPlan (pattern
+families + bucketed widths), and the Python loop can print progress and move each layer's KV
+cache to the host. Projections and the MLP run over `chunk_size`-token slices (a `lax.map`), so
+a 1M-token Llama-3-8B prefill never holds a [N, intermediate] activation.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minference_jax.attention import layer_plan, planned_attention
-from minference_jax.models.modeling import DENSE_ATTENTION, AttentionSpec, CausalLM
-from minference_jax.models.rope import apply_rope, rope_tables
+from minference_jax.attention import layer_plan
+from minference_jax.models.modeling import DENSE_ATTENTION, AttentionSpec, CausalLM, layer_body
+from minference_jax.models.rope import rope_tables
+from minference_jax.models.sharding import TensorParallel
 
 
 @dataclasses.dataclass
@@ -27,48 +29,6 @@ class PrefillResult:
     last_logits: jax.Array  # [B, V] float32, logits of the last prompt token
     cache: list[tuple[jax.Array, jax.Array]] | None  # per layer (k, v) [B, N, Hkv, D], rope'd
     seconds: float
-
-
-def _chunked(fn, x, chunk: int):
-    """Apply fn over [B, T, ...] in T-chunks (T padded at the end, then trimmed)."""
-    b, t = x.shape[:2]
-    if t <= chunk:
-        return fn(x)
-    n_chunks = -(-t // chunk)
-    pad = [(0, 0), (0, n_chunks * chunk - t)] + [(0, 0)] * (x.ndim - 2)
-    xs = jnp.pad(x, pad).reshape(b, n_chunks, chunk, *x.shape[2:])
-    ys = jax.lax.map(fn, jnp.moveaxis(xs, 1, 0))  # pytree of [n_chunks, B, chunk, ...]
-    return jax.tree.map(
-        lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n_chunks * chunk, *y.shape[3:])[:, :t], ys
-    )
-
-
-def layer_body(layer, x, cos, sin, budgets, *, plan, implementation, chunk, axis_name=None):
-    """One decoder layer over the whole prompt: x [B, T, hidden] -> (x, k, v).
-
-    With `axis_name`, `layer` holds this device's slice of the heads and MLP columns (tensor
-    parallel under shard_map) and the attention / MLP outputs are summed across devices.
-    """
-    b, t, _ = x.shape
-    d = layer.attn.config.head_dim
-
-    def project(xc):
-        h = layer.input_norm(xc)
-        return layer.attn.q_proj(h), layer.attn.k_proj(h), layer.attn.v_proj(h)
-
-    q, k, v = _chunked(project, x, chunk)
-    q = apply_rope(q.reshape(b, t, -1, d), cos, sin)
-    k = apply_rope(k.reshape(b, t, -1, d), cos, sin)
-    v = v.reshape(b, t, -1, d)
-    o = planned_attention(q, k, v, budgets, plan=plan, scale=d**-0.5, implementation=implementation)
-    attn_out = _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
-    if axis_name is not None:
-        attn_out = jax.lax.psum(attn_out, axis_name)
-    x = x + attn_out
-    mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
-    if axis_name is not None:
-        mlp_out = jax.lax.psum(mlp_out, axis_name)
-    return x + mlp_out, k, v
 
 
 _layer_step = nnx.jit(layer_body, static_argnames=("plan", "implementation", "chunk", "axis_name"))
@@ -111,12 +71,7 @@ def prefill(
     cos, sin = rope_tables(config, jnp.arange(seq_len), seq_len)
     x = _embed(model, input_ids)
     cache = [] if return_cache else None
-    if mesh is not None:
-        from minference_jax.models.sharding import TensorParallel  # it imports this module
-
-        sharded = TensorParallel(model, mesh)
-    else:
-        sharded = None
+    sharded = None if mesh is None else TensorParallel(model, mesh)
     for layer_id, layer in enumerate(model.layers):
         plan, budgets = layer_plan(
             attention.layer(layer_id, config.num_heads),

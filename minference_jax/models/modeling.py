@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minference_jax import patterns as P
-from minference_jax.attention import sparse_attention
+from minference_jax.attention import layer_plan, planned_attention
 from minference_jax.models.config import ModelConfig
 from minference_jax.models.rope import apply_rope, rope_tables
 
@@ -146,15 +146,62 @@ class CausalLM(nnx.Module):
         cos, sin = rope_tables(self.config, jnp.arange(seq_len), seq_len)
         x = self.embed[...][input_ids]
         for layer_id, layer in enumerate(self.layers):
-            h = layer.input_norm(x)
-            q, k, v = layer.attn.qkv(h, cos, sin)
-            o = sparse_attention(
-                q,
-                k,
-                v,
+            plan, budgets = layer_plan(
                 attention.layer(layer_id, self.config.num_heads),
-                implementation=attention.implementation,
+                seq_len,
+                self.config.num_heads,
+                attention.implementation,
             )
-            x = x + layer.attn.o_proj(o.reshape(*o.shape[:2], -1))
-            x = x + layer.mlp(layer.post_attn_norm(x))
+            x, _, _ = layer_body(
+                layer,
+                x,
+                cos,
+                sin,
+                budgets,
+                plan=plan,
+                implementation=attention.implementation,
+                chunk=seq_len,
+            )
         return self.logits(x).astype(jnp.float32)
+
+
+def _chunked(fn, x, chunk: int):
+    """Apply fn over [B, T, ...] in T-chunks (T padded at the end, then trimmed)."""
+    b, t = x.shape[:2]
+    if t <= chunk:
+        return fn(x)
+    n_chunks = -(-t // chunk)
+    pad = [(0, 0), (0, n_chunks * chunk - t)] + [(0, 0)] * (x.ndim - 2)
+    xs = jnp.pad(x, pad).reshape(b, n_chunks, chunk, *x.shape[2:])
+    ys = jax.lax.map(fn, jnp.moveaxis(xs, 1, 0))  # pytree of [n_chunks, B, chunk, ...]
+    return jax.tree.map(
+        lambda y: jnp.moveaxis(y, 0, 1).reshape(b, n_chunks * chunk, *y.shape[3:])[:, :t], ys
+    )
+
+
+def layer_body(layer, x, cos, sin, budgets, *, plan, implementation, chunk, axis_name=None):
+    """One decoder layer over the whole prompt: x [B, T, hidden] -> (x, k, v).
+
+    With `axis_name`, `layer` holds this device's slice of the heads and MLP columns (tensor
+    parallel under shard_map) and the attention / MLP outputs are summed across devices.
+    """
+    b, t, _ = x.shape
+    d = layer.attn.config.head_dim
+
+    def project(xc):
+        h = layer.input_norm(xc)
+        return layer.attn.q_proj(h), layer.attn.k_proj(h), layer.attn.v_proj(h)
+
+    q, k, v = _chunked(project, x, chunk)
+    q = apply_rope(q.reshape(b, t, -1, d), cos, sin)
+    k = apply_rope(k.reshape(b, t, -1, d), cos, sin)
+    v = v.reshape(b, t, -1, d)
+    o = planned_attention(q, k, v, budgets, plan=plan, scale=d**-0.5, implementation=implementation)
+    attn_out = _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
+    if axis_name is not None:
+        attn_out = jax.lax.psum(attn_out, axis_name)
+    x = x + attn_out
+    mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
+    if axis_name is not None:
+        mlp_out = jax.lax.psum(mlp_out, axis_name)
+    return x + mlp_out, k, v

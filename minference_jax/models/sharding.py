@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from minference_jax.models.config import ModelConfig
-from minference_jax.models.generation import layer_body
+from minference_jax.models.modeling import layer_body
 
 AXIS = "tp"
 # Parameter path suffix inside a decoder layer -> how it is split.
