@@ -6,6 +6,7 @@ import pytest
 from minference_jax import patterns as P
 from minference_jax.attention import sparse_attention
 from minference_jax.index_approx import build_sparse_index
+from minference_jax.reference import dense_attention_reference
 from minference_jax.sparse_index import dense_mask_from_index, vertical_slash_index
 from tests.oracles import block_rows_mask, masked_attention_f64, random_qkv, rel_err, rows_mask
 
@@ -89,6 +90,7 @@ def test_dense_pattern_equals_dot_product_attention(dtype, heads, kv_heads, n):
     for implementation in (None, "xla", "reference"):
         out = sparse_attention(q, k, v, P.Dense(), implementation=implementation)
         assert rel_err(out, expected) < TOLERANCE[dtype], implementation
+    assert rel_err(dense_attention_reference(q, k, v), expected) < TOLERANCE[dtype]
     oracle = masked_attention_f64(q, k, v, np.tril(np.ones((n, n), bool)))
     assert (
         rel_err(sparse_attention(q, k, v, P.Dense(), implementation="xla"), oracle)
