@@ -65,3 +65,27 @@ def test_kernel_benchmark_interpret_smoke(tmp_path):
     rows = json.loads(result.read_text())
     assert {r["case"] for r in rows} == {"a_shape", "vs_fixed"}
     assert all(r["spot_rel_err"] < 1e-2 for r in rows)
+
+
+def test_e2e_benchmark_writes_table_and_plot(tmp_path):
+    from benchmarks import e2e_prefill
+
+    rows = e2e_prefill.main(
+        [
+            "--tiny",
+            "--seq-lens",
+            "128",
+            "--modes",
+            "dense",
+            "config",
+            "--layers",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert {r["mode"] for r in rows} == {"dense", "config"}
+    assert all(r["extrapolated"] and r["full_model_s"] >= r["prefill_s"] for r in rows)
+    (table,) = tmp_path.glob("*.md")
+    assert "| 128 | config |" in table.read_text() and "extrapolated" in table.read_text()
+    assert next(tmp_path.glob("*.png")).stat().st_size > 1000
