@@ -1,0 +1,180 @@
+"""Offline, kernel-aware per-head pattern search; writes the original JSON config format.
+
+The model runs densely over sample prompts, layer by layer. For every (layer, query head), every
+candidate pattern is scored on the last `score_queries` queries of each prompt:
+- recall: the share of the dense attention mass (softmax probabilities) its index keeps;
+- cost: the key tiles the kernel would compute for the whole prompt, over a dense causal
+  kernel's tiles (the same `SparseIndex.num_tiles` the kernel walks).
+Each head takes the candidate with the highest recall among those costing no more than the
+reference candidate (by default the uniform VerticalSlash(1000, 6096)); the reference is itself
+a candidate, so the searched config keeps at least its recall at no more cost, head by head.
+
+    python -m minference_jax.search --model converted/ --out my_config.json --synthetic-tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minference_jax import patterns as P
+from minference_jax.config_io import save_pattern_config
+from minference_jax.index_approx import build_sparse_index
+from minference_jax.models.modeling import CausalLM, layer_body
+from minference_jax.models.rope import rope_tables
+from minference_jax.sparse_index import block_mask_from_index
+
+# Budgets of the original tool's search space (tokens), the reference (default) first.
+DEFAULT_CANDIDATES = (
+    P.VerticalSlash(1000, 6096),
+    P.VerticalSlash(3500, 100),
+    P.VerticalSlash(100, 800),
+    P.VerticalSlash(30, 800),
+    P.VerticalSlash(500, 700),
+    P.AShape(128, 4096),
+    P.BlockSparse(100),
+)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    patterns: P.HeadPatterns
+    recall: np.ndarray  # [layers, heads] of the chosen pattern
+    cost: np.ndarray  # [layers, heads] of the chosen pattern
+    reference_recall: np.ndarray  # [layers, heads] of the reference candidate
+    reference_cost: np.ndarray
+
+
+def _scored_rows_mask(index, n: int, score_queries: int) -> jax.Array:
+    """[B, H, Qs, N] bool: keys the index gives the last `score_queries` queries (causal)."""
+    per_block = block_mask_from_index(index)[..., :n]  # [B, H, nqb, N]
+    rows = jnp.arange(n - score_queries, n)
+    mask = per_block[:, :, rows // index.block_q]  # [B, H, Qs, N]
+    return mask & (jnp.arange(n)[None, :] <= rows[:, None])
+
+
+def _dense_probs(q_last, k, n: int) -> jax.Array:
+    """Softmax of the last queries q_last [B, Qs, H, D] over keys k [B, N, Hkv, D]."""
+    b, qs, h, d = q_last.shape
+    hkv = k.shape[2]
+    qg = q_last.reshape(b, qs, hkv, h // hkv, d).astype(jnp.float32)
+    logits = jnp.einsum("bqkgd,bnkd->bkgqn", qg, k.astype(jnp.float32)) * d**-0.5
+    rows = jnp.arange(n - qs, n)
+    logits = jnp.where(jnp.arange(n)[None, :] <= rows[:, None], logits, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1).reshape(b, h, qs, n)
+
+
+def _score(q, k, candidate, score_queries: int, block: int):
+    """(recall [H], cost [H]) of one candidate for every head, averaged over the batch."""
+    n = q.shape[1]
+    index = build_sparse_index(q, k, candidate, block_q=block, block_kv=block)
+    probs = _dense_probs(q[:, n - score_queries :], k, n)
+    recall = (probs * _scored_rows_mask(index, n, score_queries)).sum(-1).mean(axis=(0, 2))
+    causal_tiles = ((np.arange(index.num_q_blocks) + 1) * index.ratio).sum()
+    cost = index.num_tiles().sum(-1).mean(0) / causal_tiles
+    return np.asarray(recall), np.asarray(cost)
+
+
+def search_patterns(
+    model: CausalLM,
+    prompts: Sequence[np.ndarray],
+    *,
+    candidates: Sequence[P.Pattern] = DEFAULT_CANDIDATES,
+    reference: int = 0,
+    score_queries: int = 64,
+    block: int = 64,
+    progress=None,
+) -> SearchResult:
+    """Pick one pattern per (layer, head); `candidates[reference]` bounds every head's cost."""
+    config = model.config
+    candidates = tuple(candidates)
+    if not candidates:
+        raise ValueError("no candidate patterns")
+    num_layers, num_heads = config.num_layers, config.num_heads
+    recall = np.zeros((len(candidates), num_layers, num_heads))
+    cost = np.zeros_like(recall)
+    for prompt in prompts:
+        ids = jnp.asarray(prompt, jnp.int32)[None]
+        n = ids.shape[1]
+        if n < score_queries:
+            raise ValueError(f"prompt of {n} tokens is shorter than score_queries={score_queries}")
+        cos, sin = rope_tables(config, jnp.arange(n), n)
+        x = model.embed[...][ids]
+        for layer_id, layer in enumerate(model.layers):
+            q, k, _ = layer.attn.qkv(layer.input_norm(x), cos, sin)
+            for c, candidate in enumerate(candidates):
+                r, s = _score(q, k, candidate, score_queries, block)
+                recall[c, layer_id] += r / len(prompts)
+                cost[c, layer_id] += s / len(prompts)
+            x, _, _ = layer_body(layer, x, cos, sin, None, plan=None, implementation=None, chunk=n)
+            if progress is not None:
+                progress(layer_id, num_layers)
+    allowed = cost <= cost[reference][None] + 1e-9  # [C, L, H]
+    best = np.argmax(np.where(allowed, recall - 1e-6 * cost, -np.inf), axis=0)  # ties: cheaper
+    layers = tuple(
+        tuple(candidates[best[layer, h]] for h in range(num_heads)) for layer in range(num_layers)
+    )
+    pick = np.take_along_axis
+    return SearchResult(
+        patterns=P.HeadPatterns(layers),
+        recall=pick(recall, best[None], axis=0)[0],
+        cost=pick(cost, best[None], axis=0)[0],
+        reference_recall=recall[reference],
+        reference_cost=cost[reference],
+    )
+
+
+def main(argv=None) -> int:
+    from convert.checkpoint import CheckpointError, load_model
+    from minference_jax.models.config import ModelConfigError
+    from minference_jax.tokenization import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m minference_jax.search", description=__doc__)
+    parser.add_argument("--model", required=True, help="converted or HF checkpoint folder")
+    parser.add_argument("--out", required=True, help="JSON pattern config to write")
+    parser.add_argument("--prompt-file", action="append", help="sample prompt text (repeatable)")
+    parser.add_argument("--synthetic-tokens", type=int, default=4096)
+    parser.add_argument("--num-prompts", type=int, default=2, help="synthetic prompts")
+    parser.add_argument("--score-queries", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        model, config = load_model(args.model)
+    except (CheckpointError, ModelConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.prompt_file:
+        tokenizer = load_tokenizer(args.model)
+        if tokenizer is None:
+            print("error: no tokenizer.json: use --synthetic-tokens", file=sys.stderr)
+            return 2
+        prompts = [np.asarray(tokenizer.encode(open(f).read())) for f in args.prompt_file]
+    else:
+        rng = np.random.default_rng(args.seed)
+        prompts = [
+            rng.integers(0, config.vocab_size, args.synthetic_tokens)
+            for _ in range(args.num_prompts)
+        ]
+    result = search_patterns(
+        model,
+        prompts,
+        score_queries=args.score_queries,
+        progress=lambda i, total: print(f"  layer {i + 1}/{total}", file=sys.stderr, flush=True),
+    )
+    save_pattern_config(result.patterns, args.out, result.recall.tolist())
+    print(
+        f"wrote {args.out}: mean recall {result.recall.mean():.4f} "
+        f"(reference {result.reference_recall.mean():.4f}), mean cost {result.cost.mean():.4f} "
+        f"(reference {result.reference_cost.mean():.4f})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
