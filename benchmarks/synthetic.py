@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _rope(x, positions, base=500000.0):
@@ -73,3 +74,44 @@ def structured_qk(
     )
     q = jnp.concatenate([_rope(q_rope, positions), q_nope], axis=-1)
     return q.astype(dtype), k.astype(dtype)
+
+
+def structure_attention(model, *, sink_token: int = 0, local: float = 10.0, sink: float = 11.0):
+    """Give a random-weight model attention shaped like a long-context LLM's, in place.
+
+    Random weights make every head near-uniform, so estimated sparse indices come out dense and
+    an end-to-end benchmark measures nothing. With q/k biases (the model needs
+    `attention_bias=True`):
+    - local band: every query and key gets the same content vector c on mid RoPE frequencies
+      (pairs f in [D/4, 3D/8)), so q_i . k_j holds |c|^2-weighted cos((i - j) theta_f): a
+      diagonal band decaying over ~1/theta_f tokens (slashes);
+    - sinks: token `sink_token`'s key gets a direction u on the lowest RoPE frequency (nearly
+      unrotated), which every query's bias also holds (a vertical line at each occurrence; put
+      that token first);
+    - everything else stays random (the noise real heads have too).
+    `local` is |c|, `sink` the size of u on both sides. Returns the model.
+    """
+    config = model.config
+    d, half = config.head_dim, config.head_dim // 2
+    band = np.arange(half // 2, 3 * half // 4)
+    content = np.zeros(d)
+    content[band] = content[band + half] = local / np.sqrt(2 * len(band))
+    u = np.zeros(d)
+    u[half - 1] = u[d - 1] = 1 / np.sqrt(2)
+    embed = np.array(model.embed[...], np.float32)
+    e_sink = np.zeros(config.hidden_size)
+    e_sink[0] = 1.0
+    embed[sink_token] = e_sink * np.sqrt(config.hidden_size)  # after RMSNorm: ~e_sink*sqrt(H)
+    model.embed[...] = jnp.asarray(embed, model.embed[...].dtype)
+    for layer in model.layers:
+        attn = layer.attn
+        if attn.q_proj.bias is None:
+            raise ValueError("structure_attention needs a config with attention_bias=True")
+        dtype = attn.q_proj.kernel[...].dtype
+        attn.q_proj.bias[...] = jnp.asarray(np.tile(content + sink * u, config.num_heads), dtype)
+        attn.k_proj.bias[...] = jnp.asarray(np.tile(content, config.num_kv_heads), dtype)
+        sink_key = (
+            np.outer(e_sink, np.tile(u, config.num_kv_heads)) * sink / np.sqrt(config.hidden_size)
+        )
+        attn.k_proj.kernel[...] = attn.k_proj.kernel[...] + jnp.asarray(sink_key, dtype)
+    return model

@@ -89,3 +89,41 @@ def test_e2e_benchmark_writes_table_and_plot(tmp_path):
     (table,) = tmp_path.glob("*.md")
     assert "| 128 | config |" in table.read_text() and "extrapolated" in table.read_text()
     assert next(tmp_path.glob("*.png")).stat().st_size > 1000
+
+
+def test_structured_attention_makes_estimated_indices_sparse():
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from benchmarks.e2e_prefill import LLAMA3_8B
+    from benchmarks.synthetic import structure_attention
+    from minference_jax import VerticalSlash, build_sparse_index
+    from minference_jax.models import CausalLM
+    from minference_jax.models.rope import rope_tables
+
+    config = dataclasses.replace(
+        LLAMA3_8B,
+        num_layers=1,
+        attention_bias=True,
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+    )
+    n = 4096
+    ids = jax.random.randint(jax.random.PRNGKey(0), (1, n), 1, 512).at[0, 0].set(0)
+    cos, sin = rope_tables(config, jnp.arange(n), n)
+    fractions = []
+    for structured in (False, True):
+        model = CausalLM(config, rngs=nnx.Rngs(0))
+        if structured:
+            structure_attention(model)
+        layer = model.layers[0]
+        q, k, _ = layer.attn.qkv(layer.input_norm(model.embed[...][ids]), cos, sin)
+        index = build_sparse_index(q, k, VerticalSlash(64, 256))
+        fractions.append(float(index.computed_fraction()))
+    assert fractions[1] < 0.6 * fractions[0], fractions
