@@ -3,17 +3,22 @@
     python -m benchmarks.e2e_prefill --seq-lens 32768 131072 --modes dense vs config
     python -m benchmarks.e2e_prefill --layers 4 --seq-lens 524288 1048576 --modes dense config
     python -m benchmarks.e2e_prefill --tiny --seq-lens 256        # CPU smoke run
+    python -m benchmarks.e2e_prefill --layers 2 --seq-lens 131072 524288 --tensor-parallel 1 2
 
 Shape: 32 layers, hidden 4096, 32 q / 8 kv heads, head_dim 128, MLP 14336, vocab 128256, llama3
 RoPE (theta 500000), bf16. Modes: dense (cuDNN via jax.nn.dot_product_attention), vs (every
 head VerticalSlash(1000, 6096)) and config (the shipped Llama-3-8B-262k per-head config).
-Reports prefill latency, tokens/s and peak device memory; the first call per length compiles
-and is not timed. With `--layers K` only K layers run and the 32-layer time is extrapolated as
-(embedding/logits excluded) t_K * 32 / K, marked as such. Plain random weights give near-uniform
-attention, so estimated indices come out dense and the density guard runs cuDNN: by default the
+Reports prefill latency (median of --repeats calls after a compiling warm-up call), tokens/s,
+peak device memory (the process's high-water mark so far: exact for the first mode run at each
+length, an upper bound for later ones) and, for sparse modes, the fraction of causal tiles that
+layer 0's estimated index computes. With `--layers K` only K layers run and the 32-layer time
+is extrapolated as (embedding/logits excluded) t_K * 32 / K, marked as such. Plain random
+weights give near-uniform attention, so estimated indices come out dense and the density guard runs cuDNN: by default the
 model gets q/k biases that shape attention like a trained long-context model's (local band +
 an attention sink on the first token, `benchmarks.synthetic.structure_attention`);
 `--plain-random` turns that off.
+`--tensor-parallel 1 2` runs every length and mode on 1 device and tensor-parallel over 2 (heads
+and MLP columns split, `minference_jax.models.sharding`; weights placed once, outside the timing).
 Writes e2e_prefill_<device>.{json,md,png} (latency and speedup vs length).
 """
 
@@ -21,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
 import pathlib
+import statistics
 import time
 
 import jax
@@ -32,9 +40,13 @@ from flax import nnx
 from benchmarks.synthetic import structure_attention
 from benchmarks.timing import device_name
 from minference_jax import patterns as P
+from minference_jax.attention import layer_plan
 from minference_jax.config_io import load_pattern_config, shipped_configs
+from minference_jax.index_approx import build_planned_index
 from minference_jax.models import AttentionSpec, CausalLM, ModelConfig, RopeConfig
 from minference_jax.models.generation import prefill
+from minference_jax.models.rope import rope_tables
+from minference_jax.models.sharding import TensorParallel, make_mesh
 
 CONFIG = "Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern"
 LLAMA3_8B = ModelConfig(
@@ -84,6 +96,10 @@ def main(argv=None):
     )
     parser.add_argument("--layers", type=int, default=None, help="truncate the stack to K layers")
     parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls (median)")
+    parser.add_argument(
+        "--tensor-parallel", type=int, nargs="+", default=[1], help="device counts to compare"
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--plain-random", action="store_true", help="no attention structure")
     parser.add_argument(
@@ -112,29 +128,45 @@ def main(argv=None):
         flush=True,
     )
     device, rows = device_name(), []
+    meshes = {
+        count: None if count == 1 else TensorParallel(model, make_mesh(count))
+        for count in args.tensor_parallel
+    }
     for n in args.seq_lens:
         ids = jax.random.randint(jax.random.PRNGKey(n), (1, n), 1, config.vocab_size)
         ids = ids.at[0, 0].set(0)  # the attention-sink token first
-        for mode in args.modes:
+        for (devices, mesh), mode in itertools.product(meshes.items(), args.modes):
             spec = attention_spec(mode, config)
+
+            run = functools.partial(
+                lambda *a, **kw: prefill(*a, **kw).seconds,
+                model,
+                ids,
+                spec,
+                chunk_size=args.chunk,
+                mesh=mesh,
+            )
             compile_start = time.perf_counter()
-            result = prefill(model, ids, spec, chunk_size=args.chunk)  # compile + warm-up
+            seconds = [run()]  # compile + warm-up
             first = time.perf_counter() - compile_start
             if not args.single_call:
-                result = prefill(model, ids, spec, chunk_size=args.chunk)
+                seconds = [run() for _ in range(args.repeats)]
+            seconds = statistics.median(seconds)
             row = dict(
                 device=device,
+                devices=devices,
                 seq_len=n,
                 mode=mode,
                 layers=config.num_layers,
-                prefill_s=round(result.seconds, 3),
-                full_model_s=round(result.seconds * full_layers / config.num_layers, 3),
+                prefill_s=round(seconds, 3),
+                full_model_s=round(seconds * full_layers / config.num_layers, 3),
                 extrapolated=config.num_layers != full_layers,
                 attention="plain random" if args.plain_random else "structured",
                 first_call_s=round(first, 1),
                 includes_compile=args.single_call,
-                tokens_per_s=round(n / result.seconds),
+                tokens_per_s=round(n / seconds),
                 peak_gib=peak_gib(),
+                layer0_computed_fraction=layer0_density(model, ids, spec),
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -143,6 +175,29 @@ def main(argv=None):
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     write_report(rows, args.out / name, full_layers)
     return rows
+
+
+def layer0_density(model, ids, spec: AttentionSpec) -> float | None:
+    """Fraction of the causal tiles layer 0's estimated index computes (None: every head dense).
+
+    Computed even where the prefill runs dense cuDNN (short prompts, or indices over the density
+    guard), to show why."""
+    config = model.config
+    n = ids.shape[1]
+    plan, budgets = layer_plan(spec.layer(0, config.num_heads), n, config.num_heads, "pallas")
+    if plan is None:
+        return None
+
+    @nnx.jit
+    def density(model, ids):
+        layer = model.layers[0]
+        cos, sin = rope_tables(config, jnp.arange(n), n)
+        x = layer.input_norm(model.embed[...][ids])
+        q, k, _ = layer.attn.qkv(x, cos, sin)
+        index = build_planned_index(q, k, budgets, plan=plan, scale=config.head_dim**-0.5)
+        return index.computed_fraction()
+
+    return round(float(density(model, ids)), 4)
 
 
 def attention_spec(mode: str, config: ModelConfig) -> AttentionSpec:
@@ -169,28 +224,42 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = {r["seq_len"]: r["full_model_s"] for r in rows if r["mode"] == "dense"}
+    dense = {
+        r["seq_len"]: r["full_model_s"] for r in rows if r["mode"] == "dense" and r["devices"] == 1
+    }
+    single = {(r["seq_len"], r["mode"]): r["full_model_s"] for r in rows if r["devices"] == 1}
     lines = [
         f"End-to-end prefill, Llama-3-8B shape, random weights, {rows[0]['device']}. "
         f"Times for {full_layers} layers; * = extrapolated from {rows[0]['layers']} layers.",
         "",
-        "| N | mode | prefill s | tokens/s | speedup vs dense | peak GiB |",
-        "|---|---|---|---|---|---|",
+        "Speedup vs dense: against 1-device dense of the same length. Peak GiB: device 0.",
+        "",
+        "| N | mode | devices | prefill s | tokens/s | speedup vs dense | vs 1 device "
+        "| peak GiB | layer-0 tiles computed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = dense.get(r["seq_len"], float("nan")) / r["full_model_s"]
         star = "*" if r["extrapolated"] else ""
+        scaling = single.get((r["seq_len"], r["mode"]), float("nan")) / r["full_model_s"]
         lines.append(
-            f"| {r['seq_len']} | {r['mode']} | {r['full_model_s']}{star} | "
-            f"{r['tokens_per_s']} | {speedup:.2f} | {r['peak_gib']} |"
+            f"| {r['seq_len']} | {r['mode']} | {r['devices']} | {r['full_model_s']}{star} | "
+            f"{r['tokens_per_s']} | {speedup:.2f} | {scaling:.2f} | {r['peak_gib']} | "
+            f"{r.get('layer0_computed_fraction') or '-'} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, mode in enumerate(sorted({r["mode"] for r in rows})):
-        style = dict(marker="o", label=mode, color=f"C{i}")  # one colour per mode in both panels
-        pts = sorted((r["seq_len"], r["full_model_s"]) for r in rows if r["mode"] == mode)
+    series = sorted({(r["mode"], r["devices"]) for r in rows})
+    for i, (mode, devices) in enumerate(series):
+        label = mode if devices == 1 else f"{mode} x{devices} devices"
+        style = dict(marker="o", label=label, color=f"C{i}")  # one colour per series, both panels
+        pts = sorted(
+            (r["seq_len"], r["full_model_s"])
+            for r in rows
+            if (r["mode"], r["devices"]) == (mode, devices)
+        )
         ax_t.plot(*zip(*pts, strict=True), **style)
-        if mode != "dense":
+        if (mode, devices) != ("dense", 1):
             sp = [(n, dense[n] / t) for n, t in pts if n in dense]
             if sp:
                 ax_s.plot(*zip(*sp, strict=True), **style)

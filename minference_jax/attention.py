@@ -19,8 +19,8 @@ from minference_jax.reference import (
 from minference_jax.sparse_index import SparseIndex
 from pallas_kernels.sparse_flash import sparse_flash_attention
 
-# Below this many tokens a GPU layer runs dense cuDNN attention: the sparse kernel (and the index
-# estimation) do not pay off there. Measured on H200, see benchmarks/NOTES.md.
+# Up to this many tokens a GPU layer runs dense cuDNN attention: the sparse kernel (and the index
+# estimation) do not pay off there (H100 e2e at 32K: sparse 0.97-1.08x dense; see NOTES.md).
 DENSE_CROSSOVER_TOKENS = 32768
 # The sparse kernel computes a tile at ~60% of cuDNN's dense rate, so an estimated index denser
 # than this runs dense cuDNN instead (decided on device, per layer, no host round trip).
@@ -29,6 +29,10 @@ DENSE_FALLBACK_FRACTION = 0.5
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _short_gpu_prompt(seq_len: int) -> bool:
+    return _on_gpu() and seq_len <= DENSE_CROSSOVER_TOKENS
 
 
 IMPLEMENTATIONS = ("pallas", "xla", "reference")
@@ -81,7 +85,7 @@ def sparse_attention(
       implementation: "pallas" (the Pallas-Triton kernel; GPU, or CPU in interpret mode),
         "xla" (gathered sparse in plain XLA, any backend), "reference" (masked dense, O(N^2)
         memory, the oracle) or None: layers whose heads are all Dense, and on GPU prompts
-        shorter than DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN);
+        of at most DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN);
         on GPU the rest run "pallas" unless the estimated index computes more than
         DENSE_FALLBACK_FRACTION of the causal tiles (then cuDNN); elsewhere "xla".
       index: a precomputed SparseIndex (otherwise estimated from q and k here).
@@ -111,7 +115,9 @@ def sparse_attention(
 def layer_plan(patterns, seq_len, num_heads, implementation, *, block_q=64, block_kv=64):
     """(IndexPlan, budgets) of a layer, or (None, None) when it simply runs dense attention."""
     patterns = P.normalize_layer_patterns(patterns, num_heads)
-    if implementation is None and all(isinstance(p, P.Dense) for p in patterns):
+    if implementation is None and (
+        all(isinstance(p, P.Dense) for p in patterns) or _short_gpu_prompt(seq_len)
+    ):
         return None, None
     return plan_index(patterns, seq_len, num_heads, block_q=block_q, block_kv=block_kv)
 
@@ -122,8 +128,7 @@ def planned_attention(q, k, v, budgets, *, plan: IndexPlan | None, scale: float,
     Models call this inside their jitted layer step, so layers whose patterns differ only in
     budgets share one compiled program.
     """
-    short_prompt = _on_gpu() and q.shape[1] < DENSE_CROSSOVER_TOKENS
-    if plan is None or (implementation is None and short_prompt):
+    if plan is None or (implementation is None and _short_gpu_prompt(q.shape[1])):
         return _dense_causal(q, k, v, scale)
     index = build_planned_index(q, k, budgets, plan=plan, scale=scale)
     return attend_with_index(q, k, v, index, scale=scale, implementation=implementation)

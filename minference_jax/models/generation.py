@@ -59,7 +59,9 @@ def prefill(
 
     progress: None, or a callable(layer_id, num_layers, seconds_so_far) called after each layer.
     mesh: a 1-D `jax.sharding.Mesh` (axis "tp") to run tensor-parallel over its devices
-      (see `minference_jax.models.sharding`); the KV cache then comes back sharded by kv head.
+      (see `minference_jax.models.sharding`), or a `TensorParallel` already built for this
+      model (its weights placed once, for repeated prefills); the KV cache then comes back
+      sharded by kv head.
     """
     config = model.config
     attention.check(config)
@@ -71,7 +73,9 @@ def prefill(
     cos, sin = rope_tables(config, jnp.arange(seq_len), seq_len)
     x = _embed(model, input_ids)
     cache = [] if return_cache else None
-    sharded = None if mesh is None else TensorParallel(model, mesh)
+    sharded = mesh
+    if mesh is not None and not isinstance(mesh, TensorParallel):
+        sharded = TensorParallel(model, mesh)
     for layer_id, layer in enumerate(model.layers):
         plan, budgets = layer_plan(
             attention.layer(layer_id, config.num_heads),
@@ -95,6 +99,8 @@ def prefill(
         if progress is not None:
             jax.block_until_ready(x)
             progress(layer_id, config.num_layers, time.perf_counter() - start)
+    if sharded is not None:
+        x = sharded.local(x)
     logits = jax.block_until_ready(_last_logits(model, x))
     return PrefillResult(logits, cache, time.perf_counter() - start)
 

@@ -63,6 +63,8 @@ def _place(tree, sharding_tree):
     """Put process-local values (the same on every process) onto a possibly multi-host mesh."""
 
     def place(value, sharding):
+        if isinstance(value, jax.Array) and value.sharding == sharding:
+            return value  # already there (a previous layer's output)
         if sharding.is_fully_addressable:
             return jax.device_put(value, sharding)
         host = np.asarray(value)  # multi-host: each process fills its own shards
@@ -138,9 +140,13 @@ class TensorParallel:
             if budgets is not None:
                 by_head = NamedSharding(self.mesh, P(AXIS))
                 budgets = _place(budgets, jax.tree.map(lambda _: by_head, budgets))
-            x, k, v = self._compiled(plan, implementation, chunk)(
+            return self._compiled(plan, implementation, chunk)(
                 self.states[layer_id], x, cos, sin, budgets
-            )
-            return x.addressable_shards[0].data, k, v  # a local replica for the next step
+            )  # x stays replicated on the mesh: the next layer's placement of it is a no-op
 
         return run
+
+    @staticmethod
+    def local(x: jax.Array) -> jax.Array:
+        """This process's replica of a replicated mesh array (for single-device code after)."""
+        return x.addressable_shards[0].data
