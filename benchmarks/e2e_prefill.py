@@ -5,18 +5,18 @@
     python -m benchmarks.e2e_prefill --tiny --seq-lens 256        # CPU smoke run
     python -m benchmarks.e2e_prefill --layers 2 --seq-lens 131072 524288 --tensor-parallel 1 2
 
-Shape: 32 layers, hidden 4096, 32 q / 8 kv heads, head_dim 128, MLP 14336, vocab 128256, llama3
-RoPE (theta 500000), bf16. Modes: dense (cuDNN via jax.nn.dot_product_attention), vs (every
-head VerticalSlash(1000, 6096)) and config (the shipped Llama-3-8B-262k per-head config).
-Reports prefill latency (median of --repeats calls after a compiling warm-up call), tokens/s,
-peak device memory (the process's high-water mark so far: exact for the first mode run at each
-length, an upper bound for later ones) and, for sparse modes, the fraction of causal tiles that
-layer 0's estimated index computes. With `--layers K` only K layers run and the 32-layer time
-is extrapolated as (embedding/logits excluded) t_K * 32 / K, marked as such. Plain random
-weights give near-uniform attention, so estimated indices come out dense and the density guard runs cuDNN: by default the
-model gets q/k biases that shape attention like a trained long-context model's (local band +
-an attention sink on the first token, `benchmarks.synthetic.structure_attention`);
-`--plain-random` turns that off.
+Shape: 32 layers, hidden 4096, 32 q / 8 kv heads, head_dim 128, MLP 14336, vocab 128256, llama3 RoPE
+(theta 500000), bf16. Modes: dense (cuDNN via jax.nn.dot_product_attention), vs (every head
+VerticalSlash(1000, 6096)) and config (the shipped Llama-3-8B-262k per-head config). Reports prefill
+latency (median of --repeats calls after a compiling warm-up call), tokens/s, peak device memory
+(the process's high-water mark so far: exact for the first mode run at each length, an upper bound
+for later ones) and, for sparse modes, the fraction of causal tiles that layer 0's estimated index
+computes. With `--layers K` only K layers run and the 32-layer time is extrapolated as
+(embedding/logits excluded) t_K * 32 / K, marked as such. Plain random weights give near-uniform
+attention, so estimated indices come out dense and the density guard runs cuDNN: by default the
+model gets q/k biases that shape attention like a trained long-context model's (local band + an
+attention sink on the first token, `benchmarks.synthetic.structure_attention`); `--plain-random`
+turns that off.
 `--tensor-parallel 1 2` runs every length and mode on 1 device and tensor-parallel over 2 (heads
 and MLP columns split, `minference_jax.models.sharding`; weights placed once, outside the timing).
 Writes e2e_prefill_<device>.{json,md,png} (latency and speedup vs length).
