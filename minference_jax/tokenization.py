@@ -32,6 +32,26 @@ class HFTokenizer:
         return self._tokenizer.decode([int(i) for i in ids])
 
 
+def _byte_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: printable bytes map to themselves, the rest to U+0100.."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = (b for b in range(256) if b not in printable)
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + i) for i, b in enumerate(extra)})
+    return table
+
+
+def save_byte_tokenizer(path) -> None:
+    """Write a `tokenizer.json` whose ids are the UTF-8 bytes (the same ids as ByteTokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: byte for byte, char in _byte_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path))
+
+
 def load_tokenizer(folder) -> HFTokenizer | None:
     path = pathlib.Path(folder) / "tokenizer.json"
     return HFTokenizer(path) if path.is_file() else None

@@ -1,0 +1,162 @@
+"""Train the tiny long-context passkey checkpoint shipped in `minference_jax/checkpoints/`.
+
+    python -m benchmarks.train_tiny_longctx --out /tmp/passkey-tiny --max-seconds 240   # GPU
+
+A 4-layer Llama (hidden 256, 8 query / 2 kv heads, head_dim 32, MLP 768, byte vocabulary,
+RoPE theta 500000, 3.4M parameters) learns next-byte prediction on passkey documents
+(`minference_jax.passkey`: haystack + needle + question + 5-digit answer) of 2K, 8K and 32K tokens,
+131072 tokens per step. Loss = mean next-token loss + mean loss on the answer digits (the second
+term makes retrieval, not haystack modelling, the thing to learn). f32 master weights and a
+hand-written AdamW (no optax dependency), bf16 forward/backward with cuDNN flash attention.
+Stops after --steps or --max-seconds, whichever first, and writes an HF folder: config.json,
+model.safetensors (bf16), tokenizer.json (byte ids) and training_log.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert.checkpoint import export_hf
+from minference_jax import passkey
+from minference_jax.models import CausalLM, ModelConfig
+from minference_jax.tokenization import save_byte_tokenizer
+
+HF_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "torch_dtype": "bfloat16",
+}
+TOKENS_PER_STEP = 1 << 17
+
+
+def length_schedule(step: int, rng: np.random.Generator, warm_steps: int) -> int:
+    """Short documents first (retrieval is learnt fastest there), then a mix up to 32K."""
+    if step < warm_steps:
+        return 2048
+    return int(rng.choice([2048, 8192, 32768], p=[0.3, 0.4, 0.3]))
+
+
+def adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip=1.0):
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return {"m": zeros, "v": zeros, "t": jnp.zeros((), jnp.int32)}
+
+    def update(grads, state, params):
+        norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (norm + 1e-6)), grads)
+        t = state["t"] + 1
+        m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
+        v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
+        rate = lr(t) * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        params = jax.tree.map(
+            lambda p, m, v: (
+                p - rate * m / (jnp.sqrt(v) + eps) - lr(t) * weight_decay * p * (p.ndim > 1)
+            ),
+            params,
+            m,
+            v,
+        )
+        return params, {"m": m, "v": v, "t": t}, norm
+
+    return init, update
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--max-seconds", type=float, default=240.0)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warm-steps", type=int, default=300, help="steps on 2K documents")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    config = ModelConfig.from_hf_dict(HF_CONFIG)
+    model = CausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(args.seed))
+    graphdef, state = nnx.split(model)
+    master = jax.tree.map(lambda x: x.astype(jnp.float32), state)
+    n_params = sum(x.size for x in jax.tree.leaves(master))
+    print(f"{n_params / 1e6:.2f}M parameters", flush=True)
+
+    def lr(t):
+        warm = jnp.minimum(1.0, t / 100)
+        progress = jnp.minimum(1.0, t / args.steps)
+        return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+    opt_init, opt_update = adamw(lr)
+
+    def loss_fn(master, ids, answer):
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), master))
+        logits = model(ids[:, :-1])
+        targets = ids[:, 1:]
+        nll = (
+            jax.nn.logsumexp(logits, -1)
+            - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        )
+        mask = answer[:, 1:]
+        answer_nll = (nll * mask).sum() / mask.sum()
+        correct = ((logits.argmax(-1) == targets) | (mask == 0)).all(axis=-1).mean()
+        return nll.mean() + answer_nll, (nll.mean(), answer_nll, correct)
+
+    @jax.jit
+    def train_step(master, opt_state, ids, answer):
+        grads, aux = jax.grad(loss_fn, has_aux=True)(master, ids, answer)
+        master, opt_state, norm = opt_update(grads, opt_state, master)
+        return master, opt_state, aux, norm
+
+    rng = np.random.default_rng(args.seed)
+    pool_rng = np.random.default_rng(args.seed + 1000)  # evaluation draws fresh haystack text
+    pool = passkey.haystack(pool_rng, 1 << 23)
+    opt_state = opt_init(master)
+    log, start, step = [], time.perf_counter(), 0
+    while step < args.steps and time.perf_counter() - start < args.max_seconds:
+        length = length_schedule(step, rng, args.warm_steps)
+        # length + 1 tokens: the model sees exactly `length` (a power of two) inputs
+        ids, answer = passkey.training_batch(rng, TOKENS_PER_STEP // length, length + 1, pool)
+        master, opt_state, (lm, ans, acc), norm = train_step(
+            master, opt_state, jnp.asarray(ids), jnp.asarray(answer)
+        )
+        step += 1
+        if step % 50 == 0 or step == 1:
+            row = dict(
+                step=step,
+                seconds=round(time.perf_counter() - start, 1),
+                length=length,
+                lm_loss=round(float(lm), 4),
+                answer_loss=round(float(ans), 4),
+                passkey_acc=round(float(acc), 3),
+                grad_norm=round(float(norm), 3),
+            )
+            log.append(row)
+            print(json.dumps(row), flush=True)
+
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), master))
+    export_hf(model, HF_CONFIG, args.out)
+    save_byte_tokenizer(args.out / "tokenizer.json")
+    (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
+    print(f"wrote {args.out} after {step} steps, {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
