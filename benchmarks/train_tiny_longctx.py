@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.checkpoint import export_hf
+from convert.checkpoint import export_hf, load_hf
 from minference_jax import passkey
 from minference_jax.models import CausalLM, ModelConfig
 from minference_jax.tokenization import save_byte_tokenizer
@@ -50,11 +50,11 @@ HF_CONFIG = {
 TOKENS_PER_STEP = 1 << 17
 
 
-def length_schedule(step: int, rng: np.random.Generator, warm_steps: int) -> int:
-    """Short documents first (retrieval is learnt fastest there), then a mix up to 32K."""
+def length_schedule(step: int, rng: np.random.Generator, warm_steps: int, lengths) -> int:
+    """The shortest documents first (retrieval is learnt fastest there), then a uniform mix."""
     if step < warm_steps:
-        return 2048
-    return int(rng.choice([2048, 8192, 32768], p=[0.3, 0.4, 0.3]))
+        return min(lengths)
+    return int(rng.choice(lengths))
 
 
 def adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip=1.0):
@@ -90,10 +90,35 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warm-steps", type=int, default=300, help="steps on 2K documents")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--tokens-per-step", type=int, default=TOKENS_PER_STEP)
+    parser.add_argument("--layers", type=int, default=HF_CONFIG["num_hidden_layers"])
+    parser.add_argument("--hidden", type=int, default=HF_CONFIG["hidden_size"])
+    parser.add_argument("--heads", type=int, default=HF_CONFIG["num_attention_heads"])
+    parser.add_argument("--rope-theta", type=float, default=HF_CONFIG["rope_theta"])
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--lm-weight", type=float, default=1.0, help="haystack loss weight")
+    parser.add_argument("--init-from", type=pathlib.Path, help="continue from an HF folder")
     args = parser.parse_args(argv)
 
-    config = ModelConfig.from_hf_dict(HF_CONFIG)
-    model = CausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(args.seed))
+    hf_config = dict(
+        HF_CONFIG,
+        num_hidden_layers=args.layers,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 4),
+        head_dim=args.hidden // args.heads,
+        rope_theta=args.rope_theta,
+        max_position_embeddings=max(max(args.lengths), HF_CONFIG["max_position_embeddings"]),
+    )
+    config = ModelConfig.from_hf_dict(hf_config)
+    # bf16 with cuDNN attention on GPU; f32 on CPU (XLA's attention has no fast bf16 path there)
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    if args.init_from:
+        model, _ = load_hf(args.init_from, dtype)
+    else:
+        model = CausalLM(config, dtype=dtype, rngs=nnx.Rngs(args.seed))
     graphdef, state = nnx.split(model)
     master = jax.tree.map(lambda x: x.astype(jnp.float32), state)
     n_params = sum(x.size for x in jax.tree.leaves(master))
@@ -107,7 +132,7 @@ def main(argv=None):
     opt_init, opt_update = adamw(lr)
 
     def loss_fn(master, ids, answer):
-        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), master))
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), master))
         logits = model(ids[:, :-1])
         targets = ids[:, 1:]
         nll = (
@@ -117,7 +142,7 @@ def main(argv=None):
         mask = answer[:, 1:]
         answer_nll = (nll * mask).sum() / mask.sum()
         correct = ((logits.argmax(-1) == targets) | (mask == 0)).all(axis=-1).mean()
-        return nll.mean() + answer_nll, (nll.mean(), answer_nll, correct)
+        return args.lm_weight * nll.mean() + answer_nll, (nll.mean(), answer_nll, correct)
 
     @jax.jit
     def train_step(master, opt_state, ids, answer):
@@ -127,18 +152,19 @@ def main(argv=None):
 
     rng = np.random.default_rng(args.seed)
     pool_rng = np.random.default_rng(args.seed + 1000)  # evaluation draws fresh haystack text
-    pool = passkey.haystack(pool_rng, 1 << 23)
+    pool = passkey.haystack(pool_rng, max(1 << 21, 64 * max(args.lengths)))
     opt_state = opt_init(master)
     log, start, step = [], time.perf_counter(), 0
     while step < args.steps and time.perf_counter() - start < args.max_seconds:
-        length = length_schedule(step, rng, args.warm_steps)
+        length = length_schedule(step, rng, args.warm_steps, args.lengths)
         # length + 1 tokens: the model sees exactly `length` (a power of two) inputs
-        ids, answer = passkey.training_batch(rng, TOKENS_PER_STEP // length, length + 1, pool)
+        batch = max(1, args.tokens_per_step // length)
+        ids, answer = passkey.training_batch(rng, batch, length + 1, pool)
         master, opt_state, (lm, ans, acc), norm = train_step(
             master, opt_state, jnp.asarray(ids), jnp.asarray(answer)
         )
         step += 1
-        if step % 50 == 0 or step == 1:
+        if step % args.log_every == 0 or step == 1:
             row = dict(
                 step=step,
                 seconds=round(time.perf_counter() - start, 1),
@@ -152,7 +178,7 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
 
     model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), master))
-    export_hf(model, HF_CONFIG, args.out)
+    export_hf(model, dict(hf_config, torch_dtype="bfloat16"), args.out)
     save_byte_tokenizer(args.out / "tokenizer.json")
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
     print(f"wrote {args.out} after {step} steps, {time.perf_counter() - start:.0f} s", flush=True)
