@@ -30,12 +30,8 @@ def needle(key: str) -> str:
 
 def _vocabulary(size: int = 512) -> tuple[list[str], np.ndarray]:
     rng = np.random.default_rng(1234)  # fixed: the same words in training and evaluation
-    words = sorted(
-        {
-            "".join(rng.choice(_SYLLABLES, rng.integers(1, 4)))
-            for _ in range(size * 2)
-        }
-    )[:size]
+    candidates = {"".join(rng.choice(_SYLLABLES, rng.integers(1, 4))) for _ in range(size * 2)}
+    words = sorted(candidates)[:size]
     order = rng.permutation(len(words))
     weights = 1.0 / np.arange(1, len(words) + 1)  # Zipf over a random order of the words
     return [words[i] for i in order], weights / weights.sum()
