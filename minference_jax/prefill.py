@@ -14,12 +14,6 @@ import argparse
 import json
 import sys
 
-DEFAULT_PROMPT = (
-    "MInference prefill demo. The pass key is 71432. Remember it. "
-    + "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    * 24
-    + "What is the pass key? The pass key is"
-)
 MODES = ("dense", "minference", "a-shape", "block-sparse")
 
 
@@ -94,6 +88,12 @@ def _patterns(args, config):
         except PatternConfigError as err:
             raise CliError(str(err)) from err
         return table, args.pattern_config
+    if args.model is None and args.mode == "minference" and args.budget is None:
+        from minference_jax.config_io import shipped_configs
+        from minference_jax.models.defaults import SEARCHED_CONFIG
+
+        path = shipped_configs()[SEARCHED_CONFIG]  # the embedded model's searched config
+        return load_pattern_config(path, num_layers=config.num_layers), SEARCHED_CONFIG
     kind, default = {
         "minference": (P.VerticalSlash, (1000, 6096)),
         "a-shape": (P.AShape, (1024, 4096)),
@@ -114,7 +114,7 @@ def _load(args):
         from minference_jax.models.defaults import default_model
 
         model, config, tokenizer = default_model(dtype or jnp.float32)
-        return model, config, tokenizer, "embedded tiny Llama (random weights, byte tokenizer)"
+        return model, config, tokenizer, "embedded passkey-tiny (trained 2-layer Llama, bytes)"
     import pathlib
 
     from convert.checkpoint import CheckpointError, load_model
@@ -143,7 +143,9 @@ def _prompt_ids(args, config, tokenizer):
         except OSError as err:
             raise CliError(f"cannot read prompt file: {err}") from err
     else:
-        text = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        from minference_jax.models.defaults import default_prompt
+
+        text = default_prompt() if args.prompt is None else args.prompt
     if not text.strip():
         raise CliError("empty prompt")
     if tokenizer is None:

@@ -10,6 +10,8 @@ reference candidate (by default the uniform VerticalSlash(1000, 6096)); the refe
 a candidate, so the searched config keeps at least its recall at no more cost, head by head.
 
     python -m minference_jax.search --model converted/ --out my_config.json --synthetic-tokens 8192
+    python -m minference_jax.search --model tiny/ --out c.json --prompt-file a.txt \
+        --candidates vs:128,512 vs:30,128 ashape:32,256 block:8
 """
 
 from __future__ import annotations
@@ -130,6 +132,18 @@ def search_patterns(
     )
 
 
+def parse_candidate(text: str) -> P.Pattern:
+    """'vs:1000,6096' / 'ashape:128,4096' / 'block:100' -> a pattern (argparse type)."""
+    kinds = {"vs": P.VerticalSlash, "ashape": P.AShape, "block": P.BlockSparse}
+    name, _, sizes = text.partition(":")
+    try:
+        return kinds[name](*(int(x) for x in sizes.split(",")))
+    except (KeyError, TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(
+            f"bad candidate {text!r}: use vs:V,S  ashape:INIT,LOCAL  block:TOP_K ({err})"
+        ) from err
+
+
 def main(argv=None) -> int:
     from convert.checkpoint import CheckpointError, load_model
     from minference_jax.models.config import ModelConfigError
@@ -143,6 +157,14 @@ def main(argv=None) -> int:
     parser.add_argument("--num-prompts", type=int, default=2, help="synthetic prompts")
     parser.add_argument("--score-queries", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        type=parse_candidate,
+        default=None,
+        help="candidate patterns, the reference (cost bound) first: vs:V,S  ashape:INIT,LOCAL  "
+        "block:TOP_K (default: the original's, reference vs:1000,6096)",
+    )
     args = parser.parse_args(argv)
     try:
         model, config = load_model(args.model)
@@ -164,6 +186,7 @@ def main(argv=None) -> int:
     result = search_patterns(
         model,
         prompts,
+        candidates=args.candidates or DEFAULT_CANDIDATES,
         score_queries=args.score_queries,
         progress=lambda i, total: print(f"  layer {i + 1}/{total}", file=sys.stderr, flush=True),
     )

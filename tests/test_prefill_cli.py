@@ -36,6 +36,15 @@ def test_embedded_default_with_a_text_prompt(capsys):
     assert report["includes_compile"] is False
 
 
+@pytest.mark.parametrize("mode", ["dense", "minference"])
+def test_embedded_default_finds_the_passkey(capsys, mode):
+    report = _json_run(capsys, "--mode", mode, "--max-new-tokens", "5")
+    assert report["prompt_tokens"] == 2048
+    assert report["continuation"] == "71432"
+    if mode == "minference":
+        assert report["patterns"] == "passkey_tiny_searched"
+
+
 def test_prompt_file_and_stdin(tmp_path, capsys, monkeypatch):
     import io
 

@@ -1,34 +1,48 @@
-"""The embedded default model of the prefill CLI: a tiny Llama built from a fixed seed.
+"""The embedded default of the prefill CLI: the shipped tiny passkey checkpoint.
 
-It needs no file and no network, so `python -m minference_jax.prefill` works on a fresh machine.
-Its weights are random (its continuations are noise); the trained checkpoint of the evaluation
-work replaces it later.
+`minference_jax/checkpoints/passkey-tiny` is a 2-layer Llama over UTF-8 bytes, trained by
+`benchmarks/train_tiny_longctx.py` to answer a passkey hidden in documents of up to 2K tokens.
+It ships with the package (no download), so `python -m minference_jax.prefill` works on a fresh
+machine and its answer can be checked: the default prompt hides the key 71432.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from flax import nnx
+import pathlib
 
-from minference_jax.models.config import ModelConfig, RopeConfig
+import jax.numpy as jnp
+import numpy as np
+
+from minference_jax import patterns as P
+from minference_jax.models.config import ModelConfig
 from minference_jax.models.modeling import CausalLM
+from minference_jax.passkey import passkey_prompt
 from minference_jax.tokenization import ByteTokenizer
 
-DEFAULT_CONFIG = ModelConfig(
-    family="llama",
-    vocab_size=ByteTokenizer.vocab_size,
-    hidden_size=128,
-    intermediate_size=256,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=2,
-    head_dim=16,
-    max_position_embeddings=1 << 20,
-    rms_norm_eps=1e-5,
-    rope=RopeConfig(theta=500000.0),
+CHECKPOINT = pathlib.Path(__file__).parents[1] / "checkpoints" / "passkey-tiny"
+SEARCHED_CONFIG = "passkey_tiny_searched"  # in minference_jax/configs/
+DEFAULT_KEY = "71432"
+# The pattern search space of the passkey model, reference (per-head cost bound) first: budgets
+# sized for its 2K-16K-token documents, where VerticalSlash(1000, 6096) would be dense. The
+# reference, A-shape with 64 sink + 256 local tokens, computes ~1/3 of the causal tiles at 2K.
+SEARCH_CANDIDATES = (
+    P.AShape(64, 256),
+    P.VerticalSlash(400, 100),
+    P.VerticalSlash(300, 100),
+    P.VerticalSlash(200, 100),
+    P.VerticalSlash(30, 100),
+    P.BlockSparse(6),
 )
 
 
 def default_model(dtype=jnp.float32) -> tuple[CausalLM, ModelConfig, ByteTokenizer]:
-    model = CausalLM(DEFAULT_CONFIG, dtype=dtype, rngs=nnx.Rngs(0))
-    return model, DEFAULT_CONFIG, ByteTokenizer()
+    from convert.checkpoint import load_model  # convert imports the models package
+
+    model, config = load_model(CHECKPOINT, dtype)
+    return model, config, ByteTokenizer()
+
+
+def default_prompt() -> str:
+    """A 2048-token passkey prompt (key 71432 at 40% depth) ending with the question."""
+    prompt, _ = passkey_prompt(np.random.default_rng(0), 2048, 0.4, key=DEFAULT_KEY)
+    return prompt
