@@ -91,9 +91,15 @@ def search_patterns(
     reference: int = 0,
     score_queries: int = 64,
     block: int = 64,
+    min_recall: float | None = None,
     progress=None,
 ) -> SearchResult:
-    """Pick one pattern per (layer, head); `candidates[reference]` bounds every head's cost."""
+    """Pick one pattern per (layer, head); `candidates[reference]` bounds every head's cost.
+
+    min_recall: a head whose best pick under the cost bound keeps less attention mass than this
+    takes instead the cheapest candidate that reaches it, or Dense() when none does (recall and
+    cost 1) — diffuse heads then cost more than the reference, on purpose.
+    """
     config = model.config
     candidates = tuple(candidates)
     if not candidates:
@@ -119,6 +125,14 @@ def search_patterns(
                 progress(layer_id, num_layers)
     allowed = cost <= cost[reference][None] + 1e-9  # [C, L, H]
     best = np.argmax(np.where(allowed, recall - 1e-6 * cost, -np.inf), axis=0)  # ties: cheaper
+    if min_recall is not None:
+        # Dense as an extra last candidate: keeps all the mass at the full causal cost.
+        candidates += (P.Dense(),)
+        recall = np.concatenate([recall, np.ones_like(recall[:1])])
+        cost = np.concatenate([cost, np.ones_like(cost[:1])])
+        reaching = np.argmin(np.where(recall >= min_recall - 1e-9, cost, np.inf), axis=0)
+        too_low = np.take_along_axis(recall, best[None], axis=0)[0] < min_recall
+        best = np.where(too_low, reaching, best)
     layers = tuple(
         tuple(candidates[best[layer, h]] for h in range(num_heads)) for layer in range(num_layers)
     )
@@ -165,6 +179,13 @@ def main(argv=None) -> int:
         help="candidate patterns, the reference (cost bound) first: vs:V,S  ashape:INIT,LOCAL  "
         "block:TOP_K (default: the original's, reference vs:1000,6096)",
     )
+    parser.add_argument(
+        "--min-recall",
+        type=float,
+        default=None,
+        help="heads below this recall under the cost bound take the cheapest candidate reaching "
+        "it, or dense",
+    )
     args = parser.parse_args(argv)
     try:
         model, config = load_model(args.model)
@@ -188,6 +209,7 @@ def main(argv=None) -> int:
         prompts,
         candidates=args.candidates or DEFAULT_CANDIDATES,
         score_queries=args.score_queries,
+        min_recall=args.min_recall,
         progress=lambda i, total: print(f"  layer {i + 1}/{total}", file=sys.stderr, flush=True),
     )
     save_pattern_config(result.patterns, args.out, result.recall.tolist())

@@ -198,3 +198,20 @@ def test_auto_dispatch_on_gpu_long_prompt():
     out = sparse_attention(q, k, v, P.AShape(64, 1024))
     ref = sparse_attention(q, k, v, P.AShape(64, 1024), implementation="xla")
     assert rel_err(out, ref) < 1e-2
+
+
+def test_short_gpu_prompts_skip_index_planning(monkeypatch):
+    """On GPU, prompts up to DENSE_CROSSOVER_TOKENS get no plan: the same dense program as
+    Dense() layers (no per-layer host planning, no index estimation); longer ones are planned."""
+    from minference_jax import attention
+
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    vs = P.VerticalSlash(1000, 6096)
+    n = attention.DENSE_CROSSOVER_TOKENS
+    assert attention.layer_plan(vs, n, 4, None) == (None, None)
+    plan, budgets = attention.layer_plan(vs, n + 1, 4, None)
+    assert plan is not None and budgets["is_vs"].tolist() == [1, 1, 1, 1]
+    plan, _ = attention.layer_plan(vs, 128, 4, "pallas")  # an explicit backend is obeyed
+    assert plan is not None
+    monkeypatch.setattr(attention, "_on_gpu", lambda: False)
+    assert attention.layer_plan(vs, 128, 4, None)[0] is not None  # CPU: the XLA sparse path

@@ -64,3 +64,23 @@ def test_search_cli_writes_a_loadable_config(tmp_path, capsys):
     assert patterns.num_layers == 2
     assert "mean recall" in capsys.readouterr().out
     assert main(["--model", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_min_recall_upgrades_only_the_heads_below_it():
+    model, config = load_hf(LLAMA, jnp.float32)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, config.vocab_size, 240) for _ in range(2)]
+    kwargs = dict(candidates=CANDIDATES, score_queries=32, block=16)
+    plain = search_patterns(model, prompts, **kwargs)
+    floor = float(np.median(plain.recall))  # about half the heads fall below it
+    lifted = search_patterns(model, prompts, min_recall=floor, **kwargs)
+    below = plain.recall < floor
+    assert below.any() and (~below).any()
+    assert np.all(lifted.recall[below] >= floor - 1e-9)  # reached it, by a candidate or Dense
+    np.testing.assert_array_equal(lifted.recall[~below], plain.recall[~below])
+    for layer in range(config.num_layers):
+        for head in range(config.num_heads):
+            if not below[layer, head]:
+                assert lifted.patterns[layer][head] == plain.patterns[layer][head]
+            elif lifted.patterns[layer][head] == P.Dense():
+                assert lifted.cost[layer, head] == 1.0
