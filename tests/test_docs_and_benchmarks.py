@@ -127,3 +127,28 @@ def test_structured_attention_makes_estimated_indices_sparse():
         index = build_sparse_index(q, k, VerticalSlash(64, 256))
         fractions.append(float(index.computed_fraction()))
     assert fractions[1] < 0.6 * fractions[0], fractions
+
+
+def test_niah_benchmark_smoke(tmp_path):
+    from benchmarks import niah
+
+    argv = ["--lengths", "512", "--depths", "0", "1", "--samples", "2", "--ppl-docs", "1"]
+    rows = niah.main([*argv, "--modes", "dense", "minference", "--out", str(tmp_path)])
+    cells = [r for r in rows if r["kind"] == "niah"]
+    assert len(cells) == 4 and all(r["correct"] == 2 for r in cells)  # the shipped model answers
+    ppl = {r["mode"]: r["ppl"] for r in rows if r["kind"] == "ppl"}
+    assert 1.0 < ppl["dense"] < 5.0 and abs(ppl["minference"] / ppl["dense"] - 1) < 0.1
+    assert "| dense accuracy | 100.0% |" in next(tmp_path.glob("*.md")).read_text()
+    assert next(tmp_path.glob("*.png")).stat().st_size > 1000
+
+
+def test_training_script_smoke(tmp_path):
+    from benchmarks import train_tiny_longctx
+    from convert.checkpoint import load_model
+
+    argv = ["--out", str(tmp_path), "--steps", "2", "--lengths", "128", "--tokens-per-step", "256"]
+    train_tiny_longctx.main([*argv, "--log-every", "1"])
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2] and all(r["lm_loss"] > 0 for r in log)
+    model, config = load_model(tmp_path)
+    assert config.num_layers == 2 and (tmp_path / "tokenizer.json").is_file()

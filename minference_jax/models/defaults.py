@@ -1,7 +1,8 @@
 """The embedded default of the prefill CLI: the shipped tiny passkey checkpoint.
 
 `minference_jax/checkpoints/passkey-tiny` is a 2-layer Llama over UTF-8 bytes, trained by
-`benchmarks/train_tiny_longctx.py` to answer a passkey hidden in documents of up to 2K tokens.
+`benchmarks/train_tiny_longctx.py` (documents of 128 to 8K tokens) to answer a passkey hidden in
+a haystack; it answers up to 16K tokens (benchmarks/RESULTS.md).
 It ships with the package (no download), so `python -m minference_jax.prefill` works on a fresh
 machine and its answer can be checked: the default prompt hides the key 71432.
 """
