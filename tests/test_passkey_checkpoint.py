@@ -10,7 +10,7 @@ import pytest
 from convert.checkpoint import convert_folder, load_model
 from minference_jax import passkey
 from minference_jax import patterns as P
-from minference_jax.config_io import load_pattern_config, shipped_configs
+from minference_jax.config_io import load_pattern_config, save_pattern_config, shipped_configs
 from minference_jax.models import AttentionSpec
 from minference_jax.models.defaults import SEARCH_CANDIDATES
 from minference_jax.models.generation import generate
@@ -60,11 +60,14 @@ def test_converted_checkpoint_answers_the_passkey_dense_and_sparse(converted, le
         assert answers == [key for _, key in prompts], mode
 
 
-def test_search_on_the_checkpoint_keeps_mass_at_no_more_cost(converted):
+def test_search_on_the_checkpoint_keeps_mass_at_no_more_cost(converted, tmp_path):
     model, config = converted
     prompts = [passkey.encode(p) for p, _ in _prompts(2048, [0.3, 0.7], seed=5)]
     result = search_patterns(model, prompts, candidates=SEARCH_CANDIDATES)
-    kinds = collections.Counter(p for layer in result.patterns.layers for p in layer)
+    save_pattern_config(result.patterns, tmp_path / "searched.json", result.recall.tolist())
+    loaded = load_pattern_config(tmp_path / "searched.json", num_layers=2, num_heads=4)
+    assert loaded == result.patterns
+    kinds = collections.Counter(p for layer in loaded.layers for p in layer)
     assert len(kinds) >= 2, f"every head got the same pattern: {kinds}"
     assert np.all(result.recall >= result.reference_recall - 1e-9)
     assert np.all(result.cost <= result.reference_cost + 1e-9)
