@@ -92,8 +92,10 @@ def test_cli_tensor_parallel_over_local_devices():
             "--quiet",
             "--max-new-tokens",
             "2",
-            "--prompt",
-            "sharded " * 40,
+            "--model",  # the embedded default has one kv head: nothing to split
+            str(ROOT / "tests" / "fixtures" / "hf" / "llama"),
+            "--synthetic-tokens",
+            "200",
         ],
         capture_output=True,
         text=True,
