@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m minference_jax.prefill", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--model", help="converted or HF folder (default: embedded tiny model)")
+    parser.add_argument("--model", help="converted or HF folder (default: embedded passkey-tiny)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="file with the prompt ('-' reads stdin)")
