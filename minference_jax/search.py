@@ -78,8 +78,7 @@ def _score(q, k, candidate, score_queries: int, block: int):
     index = build_sparse_index(q, k, candidate, block_q=block, block_kv=block)
     probs = _dense_probs(q[:, n - score_queries :], k, n)
     recall = (probs * _scored_rows_mask(index, n, score_queries)).sum(-1).mean(axis=(0, 2))
-    causal_tiles = ((np.arange(index.num_q_blocks) + 1) * index.ratio).sum()
-    cost = index.num_tiles().sum(-1).mean(0) / causal_tiles
+    cost = index.num_tiles().sum(-1).mean(0) / index.causal_tiles
     return np.asarray(recall), np.asarray(cost)
 
 

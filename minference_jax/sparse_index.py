@@ -62,11 +62,15 @@ class SparseIndex:
         column_tiles = -(-self.column_count // self.block_kv)
         return self.diag_count + self.block_count + column_tiles
 
+    @property
+    def causal_tiles(self) -> int:
+        """Key tiles a dense causal kernel computes for one (batch, head), same tile shape."""
+        return self.ratio * self.num_q_blocks * (self.num_q_blocks + 1) // 2
+
     def computed_fraction(self) -> jax.Array:
         """Scalar: key tiles computed / tiles a dense causal kernel computes (same tile shape)."""
-        causal_tiles = (jnp.arange(self.num_q_blocks, dtype=jnp.float32) + 1) * self.ratio
         batch, heads = self.diag_count.shape[:2]
-        return self.num_tiles().sum(dtype=jnp.float32) / (causal_tiles.sum() * batch * heads)
+        return self.num_tiles().sum(dtype=jnp.float32) / (self.causal_tiles * batch * heads)
 
 
 def check_block_sizes(block_q: int, block_kv: int) -> None:
