@@ -38,13 +38,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.synthetic import structure_attention
-from benchmarks.timing import device_name
+from benchmarks.timing import device_name, time_fn
 from minference_jax import patterns as P
-from minference_jax.attention import layer_plan
+from minference_jax.attention import layer_plan, planned_attention
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.index_approx import build_planned_index
 from minference_jax.models import AttentionSpec, CausalLM, ModelConfig, RopeConfig
-from minference_jax.models.generation import prefill
+from minference_jax.models.generation import layer_step, prefill
 from minference_jax.models.rope import rope_tables
 from minference_jax.models.sharding import TensorParallel, make_mesh
 
@@ -108,6 +108,11 @@ def main(argv=None):
         help="time only the first call (compile included): an upper bound, for very long runs",
     )
     parser.add_argument(
+        "--no-breakdown",
+        action="store_true",
+        help="skip timing layer 0's index / attention / projections+MLP shares",
+    )
+    parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
     )
     args = parser.parse_args(argv)
@@ -164,10 +169,12 @@ def main(argv=None):
                 attention="plain random" if args.plain_random else "structured",
                 first_call_s=round(first, 1),
                 includes_compile=args.single_call,
-                tokens_per_s=round(n / seconds),
+                tokens_per_s=round(n * config.num_layers / (seconds * full_layers)),
                 peak_gib=peak_gib(),
                 layer0_computed_fraction=layer0_density(model, ids, spec),
             )
+            if devices == 1 and not (args.no_breakdown or args.single_call):
+                row.update(layer0_breakdown(model, ids, spec, args.chunk, args.repeats))
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +207,37 @@ def layer0_density(model, ids, spec: AttentionSpec) -> float | None:
     return round(float(density(model, ids)), 4)
 
 
+def layer0_breakdown(model, ids, spec: AttentionSpec, chunk: int, repeats: int) -> dict:
+    """Where layer 0's time goes (the MInference paper's breakdown), each part timed alone:
+    the whole layer step, its attention (index + kernel, or cuDNN) and the index estimation.
+    Projections/MLP (with norms and RoPE) = layer - attention."""
+    config = model.config
+    n = ids.shape[1]
+    layer = model.layers[0]
+    implementation = spec.implementation
+    plan, budgets = layer_plan(spec.layer(0, config.num_heads), n, config.num_heads, implementation)
+    scale = config.head_dim**-0.5
+    cos, sin = rope_tables(config, jnp.arange(n), n)
+    x = model.embed[...][ids]
+    q, k, v = nnx.jit(lambda layer, x: layer.attn.qkv(layer.input_norm(x), cos, sin))(layer, x)
+    step = functools.partial(layer_step, plan=plan, implementation=implementation, chunk=chunk)
+    layer_ms = time_fn(lambda: step(layer, x, cos, sin, budgets), warmup=1, repeats=repeats)
+    attend = jax.jit(
+        functools.partial(planned_attention, plan=plan, scale=scale, implementation=implementation)
+    )
+    attention_ms = time_fn(attend, q, k, v, budgets, warmup=1, repeats=repeats)
+    index_ms = 0.0
+    if plan is not None:  # the layer estimates an index (else it runs dense attention)
+        index = functools.partial(build_planned_index, plan=plan, scale=scale)
+        index_ms = time_fn(index, q, k, budgets, warmup=1, repeats=repeats)
+    return dict(
+        layer0_ms=round(layer_ms, 2),
+        share_index=round(index_ms / layer_ms, 3),
+        share_attention_kernel=round((attention_ms - index_ms) / layer_ms, 3),
+        share_projections_mlp=round(1 - attention_ms / layer_ms, 3),
+    )
+
+
 def attention_spec(mode: str, config: ModelConfig) -> AttentionSpec:
     if mode == "dense":
         return AttentionSpec()
@@ -215,6 +253,13 @@ def attention_spec(mode: str, config: ModelConfig) -> AttentionSpec:
     else:
         layers = table.layers[: config.num_layers]
     return AttentionSpec(P.HeadPatterns(layers))
+
+
+def shares(row: dict) -> str:
+    keys = ("share_index", "share_attention_kernel", "share_projections_mlp")
+    if not all(key in row for key in keys):
+        return "-"
+    return " / ".join(f"{100 * row[key]:.0f}%" for key in keys)
 
 
 def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None:
@@ -234,9 +279,12 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
         "",
         "Speedup vs dense: against 1-device dense of the same length. Peak GiB: device 0.",
         "",
+        "Layer-0 time shares (each part timed alone): index estimation / attention kernel "
+        "(or cuDNN) / projections + MLP.",
+        "",
         "| N | mode | devices | prefill s | tokens/s | speedup vs dense | vs 1 device "
-        "| peak GiB | layer-0 tiles computed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak GiB | layer-0 tiles computed | layer-0 ms | index / kernel / proj+MLP |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = dense.get(r["seq_len"], float("nan")) / r["full_model_s"]
@@ -245,7 +293,8 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
         lines.append(
             f"| {r['seq_len']} | {r['mode']} | {r['devices']} | {r['full_model_s']}{star} | "
             f"{r['tokens_per_s']} | {speedup:.2f} | {scaling:.2f} | {r['peak_gib']} | "
-            f"{r.get('layer0_computed_fraction') or '-'} |"
+            f"{r.get('layer0_computed_fraction') or '-'} | {r.get('layer0_ms', '-')} | "
+            f"{shares(r)} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(10, 4))

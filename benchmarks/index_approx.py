@@ -51,12 +51,19 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--pattern", default=None)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
+        "--estimator",
+        choices=["auto", "pallas", "xla"],
+        default="auto",
+        help="vertical-slash scores: auto = the Pallas kernel on GPU, XLA elsewhere",
+    )
+    parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
     )
     args = parser.parse_args(argv)
 
     patterns, pattern_name = parse_pattern(args.pattern, args.heads)
-    build = jax.jit(lambda q, k: build_sparse_index(q, k, patterns))
+    estimator = None if args.estimator == "auto" else args.estimator
+    build = jax.jit(lambda q, k: build_sparse_index(q, k, patterns, estimator=estimator))
     device = device_name()
     rows = []
     for n in args.seq_lens:
@@ -76,6 +83,7 @@ def main(argv=None) -> list[dict]:
                 head_dim=args.head_dim,
                 dtype=args.dtype,
                 patterns=pattern_name,
+                estimator=args.estimator,
                 ms=round(ms, 3),
                 index_mib=round(index_footprint_bytes(index) / 2**20, 2),
                 computed_fraction=round(
@@ -92,10 +100,13 @@ def main(argv=None) -> list[dict]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"index_approx_{device.replace(':', '_').replace(' ', '_')}"
+    if args.estimator != "auto":
+        stem = stem.with_name(f"{stem.name}_{args.estimator}")
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [
         f"Index approximation, one layer ({args.heads} q / {args.kv_heads} kv heads, d="
         f"{args.head_dim}, {args.dtype}, batch {args.batch}), patterns {pattern_name}, "
+        f"estimator {args.estimator}, "
         f"i.i.d. normal q/k, device {device}. Median of {args.repeats} after warm-up.",
         "",
         "| N | ms / layer | index MiB | computed tiles / causal tiles |",

@@ -43,6 +43,14 @@ def test_index_benchmark_writes_tables(tmp_path):
     assert "| 300 |" in table.read_text()
 
 
+def test_index_profile_runs_every_stage(capsys):
+    from benchmarks import profile_index
+
+    profile_index.main(["--seq-len", "256", "--heads", "4", "--kv-heads", "2", "--repeats", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" ms")]
+    assert len(lines) == 9 and any("pallas" in line for line in lines)
+
+
 @pytest.mark.slow
 def test_kernel_benchmark_interpret_smoke(tmp_path):
     from benchmarks import kernels
@@ -89,6 +97,11 @@ def test_e2e_benchmark_writes_table_and_plot(tmp_path):
     (table,) = tmp_path.glob("*.md")
     assert "| 128 | config |" in table.read_text() and "extrapolated" in table.read_text()
     assert next(tmp_path.glob("*.png")).stat().st_size > 1000
+    dense, config = sorted(rows, key=lambda r: r["mode"] != "dense")
+    assert dense["share_index"] == 0 and config["share_index"] > 0  # CPU: config estimates
+    parts = ("share_index", "share_attention_kernel", "share_projections_mlp")
+    for row in rows:  # shares of separately timed parts: they sum to 1 by construction
+        assert row["layer0_ms"] > 0 and abs(sum(row[p] for p in parts) - 1) < 1e-2
 
 
 def test_structured_attention_makes_estimated_indices_sparse():

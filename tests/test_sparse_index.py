@@ -1,15 +1,20 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from minference_jax import index_approx
 from minference_jax import patterns as P
 from minference_jax.index_approx import (
+    _top_per_head,
     build_sparse_index,
     estimate_block_sparse,
     estimate_vertical_slash,
 )
 from minference_jax.sparse_index import SENTINEL, dense_mask_from_index, vertical_slash_index
+from pallas_kernels import vs_estimate
 from tests.oracles import block_rows_mask, rows_mask
 
 S = SENTINEL
@@ -135,11 +140,12 @@ def _vs_scores_numpy(q, k, last_q=64):
     return columns, diagonals
 
 
+@pytest.mark.parametrize("estimator", ["xla", "pallas"])
 @pytest.mark.parametrize("n, heads, kv_heads", [(150, 4, 2), (333, 4, 4), (80, 2, 1)])
-def test_vertical_slash_estimation_matches_brute_force(n, heads, kv_heads):
+def test_vertical_slash_estimation_matches_brute_force(n, heads, kv_heads, estimator):
     q, k = _random_qk(n, 2, n, heads, kv_heads, 16)
     budgets = [(40, 100), (35, 120), (60, 130), (31, 100)][:heads]
-    verticals, slashes = estimate_vertical_slash(q, k, budgets, scale=16**-0.5)
+    verticals, slashes = estimate_vertical_slash(q, k, budgets, scale=16**-0.5, estimator=estimator)
     columns, diagonals = _vs_scores_numpy(q, k)
     columns[..., :30] = np.inf
     diagonals[..., :100] = np.inf
@@ -155,6 +161,73 @@ def test_vertical_slash_estimation_matches_brute_force(n, heads, kv_heads):
             for got in (got_v, got_s):
                 real = got[got < SENTINEL]
                 assert np.all(np.diff(real) > 0) and np.all(got[len(real) :] == SENTINEL)
+
+
+@pytest.mark.parametrize(
+    "batch, n, heads, kv_heads, dim, block_k, dtype, tol",
+    [
+        (2, 200, 4, 2, 16, 64, jnp.float32, 1e-5),  # N not a multiple of the tile, GQA, B > 1
+        (1, 64, 3, 1, 32, 128, jnp.float32, 1e-5),  # one partial tile, group of 3
+        (1, 333, 2, 2, 64, 16, jnp.bfloat16, 2e-2),  # bf16 logits and bf16 skew buffer
+    ],
+)
+def test_vs_scores_kernel_matches_brute_force(batch, n, heads, kv_heads, dim, block_k, dtype, tol):
+    q, k = _random_qk(n + dim, batch, n, heads, kv_heads, dim)
+    q, k = q.astype(dtype), k.astype(dtype)
+    columns, diagonals = vs_estimate.vertical_slash_scores(
+        q[:, -64:],
+        k,
+        scale=dim**-0.5,
+        block_k=block_k,
+        interpret=True,
+    )
+    want_columns, want_diagonals = _vs_scores_numpy(q, k)
+    # Each head's scores sum to the 64 rows' total mass: errors are relative to 1 per entry.
+    np.testing.assert_allclose(np.asarray(columns), want_columns, atol=tol, rtol=tol)
+    np.testing.assert_allclose(np.asarray(diagonals), want_diagonals, atol=tol, rtol=tol)
+
+
+def test_vs_scores_kernel_rejects_unsupported_shapes():
+    q, k = _random_qk(0, 1, 100, 2, 1, 24)
+    with pytest.raises(ValueError, match="head_dim 24"):
+        vs_estimate.vertical_slash_scores(q[:, -64:], k, scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="unknown estimator"):
+        estimate_vertical_slash(q, k, [(30, 50)] * 2, scale=1.0, estimator="triton")
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_per_head_equals_lax_top_k(ties):
+    rng = np.random.default_rng(int(ties))
+    for _ in range(10):
+        n = int(rng.integers(1, 300))
+        scores = rng.random((2, 3, n)).astype(np.float32)
+        if ties:  # many equal values, zeros and forced +inf entries
+            scores = np.round(scores * 4) / 4
+            scores[..., : min(n, 5)] = np.inf
+        k_max = int(rng.integers(1, n + 1))
+        budgets = rng.integers(0, k_max + 1, 3)
+        got = np.asarray(_top_per_head(jnp.asarray(scores), jnp.asarray(budgets), k_max))
+        _, best = jax.lax.top_k(jnp.asarray(scores), k_max)  # ties: lower index first
+        for b in range(2):
+            for h in range(3):
+                want = np.sort(np.asarray(best[b, h, : budgets[h]]))
+                np.testing.assert_array_equal(got[b, h, : budgets[h]], want)
+                assert np.all(got[b, h, budgets[h] :] == SENTINEL)
+
+
+@pytest.mark.parametrize("estimator", ["xla", "pallas"])
+def test_estimation_one_kv_head_at_a_time_is_the_same(monkeypatch, estimator):
+    """Above the memory bound (1M tokens) the scores are built per kv head: same result."""
+    q, k = _random_qk(11, 2, 190, 6, 3, 16)
+    budgets = [(40, 60), (31, 50), (50, 70), (35, 55), (45, 65), (30, 50)]
+    estimate = functools.partial(
+        estimate_vertical_slash, q, k, budgets, scale=0.25, estimator=estimator
+    )
+    whole = estimate()
+    monkeypatch.setattr(index_approx, "_SCORE_BYTES_PER_STEP", 1)
+    monkeypatch.setattr(index_approx, "_SKEW_BYTES_PER_STEP", 1)
+    for got, want in zip(estimate(), whole, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_small_slash_budget_picks_only_forced_local_offsets():

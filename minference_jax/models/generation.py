@@ -31,7 +31,7 @@ class PrefillResult:
     seconds: float
 
 
-_layer_step = nnx.jit(layer_body, static_argnames=("plan", "implementation", "chunk", "axis_name"))
+layer_step = nnx.jit(layer_body, static_argnames=("plan", "implementation", "chunk", "axis_name"))
 
 
 @nnx.jit
@@ -83,7 +83,7 @@ def prefill(
             config.num_heads,
             attention.implementation,
         )
-        step = _layer_step if sharded is None else sharded.step(layer_id)
+        step = layer_step if sharded is None else sharded.step(layer_id)
         x, k, v = step(
             layer,
             x,

@@ -130,7 +130,7 @@ class TensorParallel:
         return self._steps[key]
 
     def step(self, layer_id: int):
-        """A callable with `_layer_step`'s signature that runs layer `layer_id` sharded."""
+        """A callable with `layer_step`'s signature that runs layer `layer_id` sharded."""
 
         def run(_layer, x, cos, sin, budgets, *, plan, implementation, chunk):
             # Inputs are committed to this process's device: place them on the (possibly
