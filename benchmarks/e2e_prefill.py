@@ -194,17 +194,18 @@ def layer0_density(model, ids, spec: AttentionSpec) -> float | None:
     plan, budgets = layer_plan(spec.layer(0, config.num_heads), n, config.num_heads, "pallas")
     if plan is None:
         return None
+    q, k, _ = layer0_qkv(model, ids)
+    index = build_planned_index(q, k, budgets, plan=plan, scale=config.head_dim**-0.5)
+    return round(float(index.computed_fraction()), 4)
 
-    @nnx.jit
-    def density(model, ids):
-        layer = model.layers[0]
-        cos, sin = rope_tables(config, jnp.arange(n), n)
-        x = layer.input_norm(model.embed[...][ids])
-        q, k, _ = layer.attn.qkv(x, cos, sin)
-        index = build_planned_index(q, k, budgets, plan=plan, scale=config.head_dim**-0.5)
-        return index.computed_fraction()
 
-    return round(float(density(model, ids)), 4)
+@nnx.jit
+def layer0_qkv(model, ids):
+    """Layer 0's q, k, v for the prompt (RoPE applied)."""
+    n = ids.shape[1]
+    cos, sin = rope_tables(model.config, jnp.arange(n), n)
+    layer = model.layers[0]
+    return layer.attn.qkv(layer.input_norm(model.embed[...][ids]), cos, sin)
 
 
 def layer0_breakdown(model, ids, spec: AttentionSpec, chunk: int, repeats: int) -> dict:
@@ -219,7 +220,7 @@ def layer0_breakdown(model, ids, spec: AttentionSpec, chunk: int, repeats: int) 
     scale = config.head_dim**-0.5
     cos, sin = rope_tables(config, jnp.arange(n), n)
     x = model.embed[...][ids]
-    q, k, v = nnx.jit(lambda layer, x: layer.attn.qkv(layer.input_norm(x), cos, sin))(layer, x)
+    q, k, v = layer0_qkv(model, ids)
     step = functools.partial(layer_step, plan=plan, implementation=implementation, chunk=chunk)
     layer_ms = time_fn(lambda: step(layer, x, cos, sin, budgets), warmup=1, repeats=repeats)
     attend = jax.jit(

@@ -16,8 +16,6 @@ Addressing: the kernel forms only int32 *row* indices (tokens < 2^30); the Trito
 from __future__ import annotations
 
 import functools
-import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +23,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from minference_jax.sparse_index import SENTINEL, SparseIndex
+from pallas_kernels.constants import LOG2E, MASK_VALUE
 
-# Finite: a row whose first tile is fully masked is wiped by the correction factor later.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-
-# jax 0.11 deprecates this backend; it is still the only Pallas path on A100, so we pin jax.
-warnings.filterwarnings(
-    "ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning
-)
 
 
 def _sparse_flash_kernel(

@@ -22,16 +22,13 @@ MB), the bf16 buffer written and read once (2 x 537 MB).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-LOG2E = math.log2(math.e)
-# Finite, so a row with no visible key in a tile gives max = MASK_VALUE, not inf - inf.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels.constants import LOG2E, MASK_VALUE
 
 
 def supports(seq_len: int, rows: int, head_dim: int) -> bool:
