@@ -1,13 +1,21 @@
-"""The Pallas kernel against the masked-dense reference: CPU interpret mode in CI, GPU marked."""
+"""The Pallas kernels against their references: CPU interpret mode in CI, GPU marked."""
+
+import functools
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from minference_jax import patterns as P
-from minference_jax.index_approx import build_sparse_index
+from minference_jax.index_approx import (
+    _grouped,
+    _map_over_kv_heads,
+    _vertical_slash_scores,
+    build_sparse_index,
+)
 from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
 from minference_jax.sparse_index import vertical_slash_index
+from pallas_kernels import vs_estimate
 from pallas_kernels.sparse_flash import sparse_flash_attention
 from tests.oracles import random_qkv, rel_err
 
@@ -133,3 +141,21 @@ def test_kernel_gpu_one_million_tokens_32_heads():
     got = out[:, rows]
     assert not np.isnan(np.asarray(got, np.float32)).any()
     assert rel_err(got, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_vs_scores_kernel_gpu_one_million_tokens():
+    """64-bit addressing of the skewed buffer (32 heads x 64 rows x 1M bf16 = 4.3 GB > 4 GiB)."""
+    n, heads, kv_heads, dim = 1 << 20, 32, 8, 128
+    q, k, _ = random_qkv(2, 1, n, heads, kv_heads, dim, jnp.bfloat16)
+    columns, diagonals = vs_estimate.vertical_slash_scores(q[:, -64:], k, scale=dim**-0.5)
+    want_columns, want_diagonals = _map_over_kv_heads(
+        functools.partial(_vertical_slash_scores, scale=dim**-0.5),
+        _grouped(q[:, -64:], kv_heads),
+        k,
+        one_at_a_time=True,
+    )
+    # Columns sum f32 probabilities in both; diagonals sum bf16 ones in the kernel.
+    assert float(jnp.abs(columns - want_columns).max()) < 1e-4
+    assert float(jnp.abs(diagonals - want_diagonals).max()) < 5e-3
+    np.testing.assert_allclose(np.asarray(diagonals.sum(-1)), 64.0, rtol=1e-2)
