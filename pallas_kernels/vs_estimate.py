@@ -122,8 +122,7 @@ def _row_log_sum_exp(q_grouped, k, params, launch):
 def _probabilities(q_grouped, lse, k, params, launch):
     """Pass 2: column sums [B, Hkv, G, n_tiles * T] and the skewed probabilities."""
     batch, num_kv_heads, group, rows, head_dim = q_grouped.shape
-    block_k = params["block_k"]
-    n_tiles = -(-params["n"] // block_k)
+    block_k, n_tiles = params["block_k"], launch["grid"][0]
     q_spec, k_spec = _specs(params, rows, head_dim)
     lse_spec = pl.BlockSpec((None, None, group, rows), lambda t, b, h: (b, h, 0, 0))
     col_spec = pl.BlockSpec((None, None, group, block_k), lambda t, b, h: (b, h, 0, t))
