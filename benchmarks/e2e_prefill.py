@@ -263,6 +263,21 @@ def shares(row: dict) -> str:
     return " / ".join(f"{100 * row[key]:.0f}%" for key in keys)
 
 
+def speedup_ceiling(sparse: dict, dense: dict) -> float | None:
+    """Layer-0 speedup if the sparse kernel computed its tiles at cuDNN's dense rate.
+
+    sparse layer = index + projections/MLP (both measured) + tile fraction x dense attention
+    time (measured in the dense row of the same length). What a kernel as fast per tile as cuDNN
+    would give on this index: the bound that the index density and the linear layers set.
+    """
+    needed = ("layer0_ms", "share_index", "share_projections_mlp", "layer0_computed_fraction")
+    if not all(sparse.get(key) is not None for key in needed) or "layer0_ms" not in dense:
+        return None
+    dense_attention_ms = dense["layer0_ms"] * dense["share_attention_kernel"]
+    fixed_ms = sparse["layer0_ms"] * (sparse["share_index"] + sparse["share_projections_mlp"])
+    return dense["layer0_ms"] / (fixed_ms + sparse["layer0_computed_fraction"] * dense_attention_ms)
+
+
 def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None:
     """Markdown table (speedup vs dense of the same length) and a latency/speedup plot."""
     import matplotlib
@@ -270,9 +285,8 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = {
-        r["seq_len"]: r["full_model_s"] for r in rows if r["mode"] == "dense" and r["devices"] == 1
-    }
+    dense_rows = {r["seq_len"]: r for r in rows if r["mode"] == "dense" and r["devices"] == 1}
+    dense = {n: r["full_model_s"] for n, r in dense_rows.items()}
     single = {(r["seq_len"], r["mode"]): r["full_model_s"] for r in rows if r["devices"] == 1}
     lines = [
         f"End-to-end prefill, Llama-3-8B shape, random weights, {rows[0]['device']}. "
@@ -281,21 +295,27 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
         "Speedup vs dense: against 1-device dense of the same length. Peak GiB: device 0.",
         "",
         "Layer-0 time shares (each part timed alone): index estimation / attention kernel "
-        "(or cuDNN) / projections + MLP.",
+        "(or cuDNN) / projections + MLP. Ceiling: layer 0's speedup if the sparse kernel "
+        "computed its tiles at cuDNN's dense rate (index + projections/MLP measured, kernel = "
+        "tile fraction x the dense row's cuDNN time).",
         "",
         "| N | mode | devices | prefill s | tokens/s | speedup vs dense | vs 1 device "
-        "| peak GiB | layer-0 tiles computed | layer-0 ms | index / kernel / proj+MLP |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak GiB | layer-0 tiles computed | layer-0 ms | index / kernel / proj+MLP "
+        "| ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = dense.get(r["seq_len"], float("nan")) / r["full_model_s"]
         star = "*" if r["extrapolated"] else ""
         scaling = single.get((r["seq_len"], r["mode"]), float("nan")) / r["full_model_s"]
+        ceiling = None
+        if r["mode"] != "dense" and r["devices"] == 1 and r["seq_len"] in dense_rows:
+            ceiling = speedup_ceiling(r, dense_rows[r["seq_len"]])
         lines.append(
             f"| {r['seq_len']} | {r['mode']} | {r['devices']} | {r['full_model_s']}{star} | "
             f"{r['tokens_per_s']} | {speedup:.2f} | {scaling:.2f} | {r['peak_gib']} | "
             f"{r.get('layer0_computed_fraction') or '-'} | {r.get('layer0_ms', '-')} | "
-            f"{shares(r)} |"
+            f"{shares(r)} | {'-' if ceiling is None else f'{ceiling:.2f}'} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(10, 4))

@@ -102,6 +102,23 @@ def test_e2e_benchmark_writes_table_and_plot(tmp_path):
     parts = ("share_index", "share_attention_kernel", "share_projections_mlp")
     for row in rows:  # shares of separately timed parts: they sum to 1 by construction
         assert row["layer0_ms"] > 0 and abs(sum(row[p] for p in parts) - 1) < 1e-2
+    ceiling = e2e_prefill.speedup_ceiling(config, dense)
+    assert ceiling > 0 and f"| {ceiling:.2f} |" in table.read_text()
+
+
+def test_speedup_ceiling_arithmetic():
+    from benchmarks.e2e_prefill import speedup_ceiling
+
+    dense = dict(layer0_ms=300.0, share_attention_kernel=0.7)  # 210 ms cuDNN
+    sparse = dict(
+        layer0_ms=200.0,
+        share_index=0.01,
+        share_projections_mlp=0.45,  # 2 + 90 ms
+        layer0_computed_fraction=0.1,  # 21 ms at cuDNN's rate
+    )
+    assert abs(speedup_ceiling(sparse, dense) - 300.0 / 113.0) < 1e-9
+    assert speedup_ceiling(dict(sparse, layer0_computed_fraction=None), dense) is None
+    assert speedup_ceiling(sparse, dict(full_model_s=1.0)) is None
 
 
 def test_structured_attention_makes_estimated_indices_sparse():

@@ -14,7 +14,7 @@ from minference_jax.index_approx import (
     build_sparse_index,
 )
 from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
-from minference_jax.sparse_index import vertical_slash_index
+from minference_jax.sparse_index import SENTINEL, vertical_slash_index
 from pallas_kernels import vs_estimate
 from pallas_kernels.sparse_flash import sparse_flash_attention
 from tests.oracles import random_qkv, rel_err
@@ -79,6 +79,45 @@ def test_kernel_interpret_matches_reference(
     q, k, v = random_qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
     index = build_sparse_index(q, k, patterns, block_q=block_q, block_kv=block_kv)
     _check(q, k, v, index, dtype, interpret=True)
+
+
+def _crafted_runs_index(seed, n, heads, block_q, block_kv):
+    """VS index whose D has runs of 1..5 adjacent blocks at both parities, up to the start."""
+    rng = np.random.default_rng(seed)
+    n_blocks = -(-n // block_kv)
+    slashes = []
+    for _ in range(heads):
+        starts = rng.choice(np.arange(2, n_blocks), size=min(6, n_blocks - 2), replace=False)
+        lengths = rng.integers(1, 5, size=starts.shape)
+        shifted = rng.integers(0, 2, size=starts.shape)
+        # Aligned slashes at blocks d .. d + L - 1 cover a run of L + r - 1 blocks from d; a
+        # slash 1 past a block boundary lengthens it by one (both parities of run lengths).
+        row = [
+            (d + j) * block_kv + extra
+            for d, length, extra in zip(starts, lengths, shifted, strict=True)
+            for j in range(length)
+        ]
+        row += list(range(0, rng.integers(1, 3 * block_kv)))  # a local band of random length
+        slashes.append(sorted(set(row)))
+    width = max(map(len, slashes))
+    slashes = np.array([s + [SENTINEL] * (width - len(s)) for s in slashes])[None]
+    verticals = rng.integers(0, n, (1, heads, 7))
+    return vertical_slash_index(
+        jnp.asarray(verticals, jnp.int32),
+        jnp.asarray(slashes, jnp.int32),
+        seq_len=n,
+        block_q=block_q,
+        block_kv=block_kv,
+    )
+
+
+@pytest.mark.parametrize("block_q, block_kv", [(64, 64), (32, 16)])
+def test_kernel_interpret_on_crafted_runs(block_q, block_kv):
+    """Runs of adjacent diagonal blocks of both parities reaching the sequence start, N % block."""
+    n, heads, kv_heads, dim = 700, 4, 2, 16
+    q, k, v = random_qkv(5, 1, n, heads, kv_heads, dim, jnp.float32)
+    index = _crafted_runs_index(3, n, heads, block_q, block_kv)
+    _check(q, k, v, index, jnp.float32, interpret=True)
 
 
 def test_kernel_rejects_bad_inputs():
