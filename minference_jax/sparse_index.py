@@ -70,7 +70,8 @@ class SparseIndex:
     def computed_fraction(self) -> jax.Array:
         """Scalar: key tiles computed / tiles a dense causal kernel computes (same tile shape)."""
         batch, heads = self.diag_count.shape[:2]
-        return self.num_tiles().sum(dtype=jnp.float32) / (self.causal_tiles * batch * heads)
+        # A Python float: the tile count of 32 heads at 1M tokens (4.3e9) overflows int32.
+        return self.num_tiles().sum(dtype=jnp.float32) / float(self.causal_tiles * batch * heads)
 
 
 def check_block_sizes(block_q: int, block_kv: int) -> None:

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import jax
@@ -13,7 +14,12 @@ from minference_jax.index_approx import (
     estimate_block_sparse,
     estimate_vertical_slash,
 )
-from minference_jax.sparse_index import SENTINEL, dense_mask_from_index, vertical_slash_index
+from minference_jax.sparse_index import (
+    SENTINEL,
+    SparseIndex,
+    dense_mask_from_index,
+    vertical_slash_index,
+)
 from pallas_kernels import vs_estimate
 from tests.oracles import block_rows_mask, rows_mask
 
@@ -303,3 +309,28 @@ def test_layers_differing_only_in_budgets_share_one_plan():
     assert list(budgets_b["n_slash"]) == [5000, 100, 5000, 100]
     c, _ = plan_index(P.VerticalSlash(3500, 100), n, heads)
     assert c.max_vertical == 4096 and c != a
+
+
+def test_computed_fraction_of_a_dense_million_token_index():
+    """32 heads x 1M tokens hold 4.3e9 causal 64x64 tiles: more than int32 counts."""
+    heads, n_q_blocks = 32, (1 << 20) // 64
+    counts = jnp.broadcast_to(
+        jnp.arange(1, n_q_blocks + 1, dtype=jnp.int32), (1, heads, n_q_blocks)
+    )
+    zeros = jnp.zeros_like(counts)
+    index = SparseIndex(
+        diag_offset=jnp.zeros((1, heads, 1), jnp.int32),
+        diag_count=counts,
+        diag_mask=jnp.ones((1, heads, n_q_blocks), bool),
+        block_index=jnp.zeros((1, heads, n_q_blocks, 0), jnp.int32),
+        block_count=zeros,
+        column_index=jnp.zeros((1, heads, 0), jnp.int32),
+        column_count=zeros,
+        seq_len=1 << 20,
+        block_q=64,
+        block_kv=64,
+    )
+    assert index.causal_tiles * heads > 2**32
+    assert abs(float(index.computed_fraction()) - 1.0) < 1e-6
+    half = dataclasses.replace(index, diag_count=(counts + 1) // 2)
+    assert abs(float(half.computed_fraction()) - 0.5) < 1e-3
