@@ -118,6 +118,17 @@ def _top_per_head(scores: jax.Array, budgets: jax.Array, k_max: int) -> jax.Arra
     return jnp.where(slots <= rank[..., -1:], position, SENTINEL).astype(jnp.int32)
 
 
+def default_estimator(dtype, seq_len: int, rows: int, head_dim: int, *, on_gpu: bool) -> str:
+    """The VS estimator to use: pallas on GPU for bf16/f16 inputs it takes, else xla.
+
+    f32 stays on XLA: the kernel's exact-f32 dots build as unrolled FMA code, and a mixed-pattern
+    f32 index took minutes to compile on the H200 (NOTES.md, session 4).
+    """
+    sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    supported = vs_estimate.supports(seq_len, rows, head_dim)
+    return "pallas" if on_gpu and sixteen_bit and supported else "xla"
+
+
 def estimate_vertical_slash(
     q: jax.Array,
     k: jax.Array,
@@ -133,7 +144,7 @@ def estimate_vertical_slash(
     q [B, N, Hq, D], k [B, N, Hkv, D]; budgets [Hq, 2] = (n_vertical, n_slash) per head, may be
     traced when `max_budgets` (static top-k widths, >= every budget) is given.
     `estimator`: "pallas" (the fused kernel of pallas_kernels/vs_estimate.py; interpreted off
-    GPU), "xla", or None: pallas on GPU where the kernel takes the shapes, else xla.
+    GPU), "xla", or None (`default_estimator`).
     Returns (verticals [B, Hq, max_v] key positions, slashes [B, Hq, max_s] offsets i - j), both
     ascending and SENTINEL-padded. The first 30 columns and the 100 most local offsets always win.
     """
@@ -141,7 +152,7 @@ def estimate_vertical_slash(
     rows = min(last_q, n)
     on_gpu = jax.default_backend() == "gpu"
     if estimator is None:
-        estimator = "pallas" if on_gpu and vs_estimate.supports(n, rows, q.shape[-1]) else "xla"
+        estimator = default_estimator(q.dtype, n, rows, q.shape[-1], on_gpu=on_gpu)
     q_last = q[:, n - rows :]
     if estimator == "pallas":
         kernel = functools.partial(

@@ -334,3 +334,12 @@ def test_computed_fraction_of_a_dense_million_token_index():
     assert abs(float(index.computed_fraction()) - 1.0) < 1e-6
     half = dataclasses.replace(index, diag_count=(counts + 1) // 2)
     assert abs(float(half.computed_fraction()) - 0.5) < 1e-3
+
+
+def test_default_estimator_choice():
+    choose = index_approx.default_estimator
+    assert choose(jnp.bfloat16, 131072, 64, 128, on_gpu=True) == "pallas"
+    assert choose(jnp.float16, 1000, 64, 64, on_gpu=True) == "pallas"
+    assert choose(jnp.float32, 131072, 64, 128, on_gpu=True) == "xla"  # slow f32 kernel build
+    assert choose(jnp.bfloat16, 131072, 64, 96, on_gpu=True) == "xla"  # head_dim not pow2
+    assert choose(jnp.bfloat16, 131072, 64, 128, on_gpu=False) == "xla"
