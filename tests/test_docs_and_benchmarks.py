@@ -106,6 +106,21 @@ def test_e2e_benchmark_writes_table_and_plot(tmp_path):
     assert ceiling > 0 and f"| {ceiling:.2f} |" in table.read_text()
 
 
+def test_e2e_benchmark_truncates_only_the_dense_stack(tmp_path):
+    from benchmarks import e2e_prefill
+
+    args = ["--tiny", "--seq-lens", "96", "--modes", "dense", "config", "--dense-layers", "1"]
+    rows = e2e_prefill.main([*args, "--no-breakdown", "--repeats", "1", "--out", str(tmp_path)])
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["dense"]["layers"] == 1 and by_mode["dense"]["extrapolated"]
+    assert by_mode["config"]["layers"] == e2e_prefill.TINY.num_layers
+    assert not by_mode["config"]["extrapolated"]
+    dense = by_mode["dense"]
+    assert abs(dense["full_model_s"] - dense["prefill_s"] * e2e_prefill.TINY.num_layers) < 3e-3
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert f"| 96 | dense | 1 | 1 | {dense['full_model_s']}* |" in table
+
+
 def test_speedup_ceiling_arithmetic():
     from benchmarks.e2e_prefill import speedup_ceiling
 
