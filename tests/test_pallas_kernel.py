@@ -82,7 +82,7 @@ def test_kernel_interpret_matches_reference(
 
 
 def _crafted_runs_index(seed, n, heads, block_q, block_kv):
-    """VS index whose D has runs of 1..5 adjacent blocks at both parities, up to the start."""
+    """VS index whose D has runs of 1-6 adjacent blocks at both parities, up to the start."""
     rng = np.random.default_rng(seed)
     n_blocks = -(-n // block_kv)
     slashes = []
