@@ -121,6 +121,24 @@ def test_e2e_benchmark_truncates_only_the_dense_stack(tmp_path):
     assert f"| 96 | dense | 1 | 1 | {dense['full_model_s']}* |" in table
 
 
+def test_e2e_benchmark_builds_the_weights_a_jitted_init_would():
+    """The benchmark builds its model eagerly (fast at 32 layers): same weights as nnx.jit."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from benchmarks import e2e_prefill
+    from minference_jax.models import CausalLM
+
+    config = dataclasses.replace(e2e_prefill.TINY, num_layers=3)
+    eager = e2e_prefill.build_model(config, jnp.bfloat16, structured=False)
+    jitted = nnx.jit(lambda: CausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))()
+    pairs = zip(jax.tree.leaves(nnx.state(eager)), jax.tree.leaves(nnx.state(jitted)), strict=True)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in pairs)
+
+
 def test_speedup_ceiling_arithmetic():
     from benchmarks.e2e_prefill import speedup_ceiling
 
