@@ -215,3 +215,17 @@ def test_training_script_smoke(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(r["lm_loss"] > 0 for r in log)
     model, config = load_model(tmp_path)
     assert config.num_layers == 2 and (tmp_path / "tokenizer.json").is_file()
+
+
+def test_slash_tiling_counts_by_hand():
+    import numpy as np
+
+    from benchmarks.slash_tiling import diagonal_tile_fractions, main
+    from minference_jax.sparse_index import SENTINEL
+
+    # 8 query blocks of 64 (36 causal tiles). Slashes 100 and 150 cover distances 100..213:
+    # aligned blocks 1, 2, 3 (+ the diagonal 0); unaligned tiles at 100 and 164 (+ 0).
+    aligned, unaligned = diagonal_tile_fractions(np.array([100, 150, SENTINEL]), 512, 64)
+    assert aligned == (1 + 2 + 3 + 5 * 4) / 36 and unaligned == (1 + 2 + 3 + 5 * 3) / 36
+    rows = main(["--tiny", "--seq-len", "256"])
+    assert rows and all(0 < r["unaligned"] <= r["aligned"] <= 1 for r in rows)
