@@ -1,5 +1,7 @@
 """minference_jax: training-free dynamic sparse attention for long-context prefill, in JAX."""
 
+__version__ = "0.1.0"  # pyproject.toml reads it from here
+
 from minference_jax.attention import sparse_attention
 from minference_jax.config_io import PatternConfigError, load_pattern_config, save_pattern_config
 from minference_jax.index_approx import build_sparse_index
@@ -19,6 +21,7 @@ __all__ = [
     "PatternConfigError",
     "SparseIndex",
     "VerticalSlash",
+    "__version__",
     "build_sparse_index",
     "dense_attention_reference",
     "dense_mask_from_index",
