@@ -5,6 +5,7 @@ __version__ = "0.1.0"  # pyproject.toml reads it from here
 from minference_jax.attention import sparse_attention
 from minference_jax.config_io import PatternConfigError, load_pattern_config, save_pattern_config
 from minference_jax.index_approx import build_sparse_index
+from minference_jax.nnx_attention import nnx_attention_fn
 from minference_jax.patterns import AShape, BlockSparse, Dense, HeadPatterns, VerticalSlash
 from minference_jax.reference import (
     dense_attention_reference,
@@ -26,6 +27,7 @@ __all__ = [
     "dense_attention_reference",
     "dense_mask_from_index",
     "load_pattern_config",
+    "nnx_attention_fn",
     "save_pattern_config",
     "sparse_attention",
     "sparse_attention_reference",

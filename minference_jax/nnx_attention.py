@@ -1,0 +1,68 @@
+"""Sparse attention as the `attention_fn` of `flax.nnx.MultiHeadAttention`.
+
+`nnx.MultiHeadAttention` calls its `attention_fn(query, key, value, **options)` with
+[batch, length, heads, head_dim] arrays, the same layout `sparse_attention` takes, plus keyword
+options (mask, dropout, dtype, ...). `nnx_attention_fn(patterns)` returns such a function. The
+sparse attention is causal prefill attention, so the layer must be called with
+`is_causal=True` and without a mask, dropout or weight sowing; anything else raises instead of
+being silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from minference_jax import patterns as P
+from minference_jax.attention import sparse_attention
+
+
+def nnx_attention_fn(patterns: P.Pattern | Sequence[P.Pattern], **sparse_options) -> Callable:
+    """An `attention_fn` for `flax.nnx.MultiHeadAttention` that runs `sparse_attention`.
+
+    Args:
+      patterns: one pattern for all query heads, or one per query head (as `sparse_attention`).
+      **sparse_options: passed on to `sparse_attention` (`implementation`, `block_q`, ...).
+    """
+
+    def attention_fn(
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        bias: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        broadcast_dropout: bool = True,
+        dropout_rng: jax.Array | None = None,
+        dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        dtype=None,
+        precision=None,
+        module=None,
+        promote_dtype=None,
+        is_causal: bool = False,
+    ) -> jax.Array:
+        del broadcast_dropout, dropout_rng, promote_dtype  # only meaningful with dropout / mixed
+        if not is_causal:
+            raise ValueError(
+                "sparse attention is causal: call the layer with is_causal=True (and no mask)"
+            )
+        if bias is not None or mask is not None:
+            raise ValueError("sparse attention takes no mask or bias (causality is built in)")
+        if dropout_rate > 0.0 and not deterministic:
+            raise ValueError("sparse attention has no attention dropout: use dropout_rate=0")
+        if module is not None:
+            raise ValueError("sparse attention never forms the attention weights to sow")
+        if precision is not None:
+            raise ValueError(
+                "sparse attention runs at its kernels' own precision: use precision=None"
+            )
+        if dtype is not None:
+            query, key, value = (x.astype(dtype) for x in (query, key, value))
+        else:
+            common = jnp.result_type(query, key, value)
+            query, key, value = (x.astype(common) for x in (query, key, value))
+        return sparse_attention(query, key, value, patterns, **sparse_options)
+
+    return attention_fn
