@@ -23,7 +23,8 @@ model's (local band + an attention sink on the first token,
 `benchmarks.synthetic.structure_attention`); `--plain-random` turns that off.
 `--tensor-parallel 1 2` runs every length and mode on 1 device and tensor-parallel over 2 (heads
 and MLP columns split, `minference_jax.models.sharding`; weights placed once, outside the timing).
-Writes e2e_prefill_<device>.{json,md,png} (latency and speedup vs length).
+Writes e2e_prefill_<device>.{json,md,png} (latency and speedup vs length) to --out (default
+benchmarks/results/local/, git-ignored).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.synthetic import structure_attention
-from benchmarks.timing import device_name, time_fn
+from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
 from minference_jax import patterns as P
 from minference_jax.attention import layer_plan, planned_attention
 from minference_jax.config_io import load_pattern_config, shipped_configs
@@ -123,7 +124,7 @@ def main(argv=None):
         help="skip timing layer 0's index / attention / projections+MLP shares",
     )
     parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
+        "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
     args = parser.parse_args(argv)
     config = TINY if args.tiny else LLAMA3_8B
@@ -194,6 +195,7 @@ def main(argv=None):
     name = f"e2e_prefill_{device.replace(':', '_').replace(' ', '_')}{'_tiny' if args.tiny else ''}"
     (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     write_report(rows, args.out / name, full_layers)
+    report_written(*(args.out / f"{name}.{ext}" for ext in ("json", "md", "png")))
     return rows
 
 

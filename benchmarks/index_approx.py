@@ -6,7 +6,7 @@
 Patterns: layer 0 of the shipped Llama-3-8B-262k config (mixed vertical-slash budgets), or one
 uniform pattern with --pattern vs:1000,6096 | bs:100 | ashape:1024,4096. Data: i.i.d. normal
 q/k (the estimator's cost does not depend on the values; its output density does).
-Writes benchmarks/results/index_approx_<device>.{md,json}.
+Writes index_approx_<device>.{md,json} to --out (default benchmarks/results/local/, git-ignored).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pathlib
 
 import jax
 
-from benchmarks.timing import device_name, time_fn
+from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
 from minference_jax import patterns as P
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.index_approx import build_sparse_index, index_footprint_bytes
@@ -56,7 +56,7 @@ def main(argv=None) -> list[dict]:
         help="vertical-slash scores: auto = the Pallas kernel on GPU, XLA elsewhere",
     )
     parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
+        "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
     args = parser.parse_args(argv)
 
@@ -113,6 +113,7 @@ def main(argv=None) -> list[dict]:
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    report_written(stem.with_suffix(".json"), stem.with_suffix(".md"))
     return rows
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.synthetic import structured_qk
-from benchmarks.timing import device_name, time_fn
+from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.reference import sparse_attention_xla
@@ -108,7 +108,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--interpret", action="store_true", help="CPU smoke run (interpret mode)")
     parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
+        "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
     args = parser.parse_args(argv)
     device = device_name()
@@ -235,6 +235,7 @@ def main(argv=None):
     )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    report_written(stem.with_suffix(".json"), stem.with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import pathlib
 import statistics
 import time
 
 import jax
+
+# Where a benchmark writes without --out: git-ignored, so a rerun leaves no untracked files. The
+# results shipped with the project sit one level up, in benchmarks/results/.
+DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "local"
+
+
+def report_written(*paths: pathlib.Path) -> None:
+    print("wrote " + ", ".join(str(p) for p in paths), flush=True)
 
 
 def time_fn(fn, *args, warmup: int = 2, repeats: int = 10) -> float:

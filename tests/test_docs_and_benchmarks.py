@@ -19,28 +19,23 @@ def test_readme_python_example_runs():
     assert namespace["index"].seq_len == namespace["q"].shape[1]
 
 
-def test_index_benchmark_writes_tables(tmp_path):
+def test_benchmark_default_output_folder_is_git_ignored():
+    from benchmarks.timing import DEFAULT_OUT
+
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "/" + DEFAULT_OUT.relative_to(ROOT).as_posix() + "/" in ignored
+
+
+def test_index_benchmark_writes_tables_to_its_default_folder(tmp_path, monkeypatch, capsys):
     from benchmarks import index_approx
 
-    rows = index_approx.main(
-        [
-            "--seq-lens",
-            "300",
-            "--heads",
-            "4",
-            "--kv-heads",
-            "2",
-            "--pattern",
-            "vs:100,200",
-            "--repeats",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    monkeypatch.setattr(index_approx, "DEFAULT_OUT", tmp_path)  # what no --out resolves to
+    argv = ["--seq-lens", "300", "--heads", "4", "--kv-heads", "2", "--pattern", "vs:100,200"]
+    rows = index_approx.main([*argv, "--repeats", "1"])
     assert rows[0]["seq_len"] == 300 and rows[0]["ms"] > 0
     (table,) = tmp_path.glob("*.md")
     assert "| 300 |" in table.read_text()
+    assert f"wrote {tmp_path / table.stem}.json, {table}" in capsys.readouterr().out
 
 
 def test_index_profile_runs_every_stage(capsys):
