@@ -80,6 +80,22 @@ def test_nnx_attention_fn_refuses_what_it_cannot_do(call, message):
         _layer(nnx_attention_fn(AShape(4, 16)))(x, **call)
 
 
+def test_nnx_attention_fn_refuses_sowing_and_a_precision():
+    x = jnp.ones((1, 64, 48))
+    with pytest.raises(ValueError, match="sow"):
+        _layer(nnx_attention_fn(AShape(4, 16)))(x, is_causal=True, sow_weights=True)
+    layer = nnx.MultiHeadAttention(
+        num_heads=2,
+        in_features=48,
+        precision=jax.lax.Precision.HIGHEST,
+        attention_fn=nnx_attention_fn(AShape(4, 16)),
+        decode=False,
+        rngs=nnx.Rngs(0),
+    )
+    with pytest.raises(ValueError, match="precision"):
+        layer(x, is_causal=True)
+
+
 def test_nnx_attention_fn_refuses_dropout():
     layer = nnx.MultiHeadAttention(
         num_heads=2,
