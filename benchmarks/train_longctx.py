@@ -62,9 +62,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from convert.checkpoint import export_hf, model_from_params
+from convert.checkpoint import export_hf, load_model, model_from_params
+from convert.checkpoint import flat_params as checkpoint_params
 from minference_jax import passkey
 from minference_jax.models import CausalLM, ModelConfig
+from minference_jax.models.config import read_hf_config
 from minference_jax.tokenization import save_byte_tokenizer
 
 PROCESS_START = time.perf_counter()
@@ -185,13 +187,20 @@ def _wanted(label: str, name: str) -> bool:
     return name.endswith(SUFFIXES)
 
 
+def _skipped_dir(label: str, name: str) -> bool:
+    """Caches, hidden folders, package metadata, and (in stdlib) a nested site-packages."""
+    if name == "__pycache__" or name.startswith(".") or name.endswith((".dist-info", ".egg-info")):
+        return True
+    return label == "stdlib" and name in ("site-packages", "dist-packages")
+
+
 def list_files(roots) -> list[tuple[str, pathlib.Path]]:
     """(label/relative path, absolute path) of candidate files, sorted; purelib inside stdlib
-    (a venv under the interpreter) is listed once, as purelib."""
+    or linked twice is listed once."""
     found, seen = [], set()
     for label, root in roots:
         for folder, dirs, names in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not _skipped_dir(label, d))
             for name in sorted(names):
                 path = pathlib.Path(folder) / name
                 if not _wanted(label, name) or not path.is_file():
@@ -312,13 +321,14 @@ def corpus_manifest(roots, files, counts, max_file_bytes, max_total_bytes) -> di
 
 
 def heldout_sample(docs: list[tuple[str, bytes]], max_bytes: int) -> list[tuple[str, bytes]]:
+    """Held-out files up to max_bytes, taken in hash order (a mix of every root), path-sorted."""
     sample, size = [], 0
-    for rel, data in docs:
+    for rel, data in sorted(docs, key=lambda doc: hashlib.sha256(doc[0].encode()).digest()):
         if size >= max_bytes:
             break
         sample.append((rel, data))
         size += len(data)
-    return sample
+    return sorted(sample)
 
 
 def document_stream(docs: list[tuple[str, bytes]], min_len: int) -> np.ndarray:
@@ -491,12 +501,20 @@ class Trainer:
         nll, correct = self.eval_fn(self.params, jnp.asarray(ids), jnp.asarray(mask))
         return np.asarray(nll), np.asarray(correct)
 
+    def load_weights(self, folder: pathlib.Path) -> None:
+        """Parameters from an HF folder (the optimizer state stays fresh)."""
+        model, _ = load_model(folder, jnp.float32)
+        weights = {f"params/{k}": np.asarray(v) for k, v in checkpoint_params(model).items()}
+        self.load_state_tensors({**weights, **self.state_tensors(params=False)})
+
     def n_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.params))
 
     # checkpoint tensors: "params/<path>" and "opt/<index>" (leaf order of the optimizer state)
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        tensors = {f"params/{k}": np.asarray(v) for k, v in flat_params(self.params).items()}
+    def state_tensors(self, params: bool = True) -> dict[str, np.ndarray]:
+        tensors = {}
+        if params:
+            tensors = {f"params/{k}": np.asarray(v) for k, v in flat_params(self.params).items()}
         for i, leaf in enumerate(jax.tree.leaves(self.opt_state)):
             tensors[f"opt/{i:05d}"] = np.asarray(leaf)
         return tensors
@@ -642,19 +660,40 @@ def load_checkpoint(ckpt: pathlib.Path, trainer: Trainer) -> dict | None:
 # ------------------------------------------------------------------------------------- main
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class Interrupt:
     """First SIGTERM / SIGINT: finish the step, save, exit. A second one: stop at once."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print(f"signal {signum}: saving and stopping", flush=True)
+
+
+def parse_phase(text: str) -> Phase:
+    """ "SEQ:BATCH:UNTIL", e.g. "8192:16:0.5"."""
+    try:
+        seq, batch, until = text.split(":")
+        phase = Phase(
+            f"{int(seq) // 1024}K" if int(seq) >= 1024 else seq, int(seq), int(batch), float(until)
+        )
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"phase {text!r} is not SEQ:BATCH:UNTIL") from err
+    if phase.seq_len < 1 or phase.batch < 1 or not 0 < phase.until <= 1:
+        raise argparse.ArgumentTypeError(f"phase {text!r}: positive sizes, 0 < UNTIL <= 1")
+    return phase
 
 
 def phase_at(phases, progress: float) -> Phase:
@@ -699,6 +738,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop-after", type=int, help="stop (as if interrupted) at this step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke configuration")
+    parser.add_argument(
+        "--phases",
+        type=parse_phase,
+        nargs="+",
+        help="SEQ:BATCH:UNTIL curriculum (UNTIL: fraction of the schedule; last must be 1)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=pathlib.Path,
+        help="start from this HF folder's weights (fresh optimizer), e.g. a previous run's --out",
+    )
     parser.add_argument("--corpus-root", type=pathlib.Path, action="append")
     parser.add_argument("--max-file-kb", type=int, default=256)
     parser.add_argument("--max-corpus-mb", type=float, default=320.0)
@@ -718,13 +768,24 @@ def main(argv=None, start: float | None = None) -> dict:
     """Train (or resume), evaluate, write the outputs; returns the log. `start`: the moment the
     --minutes budget counts from (the process start when run as a script)."""
     start = time.perf_counter() if start is None else start
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
-        print("error: --steps must be >= 1", file=sys.stderr)
-        raise SystemExit(2)
+        parser.error("--steps must be >= 1")
     setup = TINY if args.tiny else FULL
+    if args.phases:
+        if args.phases[-1].until != 1.0 or any(
+            a.until >= b.until for a, b in zip(args.phases, args.phases[1:], strict=False)
+        ):
+            parser.error("--phases: UNTIL must increase and end at 1")
+        setup = dataclasses.replace(setup, phases=tuple(args.phases))
+    with Interrupt() as interrupt:
+        command = sys.argv if argv is None else ["train_longctx", *argv]
+        return train(args, setup, start, interrupt, command)
+
+
+def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[str]) -> dict:
     deadline = start + 60.0 * args.minutes - args.final_reserve
-    interrupt = Interrupt()
 
     roots = (
         [(root.name or str(root), root) for root in args.corpus_root]
@@ -761,8 +822,12 @@ def main(argv=None, start: float | None = None) -> dict:
     }
 
     hf_config = dict(setup.hf_config)
+    if args.init_from:
+        hf_config = read_hf_config(args.init_from)
     config = ModelConfig.from_hf_dict(hf_config)
     trainer = Trainer(config, args.seed, args.weight_decay, args.answer_weight)
+    if args.init_from:
+        trainer.load_weights(args.init_from)
     rng = np.random.default_rng(args.seed)
     meta = load_checkpoint(args.ckpt, trainer)
     if meta is not None:
@@ -778,7 +843,7 @@ def main(argv=None, start: float | None = None) -> dict:
         step, train_seconds = 0, 0.0
         schedule_seconds = max(1.0, deadline - time.perf_counter())
         log = {
-            "command": sys.argv if argv is None else ["train_longctx", *argv],
+            "command": command,
             "hf_config": hf_config,
             "n_params": trainer.n_params(),
             "device": str(jax.devices()[0]),

@@ -65,6 +65,8 @@ def _run(tmp_path, name, *extra):
 
 
 def test_tiny_run_loads_and_resume_is_identical(tmp_path):
+    from benchmarks.train_longctx import Trainer, flat_params
+    from convert.checkpoint import flat_params as checkpoint_params
     from convert.checkpoint import load_model
 
     out, _ = _run(tmp_path, "full")
@@ -100,6 +102,24 @@ def test_tiny_run_loads_and_resume_is_identical(tmp_path):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     state = load_file(str(ckpt / "current" / "state.safetensors"))
     assert any(k.startswith("opt/") for k in state)
+
+    # --init-from reads the exported weights back (bf16 values, exactly)
+    trainer = Trainer(config, 1, 0.1, 1.0)
+    trainer.load_weights(out)
+    ours = {k: np.asarray(v) for k, v in flat_params(trainer.params).items()}
+    exported = {k: np.asarray(v) for k, v in checkpoint_params(model).items()}
+    assert ours.keys() == exported.keys()
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], exported[k], err_msg=k)
+
+
+def test_bad_phases_exit_2(tmp_path, capsys):
+    from benchmarks.train_longctx import main
+
+    for phases in (["64:2:0.5"], ["64:2:1.5"], ["64:x:1"], ["128:2:0.6", "64:2:0.5", "64:1:1"]):
+        with pytest.raises(SystemExit) as err:
+            main(["--tiny", "--out", str(tmp_path), "--ckpt", str(tmp_path), "--phases", *phases])
+        assert err.value.code == 2 and "phase" in capsys.readouterr().err
 
 
 def test_bad_corpus_root_exits_2(tmp_path, capsys):
