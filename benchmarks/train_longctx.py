@@ -187,10 +187,13 @@ def _wanted(label: str, name: str) -> bool:
     return name.endswith(SUFFIXES)
 
 
-def _skipped_dir(label: str, name: str) -> bool:
-    """Caches, hidden folders, package metadata, and (in stdlib) a nested site-packages."""
+def _skipped_dir(label: str, name: str, top: bool) -> bool:
+    """Caches, hidden folders, package metadata, a site-packages nested in stdlib, and the
+    translated man pages (only English sections, man/man*/, are read)."""
     if name == "__pycache__" or name.startswith(".") or name.endswith((".dist-info", ".egg-info")):
         return True
+    if label == "man" and top:
+        return not name.startswith("man")
     return label == "stdlib" and name in ("site-packages", "dist-packages")
 
 
@@ -200,7 +203,8 @@ def list_files(roots) -> list[tuple[str, pathlib.Path]]:
     found, seen = [], set()
     for label, root in roots:
         for folder, dirs, names in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not _skipped_dir(label, d))
+            top = pathlib.Path(folder) == root
+            dirs[:] = sorted(d for d in dirs if not _skipped_dir(label, d, top))
             for name in sorted(names):
                 path = pathlib.Path(folder) / name
                 if not _wanted(label, name) or not path.is_file():
@@ -307,7 +311,7 @@ def corpus_manifest(roots, files, counts, max_file_bytes, max_total_bytes) -> di
     return {
         "roots": {label: str(root) for label, root in roots},
         "python": sys.version.split()[0],
-        "suffixes": list(SUFFIXES) + ["man: *.gz"],
+        "suffixes": list(SUFFIXES) + ["man: man*/*.gz"],
         "max_file_bytes": max_file_bytes,
         "max_total_bytes": max_total_bytes,
         "heldout_rule": f"sha256(label/relative path)[:4] little-endian % 100 < {HELDOUT_PERCENT}",
@@ -593,7 +597,7 @@ def loss_png(log: dict) -> bytes | None:
             [r["tokens"] / 1e6 for r in evals],
             [r["heldout_bits_per_byte"] for r in evals],
             "o-",
-            label="held-out 2K windows",
+            label=f"held-out ({evals[0]['length']}-token windows)",
         )
     for prev, row in zip(steps, steps[1:], strict=False):
         if row["phase"] != prev["phase"]:
@@ -610,12 +614,23 @@ def loss_png(log: dict) -> bytes | None:
     return buffer.getvalue()
 
 
+def log_json(log: dict) -> bytes:
+    """Indented, except the per-step and per-eval rows: one line each."""
+    rows = {key: log[key] for key in ("steps", "evals")}
+    head = json.dumps({k: v for k, v in log.items() if k not in rows}, indent=1)[:-2]
+    body = ",\n".join(
+        f' "{key}": [\n' + ",\n".join("  " + json.dumps(r) for r in value) + "\n ]"
+        for key, value in rows.items()
+    )
+    return (head + ",\n" + body + "\n}\n").encode()
+
+
 def write_outputs(trainer, hf_config, out: pathlib.Path, log: dict, extras: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     export_sharded(trainer, hf_config, out)
     if not (out / "tokenizer.json").is_file():
         save_byte_tokenizer(out / "tokenizer.json")
-    write_atomic(out / "training_log.json", json.dumps(log, indent=1).encode())
+    write_atomic(out / "training_log.json", log_json(log))
     png = loss_png(log)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -712,20 +727,32 @@ def heldout_eval(trainer, stream, rows, length, batches, seed) -> float:
 
 
 def final_eval(trainer, setup: Setup, stream, seed) -> dict:
-    result = {}
+    """Held-out bits/byte at each eval length; passkey and multi-key accuracy (all 5 answer
+    digits argmax = greedy decoding) on `eval_rows` held-out-text prompts per length.
+    An evaluation that fails (e.g. memory) is reported as its error, the others still run."""
+    jobs = {}
     for length in setup.eval_lengths:
         batches = max(1, 4 * setup.phases[0].seq_len // length)
-        result[f"heldout_bits_per_byte_{length}"] = round(
+        jobs[f"heldout_bits_per_byte_{length}"] = lambda length=length, batches=batches: round(
             heldout_eval(trainer, stream, setup.eval_rows, length, batches, seed + 7), 4
         )
     for kind, lengths in (("passkey", setup.passkey_lengths), ("multikey", setup.multikey_lengths)):
         for length in lengths:
-            rng = np.random.default_rng([seed, length, kind == "multikey"])
-            ids, mask = retrieval_eval_batch(
-                rng, stream, setup.eval_rows, length + 1, kind == "multikey"
-            )
-            _, correct = trainer.evaluate(ids, mask)
-            result[f"{kind}_accuracy_{length}"] = round(float(correct.mean()), 3)
+
+            def accuracy(kind=kind, length=length):
+                rng = np.random.default_rng([seed, length, kind == "multikey"])
+                ids, mask = retrieval_eval_batch(
+                    rng, stream, setup.eval_rows, length + 1, kind == "multikey"
+                )
+                return round(float(trainer.evaluate(ids, mask)[1].mean()), 3)
+
+            jobs[f"{kind}_accuracy_{length}"] = accuracy
+    result = {}
+    for name, job in jobs.items():
+        try:
+            result[name] = job()
+        except Exception as err:  # reported in the log; the other evaluations still run
+            result[name] = f"error: {type(err).__name__}: {err}"[:300]
     return result
 
 
@@ -874,7 +901,12 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
             )
             tokens = log["steps"][-1]["tokens"] if log["steps"] else 0
             log["evals"].append(
-                {"step": step, "tokens": tokens, "heldout_bits_per_byte": round(bpb, 4)}
+                {
+                    "step": step,
+                    "tokens": tokens,
+                    "length": setup.eval_lengths[0],
+                    "heldout_bits_per_byte": round(bpb, 4),
+                }
             )
             print(json.dumps(log["evals"][-1]), flush=True)
         save_checkpoint(
@@ -907,60 +939,72 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
         pending.clear()
 
     stopped = "schedule"
-    while progress() < 1.0 and (args.steps is None or step < args.steps):
-        now = time.perf_counter()
-        if interrupt.requested:
-            stopped = "signal"
-            break
-        if args.stop_after is not None and step >= args.stop_after:
-            stopped = "stop-after"
-            break
-        if args.steps is None and now >= deadline:
-            stopped = "time"
-            break
-        phase = phase_at(setup.phases, progress())
-        lr = learning_rate(args.lr, step, progress(), setup.warmup_steps)
-        ids, mask = training_batch(
-            rng,
-            train_stream,
-            phase.batch,
-            phase.seq_len + 1,
-            args.retrieval_rate,
-            setup.min_retrieval,
-        )
-        stats = trainer.train_step(ids, mask, lr)
-        step += 1
-        tokens += phase.batch * phase.seq_len
-        phase_start.setdefault(phase.name, (now, step - 1))
-        if len(pending) + 1 >= args.log_every:
-            jax.block_until_ready(stats)
-        train_seconds += time.perf_counter() - now
-        pending.append(
-            (
-                {
-                    "step": step,
-                    "phase": phase.name,
-                    "tokens": tokens,
-                    "lr": round(lr, 7),
-                    "answer_rows": int((mask.sum(-1) > 0).sum()),
-                    "elapsed": round(time.perf_counter() - start, 2),
-                },
-                stats,
+    try:
+        while progress() < 1.0 and (args.steps is None or step < args.steps):
+            now = time.perf_counter()
+            if interrupt.requested:
+                stopped = "signal"
+                break
+            if args.stop_after is not None and step >= args.stop_after:
+                stopped = "stop-after"
+                break
+            if args.steps is None and now >= deadline:
+                stopped = "time"
+                break
+            phase = phase_at(setup.phases, progress())
+            lr = learning_rate(args.lr, step, progress(), setup.warmup_steps)
+            ids, mask = training_batch(
+                rng,
+                train_stream,
+                phase.batch,
+                phase.seq_len + 1,
+                args.retrieval_rate,
+                setup.min_retrieval,
             )
-        )
-        if len(pending) >= args.log_every:
+            stats = trainer.train_step(ids, mask, lr)
+            step += 1
+            tokens += phase.batch * phase.seq_len
+            phase_start.setdefault(phase.name, (now, step - 1))
+            if len(pending) + 1 >= args.log_every:
+                jax.block_until_ready(stats)
+            train_seconds += time.perf_counter() - now
+            pending.append(
+                (
+                    {
+                        "step": step,
+                        "phase": phase.name,
+                        "tokens": tokens,
+                        "lr": round(lr, 7),
+                        "answer_rows": int((mask.sum(-1) > 0).sum()),
+                        "elapsed": round(time.perf_counter() - start, 2),
+                    },
+                    stats,
+                )
+            )
+            if len(pending) >= args.log_every:
+                flush_pending()
+            if time.perf_counter() - last_ckpt >= args.ckpt_seconds:
+                flush_pending()
+                t = time.perf_counter()
+                checkpoint(with_eval=True)
+                train_seconds += time.perf_counter() - t
+                last_ckpt = time.perf_counter()
+        flush_pending()
+    except Exception as err:  # a failing phase (memory, a kernel) must still leave its log
+        stopped = f"error: {type(err).__name__}: {err}"[:1000]
+        print(stopped, file=sys.stderr, flush=True)
+        try:
             flush_pending()
-        if time.perf_counter() - last_ckpt >= args.ckpt_seconds:
-            flush_pending()
-            t = time.perf_counter()
-            checkpoint(with_eval=True)
-            train_seconds += time.perf_counter() - t
-            last_ckpt = time.perf_counter()
-    flush_pending()
+        except Exception:  # the failed steps' statistics: dropped
+            pending.clear()
     end = time.perf_counter()
     log["runs"][-1].update(end_step=step, stopped=stopped)
     log["throughput"] = throughput(log, phase_start, end, config, setup)
     log["stopped"] = stopped
+    if any(leaf.is_deleted() for leaf in jax.tree.leaves(trainer.params)):
+        write_atomic(args.out / "training_log.json", log_json(log))
+        print("parameters lost in the failed step: the last checkpoint's outputs are kept")
+        raise SystemExit(1)
     checkpoint(with_eval=True)
     if stopped in ("signal", "stop-after"):
         print(f"stopped ({stopped}) at step {step}; checkpoint in {args.ckpt}", flush=True)

@@ -131,3 +131,24 @@ def test_bad_corpus_root_exits_2(tmp_path, capsys):
             + ["--corpus-root", str(tmp_path / "missing")]
         )
     assert err.value.code == 2 and "not a folder" in capsys.readouterr().err
+
+
+def test_failing_step_still_leaves_outputs_and_log(tmp_path, monkeypatch):
+    from benchmarks import train_longctx
+
+    original = train_longctx.Trainer.train_step
+    calls = []
+
+    def failing_step(self, ids, mask, lr):
+        calls.append(ids.shape)
+        if len(calls) == 4:  # the first step of the second phase, like a failing compile
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        return original(self, ids, mask, lr)
+
+    monkeypatch.setattr(train_longctx.Trainer, "train_step", failing_step)
+    out, _ = _run(tmp_path, "failing")
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["stopped"].startswith("error: RuntimeError: RESOURCE_EXHAUSTED")
+    assert [r["step"] for r in log["steps"]] == [1, 2, 3]
+    assert isinstance(log["final_eval"]["heldout_bits_per_byte_128"], float)
+    assert (out / "model-00002-of-00002.safetensors").is_file()
