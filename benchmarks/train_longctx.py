@@ -1,6 +1,6 @@
 """Train a small byte-level Llama on real text (Python sources and docs) up to 32K tokens.
 
-    python -m benchmarks.train_longctx --out OUT --ckpt CKPT --minutes 8.6      # GPU
+    python -m benchmarks.train_longctx --out OUT --ckpt /tmp/ckpt --minutes 8.5  # GPU
     python -m benchmarks.train_longctx --tiny --out OUT --ckpt CKPT --steps 4 \\
         --corpus-root minference_jax                                             # CPU smoke
 
@@ -9,28 +9,35 @@ head_dim 64, MLP 1024, RoPE theta 500000, vocabulary = UTF-8 bytes (ids 0..255),
 parameters. f32 master weights, bf16 compute with cuDNN flash attention on GPU (f32 on CPU).
 
 Corpus (no network): the Python standard library, the installed packages (`purelib`) and man
-pages, or the folders given with --corpus-root. Text files only (.py .pyi .rst .md .txt, man
-*.gz decompressed), each cut to --max-file-kb, undecodable / NUL-containing files skipped, exact
-duplicates dropped. A file is held out when a hash of its relative path says so (2%); training
+pages (English sections), or the folders given with --corpus-root. Text files only (.py .pyi
+.rst .md .txt, man *.gz decompressed), each cut to --max-file-kb, undecodable / NUL-containing
+files skipped, exact duplicates dropped; files are read in the order of a hash of their path until
+--max-corpus-mb or --max-corpus-seconds (the files read are listed in the outputs, so the corpus
+can be rebuilt). A file is held out when a hash of its relative path says so (2%); training
 documents are joined in path order (files of one package stay neighbours, so long windows hold
 related code), each prefixed by its path and separated by a NUL byte.
 
 Curriculum, by fraction of the time budget (or of --steps): windows of 2K tokens, then 8K, then
-32K, at a constant number of tokens per step (one compile per phase). A fraction --retrieval-rate
-of the rows ends with a passkey or multi-key retrieval document (`minference_jax.passkey`, haystack
-= real text) whose answer loss is added with weight --answer-weight; its length is drawn
-log-uniformly up to the phase's window, so retrieval starts where the needle is close.
+32K (--phases), at a constant number of tokens per step (one compile per phase). A fraction
+--retrieval-rate of the rows ends with a passkey or multi-key retrieval document
+(`minference_jax.passkey`, haystack = real text) whose answer loss is added with weight
+--answer-weight; its length is drawn log-uniformly up to the phase's window, so retrieval starts
+where the needle is close.
 
 Optax AdamW (warmup, cosine to 10%, clipping at 1). Deterministic for a seed with --steps; with
---minutes the phase switches and learning rate follow the wall clock. A checkpoint (params,
-optimizer state, step, data RNG state, log) is written to --ckpt every --ckpt-seconds, at the end
-and on SIGTERM/SIGINT, together with the outputs; a run resumes from --ckpt when it holds one.
+--minutes (the wall budget of the run, counted once jax is imported) the phase switches and
+learning rate follow the clock, and training stops --final-reserve seconds before the end for the
+final evaluation and saving. A checkpoint (f32 params, optimizer state, step, data RNG state,
+log; ~150 MB at the default size) is written to --ckpt every --ckpt-seconds, at the end and on
+SIGTERM/SIGINT, together with the outputs; a run resumes from --ckpt when it holds one.
+--init-from continues from an HF folder's weights with a fresh optimizer instead.
 
 Outputs in --out (at most 7 files, each below 15 MiB): config.json, tokenizer.json,
 model.safetensors.index.json and two weight shards (an HF folder: `convert.checkpoint.load_model`
 reads it), training_log.json (per-step loss, learning rate, tokens, phase, held-out loss,
-corpus manifest, final evaluation) and extras.tar (loss.png, heldout_text.jsonl.gz: the held-out
-files as {"path", "text"} lines, corpus_files.json.gz: every training and held-out file).
+corpus manifest, throughput, final evaluation: held-out bits/byte at 2K and 8K, passkey accuracy
+at 2K/8K/16K, multi-key at 2K/8K) and extras.tar (loss.png; heldout_text.jsonl.gz: up to 4 MB of
+held-out files as {"path", "text"} lines; corpus_files.json.gz: every file read, with its split).
 """
 
 from __future__ import annotations
@@ -151,15 +158,6 @@ DOC_SEPARATOR = b"\x00"
 HELDOUT_PERCENT = 2
 HELDOUT_SAMPLE_BYTES = 4 << 20
 MAX_KEYS = 6
-OUTPUT_FILES = (
-    "config.json",
-    "tokenizer.json",
-    "model.safetensors.index.json",
-    "model-00001-of-00002.safetensors",
-    "model-00002-of-00002.safetensors",
-    "training_log.json",
-    "extras.tar",
-)
 
 
 # ----------------------------------------------------------------------------------- corpus
@@ -243,9 +241,12 @@ def is_heldout(rel_path: str) -> bool:
     return int.from_bytes(digest[:4], "little") % 100 < HELDOUT_PERCENT
 
 
-def load_corpus(roots, max_file_bytes: int, max_total_bytes: int, threads: int = 16) -> Corpus:
-    """Read, filter, dedupe and split the corpus; total capped at max_total_bytes of files
-    taken in the order of a hash of their path (a deterministic sample of every root)."""
+def load_corpus(
+    roots, max_file_bytes: int, max_total_bytes: int, max_seconds: float, threads: int = 16
+) -> Corpus:
+    """Read, filter, dedupe and split the corpus: files taken in the order of a hash of their
+    path (a sample of every root) until max_total_bytes or max_seconds."""
+    t0 = time.perf_counter()
     candidates = list_files(roots)
     by_hash = sorted(candidates, key=lambda item: hashlib.sha256(item[0].encode()).digest())
     kept, digests, total = {}, set(), 0
@@ -265,7 +266,8 @@ def load_corpus(roots, max_file_bytes: int, max_total_bytes: int, threads: int =
                 digests.add(digest)
                 kept[rel] = data
                 total += len(data)
-            if total >= max_total_bytes:
+            if total >= max_total_bytes or time.perf_counter() - t0 > max_seconds:
+                counts["stopped_reading"] = "bytes" if total >= max_total_bytes else "seconds"
                 break
     if not kept:
         raise SystemExit("error: no readable text files under the corpus roots")
@@ -778,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--corpus-root", type=pathlib.Path, action="append")
     parser.add_argument("--max-file-kb", type=int, default=256)
-    parser.add_argument("--max-corpus-mb", type=float, default=320.0)
+    parser.add_argument("--max-corpus-mb", type=float, default=256.0)
+    parser.add_argument("--max-corpus-seconds", type=float, default=60.0)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--retrieval-rate", type=float, default=0.08)
@@ -824,7 +827,9 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
             print(f"error: corpus root {root} is not a folder", file=sys.stderr)
             raise SystemExit(2)
     t0 = time.perf_counter()
-    corpus = load_corpus(roots, args.max_file_kb << 10, int(args.max_corpus_mb * (1 << 20)))
+    corpus = load_corpus(
+        roots, args.max_file_kb << 10, int(args.max_corpus_mb * (1 << 20)), args.max_corpus_seconds
+    )
     longest = max(p.seq_len for p in setup.phases) + 1
     train_stream = np.resize(corpus.train, max(len(corpus.train), 2 * longest))
     sample = heldout_sample(corpus.heldout_docs, HELDOUT_SAMPLE_BYTES)
@@ -888,6 +893,8 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
         }
     log["runs"].append({"start_step": step, "corpus_seconds": round(corpus_seconds, 1)})
     print(f"{trainer.n_params() / 1e6:.2f}M parameters, compute {log['compute_dtype']}", flush=True)
+    for name, flops in log["predicted_train_flops_per_step"].items():
+        print(f"phase {name}: {flops / 1e12:.2f} TFLOP per step (matmuls, fwd + bwd)", flush=True)
 
     def progress() -> float:
         if args.steps is not None:
