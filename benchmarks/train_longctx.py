@@ -809,6 +809,8 @@ def main(argv=None, start: float | None = None) -> dict:
         ):
             parser.error("--phases: UNTIL must increase and end at 1")
         setup = dataclasses.replace(setup, phases=tuple(args.phases))
+    if args.ckpt.resolve().is_relative_to(args.out.resolve()):
+        parser.error("--ckpt must not be inside --out (the checkpoint is not an output)")
     with Interrupt() as interrupt:
         command = sys.argv if argv is None else ["train_longctx", *argv]
         return train(args, setup, start, interrupt, command)
@@ -878,7 +880,7 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
             "command": command,
             "hf_config": hf_config,
             "n_params": trainer.n_params(),
-            "device": str(jax.devices()[0]),
+            "device": jax.devices()[0].device_kind,
             "compute_dtype": jnp.dtype(trainer.dtype).name,
             "phases": [dataclasses.asdict(p) for p in setup.phases],
             "predicted_train_flops_per_step": {
@@ -891,7 +893,13 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
             "evals": [],
             "runs": [],
         }
-    log["runs"].append({"start_step": step, "corpus_seconds": round(corpus_seconds, 1)})
+    log["runs"].append(
+        {
+            "start_step": step,
+            "corpus_seconds": round(corpus_seconds, 1),
+            "corpus_train_bytes": corpus.manifest["train_bytes"],
+        }
+    )
     print(f"{trainer.n_params() / 1e6:.2f}M parameters, compute {log['compute_dtype']}", flush=True)
     for name, flops in log["predicted_train_flops_per_step"].items():
         print(f"phase {name}: {flops / 1e12:.2f} TFLOP per step (matmuls, fwd + bwd)", flush=True)

@@ -113,13 +113,17 @@ def test_tiny_run_loads_and_resume_is_identical(tmp_path):
         np.testing.assert_array_equal(ours[k], exported[k], err_msg=k)
 
 
-def test_bad_phases_exit_2(tmp_path, capsys):
+def test_bad_phases_and_ckpt_inside_out_exit_2(tmp_path, capsys):
     from benchmarks.train_longctx import main
 
+    argv = ["--tiny", "--out", str(tmp_path / "o"), "--ckpt", str(tmp_path / "c")]
     for phases in (["64:2:0.5"], ["64:2:1.5"], ["64:x:1"], ["128:2:0.6", "64:2:0.5", "64:1:1"]):
         with pytest.raises(SystemExit) as err:
-            main(["--tiny", "--out", str(tmp_path), "--ckpt", str(tmp_path), "--phases", *phases])
+            main([*argv, "--phases", *phases])
         assert err.value.code == 2 and "phase" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["--tiny", "--out", str(tmp_path), "--ckpt", str(tmp_path / "ckpt")])
+    assert err.value.code == 2 and "inside --out" in capsys.readouterr().err
 
 
 def test_bad_corpus_root_exits_2(tmp_path, capsys):
@@ -127,7 +131,7 @@ def test_bad_corpus_root_exits_2(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as err:
         main(
-            ["--tiny", "--out", str(tmp_path), "--ckpt", str(tmp_path / "c")]
+            ["--tiny", "--out", str(tmp_path / "o"), "--ckpt", str(tmp_path / "c")]
             + ["--corpus-root", str(tmp_path / "missing")]
         )
     assert err.value.code == 2 and "not a folder" in capsys.readouterr().err
