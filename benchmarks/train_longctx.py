@@ -1014,7 +1014,7 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
             pending.clear()
     end = time.perf_counter()
     log["runs"][-1].update(end_step=step, stopped=stopped)
-    log["throughput"] = throughput(log, phase_start, end, config, setup)
+    log["throughput"] = throughput(log, phase_start, end, config, setup, 2 * args.log_every)
     log["stopped"] = stopped
     if any(leaf.is_deleted() for leaf in jax.tree.leaves(trainer.params)):
         write_atomic(args.out / "training_log.json", log_json(log))
@@ -1033,8 +1033,9 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
     return log
 
 
-def throughput(log, phase_start, end, config, setup) -> dict:
-    """Per phase of this run: steps, seconds (compile included), tokens/s, achieved TFLOP/s."""
+def throughput(log, phase_start, end, config, setup, skip_steps: int) -> dict:
+    """Per phase of this run: steps, seconds and tokens/s with the compile included, and tokens/s
+    and TFLOP/s after the phase's first `skip_steps` steps (checkpoint pauses included)."""
     rows = {}
     names = list(phase_start)
     for i, name in enumerate(names):
@@ -1043,23 +1044,30 @@ def throughput(log, phase_start, end, config, setup) -> dict:
             phase_start[names[i + 1]] if i + 1 < len(names) else (end, log["steps"][-1]["step"])
         )
         phase = next(p for p in setup.phases if p.name == name)
-        steps, seconds = s_end - s_start, max(t_end - t_start, 1e-9)
+        steps, seconds = max(0, s_end - s_start), max(t_end - t_start, 1e-9)
         rows[name] = {
             "steps": steps,
             "seconds_incl_compile": round(seconds, 1),
-            "tokens_per_s": round(steps * phase.batch * phase.seq_len / seconds),
-            "tflops": round(steps * train_flops_per_step(config, phase) / seconds / 1e12, 1),
+            "tokens_per_s_incl_compile": round(steps * phase.batch * phase.seq_len / seconds),
         }
+        logged = [r for r in log["steps"] if s_start + skip_steps < r["step"] <= s_end]
+        if len(logged) >= 2 and logged[-1]["elapsed"] > logged[0]["elapsed"]:
+            rate = (logged[-1]["step"] - logged[0]["step"]) / (
+                logged[-1]["elapsed"] - logged[0]["elapsed"]
+            )
+            rows[name]["tokens_per_s"] = round(rate * phase.batch * phase.seq_len)
+            rows[name]["tflops"] = round(rate * train_flops_per_step(config, phase) / 1e12, 1)
     return rows
 
 
 def print_summary(log: dict, out: pathlib.Path) -> None:
     last = log["steps"][-1] if log["steps"] else {}
-    print("\nphase   steps  seconds  tokens/s     TFLOP/s")
+    print("\nphase   steps  seconds  tokens/s(with compile)  tokens/s  TFLOP/s (after compile)")
     for name, row in log["throughput"].items():
         print(
             f"{name:6s} {row['steps']:6d} {row['seconds_incl_compile']:8.1f} "
-            f"{row['tokens_per_s']:10d} {row['tflops']:8.1f}"
+            f"{row['tokens_per_s_incl_compile']:22d} {row.get('tokens_per_s', 0):9d} "
+            f"{row.get('tflops', 0.0):8.1f}"
         )
     print(
         f"steps {last.get('step', 0)}, tokens {last.get('tokens', 0) / 1e6:.1f}M, "
