@@ -608,7 +608,20 @@ def loss_png(log: dict) -> bytes | None:
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("bits per byte")
     ax.set_ylim(0, min(8.0, ax.get_ylim()[1]))
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    if evals:
+        acc = ax.twinx()
+        acc.plot(
+            [r["tokens"] / 1e6 for r in evals],
+            [r["passkey_accuracy"] for r in evals],
+            "s--",
+            color="tab:green",
+            label=f"passkey accuracy ({evals[0]['length']} tokens)",
+        )
+        acc.set_ylim(-0.02, 1.02)
+        acc.set_ylabel("passkey accuracy")
+        handles = [a + b for a, b in zip(handles, acc.get_legend_handles_labels(), strict=True)]
+    ax.legend(*handles, loc="upper right")
     ax.grid(alpha=0.3)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -784,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-corpus-seconds", type=float, default=60.0)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--retrieval-rate", type=float, default=0.08)
+    parser.add_argument("--retrieval-rate", type=float, default=0.1)
     parser.add_argument("--answer-weight", type=float, default=1.0)
     parser.add_argument("--ckpt-seconds", type=float, default=60.0)
     parser.add_argument(
@@ -911,16 +924,23 @@ def train(args, setup: Setup, start: float, interrupt: Interrupt, command: list[
 
     def checkpoint(with_eval: bool) -> None:
         if with_eval:
-            bpb = heldout_eval(
-                trainer, heldout_stream, setup.eval_rows, setup.eval_lengths[0], 2, args.seed + 5
+            length = setup.eval_lengths[0]
+            bpb = heldout_eval(trainer, heldout_stream, setup.eval_rows, length, 2, args.seed + 5)
+            ids, mask = retrieval_eval_batch(
+                np.random.default_rng(args.seed + 6),
+                heldout_stream,
+                setup.eval_rows,
+                length + 1,
+                multikey=False,
             )
             tokens = log["steps"][-1]["tokens"] if log["steps"] else 0
             log["evals"].append(
                 {
                     "step": step,
                     "tokens": tokens,
-                    "length": setup.eval_lengths[0],
+                    "length": length,
                     "heldout_bits_per_byte": round(bpb, 4),
+                    "passkey_accuracy": round(float(trainer.evaluate(ids, mask)[1].mean()), 3),
                 }
             )
             print(json.dumps(log["evals"][-1]), flush=True)
