@@ -172,11 +172,14 @@ class Corpus:
 
 
 def default_roots() -> list[tuple[str, pathlib.Path]]:
+    """The standard library, the installed packages and man pages: those that exist here."""
     paths = sysconfig.get_paths()
-    roots = [("stdlib", pathlib.Path(paths["stdlib"])), ("purelib", pathlib.Path(paths["purelib"]))]
-    if pathlib.Path("/usr/share/man").is_dir():
-        roots.append(("man", pathlib.Path("/usr/share/man")))
-    return roots
+    roots = [
+        ("stdlib", pathlib.Path(paths["stdlib"])),
+        ("purelib", pathlib.Path(paths["purelib"])),
+        ("man", pathlib.Path("/usr/share/man")),
+    ]
+    return [(label, root) for label, root in roots if root.is_dir()]
 
 
 def _wanted(label: str, name: str) -> bool:
@@ -644,7 +647,10 @@ def write_outputs(trainer, hf_config, out: pathlib.Path, log: dict, extras: dict
     out.mkdir(parents=True, exist_ok=True)
     export_sharded(trainer, hf_config, out)
     if not (out / "tokenizer.json").is_file():
-        save_byte_tokenizer(out / "tokenizer.json")
+        try:
+            save_byte_tokenizer(out / "tokenizer.json")
+        except ImportError:  # no `tokenizers` here: the byte tokenizer can be written anywhere
+            print("tokenizers not installed: no tokenizer.json written", flush=True)
     write_atomic(out / "training_log.json", log_json(log))
     png = loss_png(log)
     buffer = io.BytesIO()
