@@ -108,3 +108,39 @@ def training_batch(
     answer = np.zeros((batch, length), np.float32)
     answer[:, length - KEY_DIGITS :] = 1.0
     return ids, answer
+
+
+def multikey_needle(name: str, key: str) -> str:
+    return f"The number of {name} is {key}. "
+
+
+def multikey_question(name: str) -> str:
+    return f" What is the number of {name}? The number of {name} is "
+
+
+def multikey_prompt(
+    rng: np.random.Generator, length: int, num_keys: int, pool: str | None = None
+) -> tuple[str, str]:
+    """(prompt of exactly `length` characters, answer key): `num_keys` needles
+    "The number of <name> is <key>." with distinct pseudo-word names at random depths, then a
+    question about one of them. Harder than one passkey: the model must match the name too.
+    """
+    if num_keys < 1:
+        raise ValueError(f"num_keys must be >= 1, got {num_keys}")
+    names = [_WORDS[i] for i in rng.choice(len(_WORDS), num_keys, replace=False)]
+    keys = [random_key(rng) for _ in names]
+    target = int(rng.integers(num_keys))
+    needles = [multikey_needle(n, k) for n, k in zip(names, keys, strict=True)]
+    question = multikey_question(names[target])
+    room = length - sum(map(len, needles)) - len(question)
+    if room < 0:
+        raise ValueError(
+            f"a {num_keys}-key prompt needs >= {length - room} characters, got {length}"
+        )
+    filler = haystack(rng, room, pool)
+    cuts = np.sort(rng.integers(0, room + 1, num_keys))
+    parts, previous = [], 0
+    for cut, text in zip(cuts, needles, strict=True):
+        parts += [filler[previous:cut], text]
+        previous = int(cut)
+    return "".join(parts) + filler[previous:] + question, keys[target]
