@@ -15,11 +15,11 @@ class CliError(Exception):
 
 
 class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
-    """Appends "(default: X)" to every option's help unless the help already names its default."""
+    """Appends "(default: X)" to every optional argument's help unless the help names it."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS:
+        if "default" in text or action.required or action.default is argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"
 
