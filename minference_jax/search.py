@@ -115,6 +115,12 @@ def search_patterns(
     candidates = tuple(candidates)
     if not candidates:
         raise ValueError("no candidate patterns")
+    if not prompts:
+        raise ValueError("no prompts")
+    if score_queries < 1:
+        raise ValueError(f"score_queries must be >= 1, got {score_queries}")
+    if min_recall is not None and not 0.0 <= min_recall <= 1.0:
+        raise ValueError(f"min_recall must be in [0, 1], got {min_recall}")
     num_layers, num_heads = config.num_layers, config.num_heads
     recall = np.zeros((len(candidates), num_layers, num_heads))
     cost = np.zeros_like(recall)
@@ -241,8 +247,16 @@ def _check_writable(out: pathlib.Path) -> None:
         raise CliError(f"--out {out}: folder {folder} is not writable")
 
 
-def _prompts(args, config) -> list[np.ndarray]:
-    if not args.prompt_file:
+def _read_prompt_files(args) -> list[tuple[str, str]]:
+    texts = [(path, read_prompt_file(path)) for path in args.prompt_file or ()]
+    for path, text in texts:
+        if not text.strip():
+            raise CliError(f"prompt file {path} is empty")
+    return texts
+
+
+def _prompts(args, config, texts: list[tuple[str, str]]) -> list[np.ndarray]:
+    if not texts:
         rng = np.random.default_rng(args.seed)
         return [
             rng.integers(0, config.vocab_size, args.synthetic_tokens)
@@ -255,10 +269,8 @@ def _prompts(args, config) -> list[np.ndarray]:
     if tokenizer is None:
         raise CliError("no tokenizer.json in the checkpoint: use --synthetic-tokens")
     prompts = []
-    for path in args.prompt_file:
-        ids = np.asarray(tokenizer.encode(read_prompt_file(path)))
-        if len(ids) == 0:
-            raise CliError(f"prompt file {path} is empty")
+    for path, text in texts:
+        ids = np.asarray(tokenizer.encode(text))
         if len(ids) < args.score_queries:
             raise CliError(
                 f"prompt file {path} has {len(ids)} tokens, fewer than --score-queries "
@@ -273,13 +285,14 @@ def run(args) -> SearchResult:
     from minference_jax.models.config import ModelConfigError
 
     _check_args(args)
+    texts = _read_prompt_files(args)
     if not pathlib.Path(args.model).is_dir():
         raise CliError(f"checkpoint folder not found: {args.model}")
     try:
         model, config = load_model(args.model)
     except (CheckpointError, ModelConfigError) as err:
         raise CliError(str(err)) from err
-    prompts = _prompts(args, config)
+    prompts = _prompts(args, config, texts)
     longest = max(len(p) for p in prompts)
     if longest > config.max_position_embeddings:
         warn(
