@@ -233,9 +233,24 @@ def _load(args):
     return model, config, tokenizer, args.model
 
 
+def _check_length(n: int, args, config) -> None:
+    limit = config.max_position_embeddings
+    if n > limit and not args.allow_long:
+        raise CliError(
+            f"prompt has {n} tokens, the model's max_position_embeddings is {limit}; pass "
+            "--allow-long to run anyway"
+        )
+    if n + args.max_new_tokens > limit and not args.allow_long:
+        warn(
+            f"prompt ({n}) + new tokens ({args.max_new_tokens}) run past the model's "
+            f"max_position_embeddings ({limit}): the last tokens may be unreliable"
+        )
+
+
 def _prompt(args, config, tokenizer) -> tuple[np.ndarray, str | None]:
-    """(token ids, prompt text or None for a synthetic prompt)."""
+    """(token ids, prompt text or None for a synthetic prompt), its length checked."""
     if args.synthetic_tokens is not None:
+        _check_length(args.synthetic_tokens, args, config)
         rng = np.random.default_rng(0)
         return rng.integers(0, config.vocab_size, args.synthetic_tokens), None
     if args.prompt_file:
@@ -253,6 +268,7 @@ def _prompt(args, config, tokenizer) -> tuple[np.ndarray, str | None]:
     ids = np.asarray(tokenizer.encode(text))
     if len(ids) == 0:
         raise CliError("empty prompt (no tokens)")
+    _check_length(len(ids), args, config)
     return ids, text
 
 
@@ -330,17 +346,6 @@ def run(args) -> dict:
     model, config, tokenizer, model_name = _load(args)
     ids, text = _prompt(args, config, tokenizer)
     n = len(ids)
-    limit = config.max_position_embeddings
-    if n > limit and not args.allow_long:
-        raise CliError(
-            f"prompt has {n} tokens, the model's max_position_embeddings is {limit}; pass "
-            "--allow-long to run anyway"
-        )
-    if n + args.max_new_tokens > limit and not args.allow_long:
-        warn(
-            f"prompt ({n}) + new tokens ({args.max_new_tokens}) run past the model's "
-            f"max_position_embeddings ({limit}): the last tokens may be unreliable"
-        )
     table, pattern_name, attention = _patterns(args, config)
     _warn_dense_in_disguise(table, n)
     mesh = None

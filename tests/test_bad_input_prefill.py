@@ -94,6 +94,7 @@ def test_bad_pattern_config(capsys, tmp_path, case):
         (["--max-new-tokens", "two"], "invalid int value"),
         (["--model", "/no/such/folder"], "checkpoint folder not found"),
         (["--model", LLAMA, "--synthetic-tokens", "300"], "max_position_embeddings is 256"),
+        (["--model", LLAMA, "--synthetic-tokens", str(10**12)], "pass --allow-long"),
         (["--prompt", "   "], "empty prompt"),
         (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text"),
         (["--model", LLAMA, "--prompt", "hi"], "no tokenizer.json"),

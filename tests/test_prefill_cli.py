@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from minference_jax import patterns as P
@@ -14,6 +15,10 @@ from minference_jax.prefill import build_parser, describe, main
 
 ROOT = pathlib.Path(__file__).parent.parent
 LLAMA = str(ROOT / "tests" / "fixtures" / "hf" / "llama")
+# A GPU prefill of at most DENSE_CROSSOVER_TOKENS runs dense cuDNN whatever the patterns: there
+# the report must say so; elsewhere these short prompts run the sparse path.
+SHORT_PROMPTS_RUN_DENSE = jax.default_backend() == "gpu"
+DENSE_LAYER = {"families": ["dense"], "computed_fraction": 1.0}
 
 
 def _json_run(capsys, *argv):
@@ -56,6 +61,9 @@ def test_tiny_budget_is_sparse_and_changes_the_logits(capsys, tmp_path, mode_arg
     argv = ["--synthetic-tokens", "500", "--max-new-tokens", "0", "--repeats", "0"]
     report = _json_run(capsys, *argv, *mode_args, "--compare-dense")
     assert len(report["layers"]) == 2
+    if SHORT_PROMPTS_RUN_DENSE:
+        assert report["layers"] == [DENSE_LAYER] * 2
+        return
     for layer in report["layers"]:
         assert set(layer["families"]) == families
         assert 0 < layer["computed_fraction"] < 0.9
@@ -65,7 +73,7 @@ def test_tiny_budget_is_sparse_and_changes_the_logits(capsys, tmp_path, mode_arg
 
 def test_dense_mode_reports_every_tile(capsys):
     report = _json_run(capsys, "--model", LLAMA, "--synthetic-tokens", "100", "--mode", "dense")
-    assert report["layers"] == [{"families": ["dense"], "computed_fraction": 1.0}] * 2
+    assert report["layers"] == [DENSE_LAYER] * 2
 
 
 def test_embedded_default_explains_itself(capsys):
@@ -80,7 +88,8 @@ def test_embedded_default_explains_itself(capsys):
     assert report["passkey"] == {"expected": "71432", "retrieved": True}
     assert report["dense"]["passkey"] == {"expected": "71432", "retrieved": True}
     assert report["includes_compile"] is False and report["repeats"] == 2
-    assert all(layer["computed_fraction"] < 0.5 for layer in report["layers"])
+    if not SHORT_PROMPTS_RUN_DENSE:
+        assert all(layer["computed_fraction"] < 0.5 for layer in report["layers"])
     progress = captured.err.splitlines()
     assert progress[0] == "minference: compiling for 2048 tokens (first run, not timed)"
     assert "minference: timed run 2/2" in progress and "dense: timed run 2/2" in progress
@@ -88,7 +97,7 @@ def test_embedded_default_explains_itself(capsys):
     assert compile_layer_times[1] < compile_layer_times[0]  # layer 2 reuses layer 1's program
     text = describe(report)
     assert "pass key 71432 retrieved" in text and "median of 2 timed runs" in text
-    assert re.search(r"layer 1: vertical-slash, computed \d+\.\d% of the causal key tiles", text)
+    assert re.search(r"layer 1: [a-z-]+, computed \d+\.\d% of the causal key tiles", text)
     assert "first run, not timed" in text and "x dense" in text
 
 
