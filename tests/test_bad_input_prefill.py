@@ -143,12 +143,6 @@ def test_corrupt_tokenizer_json(capsys, tmp_path, tokenizer, message):
     assert "tokenizer.json" in err
 
 
-def test_zero_new_tokens_decodes_nothing(capsys):
-    argv = ["--model", LLAMA, "--synthetic-tokens", "20", "--max-new-tokens", "0"]
-    assert main([*argv, "--json", "--quiet", "--repeats", "0"]) == 0
-    assert json.loads(capsys.readouterr().out)["continuation_tokens"] == []
-
-
 def _process(*argv, stdin=b""):
     return subprocess.run(
         [sys.executable, "-m", "minference_jax.prefill", *argv],

@@ -11,7 +11,8 @@ import pytest
 
 from minference_jax import patterns as P
 from minference_jax.config_io import save_pattern_config
-from minference_jax.prefill import build_parser, describe, main
+from minference_jax.models.defaults import default_prompt
+from minference_jax.prefill import _answer, _passkey, build_parser, describe, main
 
 ROOT = pathlib.Path(__file__).parent.parent
 LLAMA = str(ROOT / "tests" / "fixtures" / "hf" / "llama")
@@ -101,12 +102,16 @@ def test_embedded_default_explains_itself(capsys):
     assert "first run, not timed" in text and "x dense" in text
 
 
-def test_passkey_not_retrieved_is_said(capsys):
-    # Two new tokens cannot show a 5-digit key: the verdict is "unknown", not "not retrieved".
-    prompt = "The pass key is 12345. Remember it. 12345 is the pass key. " + "Grass. " * 40
-    report = _json_run(capsys, "--prompt", prompt + "Sky.", "--max-new-tokens", "2")
-    assert report["passkey"] == {"expected": "12345", "retrieved": None}
-    assert "too few new tokens" in describe(report)
+def test_passkey_verdicts():
+    text = default_prompt()
+    assert _passkey(text, " 71432 and more", 8) == {"expected": "71432", "retrieved": True}
+    assert _passkey(text, "7143", 8) == {"expected": "71432", "retrieved": False}
+    # Two new tokens cannot show a 5-digit key: the verdict is unknown, not "not retrieved".
+    assert _passkey(text, "71", 2) == {"expected": "71432", "retrieved": None}
+    assert _passkey("The pass key is 123. Remember it. 124 is the pass key.", "123", 8) is None
+    assert _passkey(None, "123", 8) is None
+    assert "too few new tokens" in _answer("71", {"expected": "71432", "retrieved": None})
+    assert _answer("7143", _passkey(text, "7143", 8)).endswith("pass key 71432 NOT retrieved")
 
 
 def test_text_prompt_and_zero_new_tokens(capsys):
