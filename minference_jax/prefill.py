@@ -350,11 +350,10 @@ def run(args) -> dict:
     _warn_dense_in_disguise(table, n)
     mesh = None
     if args.tensor_parallel != 1:
-        from minference_jax.models.sharding import check_divisible, make_mesh
+        from minference_jax.models.sharding import TensorParallel, make_mesh
 
-        try:
-            mesh = make_mesh(args.tensor_parallel or None)
-            check_divisible(config, mesh.size)
+        try:  # weights placed once for every run below
+            mesh = TensorParallel(model, make_mesh(args.tensor_parallel or None))
         except ValueError as err:
             raise CliError(str(err)) from err
 
@@ -422,8 +421,10 @@ def describe(report: dict) -> str:
     prompt = f"{report['prompt_tokens']} tokens"
     if report["passkey"] is not None:
         prompt += f", hiding the pass key {report['passkey']['expected']}"
+    devices = f" x {report['devices']}" if report["devices"] > 1 else ""
     lines = [
-        f"model:     {report['model']} on {report['device']} x{report['devices']}",
+        f"model:     {report['model']}",
+        f"device:    {report['device']}{devices}",
         f"prompt:    {prompt}",
         f"attention: {report['mode']}: {report['attention']}",
     ]
@@ -439,10 +440,10 @@ def describe(report: dict) -> str:
     lines.append(f"answer:    {_answer(report['continuation'], report['passkey'])}")
     dense = report.get("dense")
     if dense is not None:
-        lines.append(
-            f"dense:     {_seconds(dense, report['repeats'])}; {report['mode']} is "
-            f"{dense['speedup']:.2f}x dense"
-        )
+        speedup = dense["speedup"]
+        verdict = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+        lines.append(f"dense:     {_seconds(dense, report['repeats'])}")
+        lines.append(f"  {report['mode']} prefill is {verdict} than dense")
         lines.append(f"  answer:  {_answer(dense['continuation'], dense['passkey'])}")
         diff = dense["last_logits_max_abs_diff"]
         lines.append(f"  last-token logits differ from dense by up to {diff:.3g}")
