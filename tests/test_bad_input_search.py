@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from minference_jax.models.defaults import CHECKPOINT
@@ -139,3 +140,17 @@ def test_process_exit_code_and_one_line(out, argv, message):
     assert_one_line_error(result.returncode, result.stderr, message)
     assert result.stdout == ""
     assert_untouched(out)
+
+
+def test_search_api_checks_its_arguments():
+    from convert.checkpoint import load_hf
+    from minference_jax.search import search_patterns
+
+    model, _ = load_hf(LLAMA)
+    prompt = [np.zeros(100, np.int32)]
+    with pytest.raises(ValueError, match="no prompts"):
+        search_patterns(model, [])
+    with pytest.raises(ValueError, match="score_queries must be >= 1, got 0"):
+        search_patterns(model, prompt, score_queries=0)
+    with pytest.raises(ValueError, match="min_recall must be in \\[0, 1\\], got nan"):
+        search_patterns(model, prompt, min_recall=float("nan"))
