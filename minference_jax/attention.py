@@ -128,10 +128,23 @@ def planned_attention(q, k, v, budgets, *, plan: IndexPlan | None, scale: float,
     Models call this inside their jitted layer step, so layers whose patterns differ only in
     budgets share one compiled program.
     """
+    out, _ = planned_attention_with_fraction(
+        q, k, v, budgets, plan=plan, scale=scale, implementation=implementation
+    )
+    return out
+
+
+def planned_attention_with_fraction(q, k, v, budgets, *, plan, scale: float, implementation):
+    """`planned_attention` and the share of the causal key tiles it computed (f32 scalar):
+    the estimated index's `computed_fraction()`, or 1.0 where dense attention ran instead."""
     if plan is None or (implementation is None and _short_gpu_prompt(q.shape[1])):
-        return _dense_causal(q, k, v, scale)
+        return _dense_causal(q, k, v, scale), jnp.float32(1.0)
     index = build_planned_index(q, k, budgets, plan=plan, scale=scale)
-    return attend_with_index(q, k, v, index, scale=scale, implementation=implementation)
+    out = attend_with_index(q, k, v, index, scale=scale, implementation=implementation)
+    fraction = index.computed_fraction()
+    if implementation is None and _on_gpu():
+        fraction = jnp.where(_too_dense_for_kernel(index), jnp.float32(1.0), fraction)
+    return out, fraction
 
 
 def attend_with_index(q, k, v, index: SparseIndex, *, scale: float, implementation):
@@ -151,10 +164,14 @@ def _sparse_or_dense(q, k, v, index, scale, interpret=False):
     """The Pallas kernel, or cuDNN when the index is too dense to pay off (decided on device:
     the kernel computes a tile at ~60% of cuDNN's rate)."""
     return jax.lax.cond(
-        index.computed_fraction() > DENSE_FALLBACK_FRACTION,
+        _too_dense_for_kernel(index),
         lambda: _dense_causal(q, k, v, scale),
         lambda: sparse_flash_attention(q, k, v, index, softmax_scale=scale, interpret=interpret),
     )
+
+
+def _too_dense_for_kernel(index: SparseIndex) -> jax.Array:
+    return index.computed_fraction() > DENSE_FALLBACK_FRACTION
 
 
 def _dense_causal(q, k, v, scale):

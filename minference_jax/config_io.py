@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import pathlib
+import re
+import uuid
 from collections.abc import Sequence
 
 from minference_jax.patterns import AShape, BlockSparse, Dense, HeadPatterns, Pattern, VerticalSlash
 
 REFERENCE_BLOCK_SPARSE_TOP_K = 100
+MAX_SIZE = 2**31 - 1  # sizes become int32 budgets of the index
+HEAD_KEY = re.compile(r"0|[1-9][0-9]{0,8}")  # "3", never "03", " 3", "+3" or 5000 digits
 # The reference implementation's published configs, shipped with the package.
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
@@ -40,6 +45,8 @@ def _pattern_from_entry(entry, where: str) -> tuple[Pattern, float]:
             raise PatternConfigError(f"{where}: {name} must be an integer, got {size!r}")
         if size < 0:
             raise PatternConfigError(f"{where}: {name} must be >= 0, got {size}")
+        if size > MAX_SIZE:
+            raise PatternConfigError(f"{where}: {name} must be <= {MAX_SIZE}, got {size}")
     if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
         raise PatternConfigError(f"{where}: score must be a finite number, got {score!r}")
     if kind == "vertical_and_slash":
@@ -72,10 +79,13 @@ def parse_pattern_config(
             raise PatternConfigError(
                 f"layer {layer_id}: expected a non-empty {{head: entry}} object"
             )
-        try:
-            heads = sorted(int(h) for h in layer)
-        except ValueError as err:
-            raise PatternConfigError(f"layer {layer_id}: head keys must be integers") from err
+        bad_keys = [h for h in layer if not HEAD_KEY.fullmatch(h)]
+        if bad_keys:
+            raise PatternConfigError(
+                f"layer {layer_id}: head keys must be integers written without leading zeros "
+                f"or signs, got {bad_keys[0]!r}"
+            )
+        heads = sorted(int(h) for h in layer)
         if heads != list(range(len(heads))):
             raise PatternConfigError(
                 f"layer {layer_id}: heads must be numbered 0..{len(heads) - 1}, got {heads}"
@@ -104,11 +114,17 @@ def load_pattern_config(
 ) -> HeadPatterns:
     """Load a pattern config; with `num_layers`/`num_heads`, also check it fits the model."""
     try:
-        with open(path) as f:
-            layers_json = json.load(f)
+        with open(path, "rb") as f:
+            layers_json = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError as err:
         raise PatternConfigError(f"pattern config not found: {path}") from err
-    except json.JSONDecodeError as err:
+    except IsADirectoryError as err:
+        raise PatternConfigError(f"pattern config {path} is a directory, not a file") from err
+    except OSError as err:
+        raise PatternConfigError(f"cannot read pattern config {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise PatternConfigError(f"pattern config {path} is not UTF-8 JSON text: {err}") from err
+    except (json.JSONDecodeError, RecursionError) as err:
         raise PatternConfigError(f"pattern config {path} is not valid JSON: {err}") from err
     try:
         patterns, _ = parse_pattern_config(layers_json, num_layers=num_layers, num_heads=num_heads)
@@ -131,21 +147,41 @@ def _entry_from_pattern(pattern: Pattern, score: float) -> list:
     raise TypeError(f"not a pattern: {pattern!r}")
 
 
+def _checked_score(score, where: str) -> float | int:
+    """A finite real number as a plain Python number (numpy scalars included)."""
+    if isinstance(score, numbers.Real) and not isinstance(score, bool):
+        value = score.item() if hasattr(score, "item") else score
+        if math.isfinite(value):
+            return value
+    raise PatternConfigError(f"{where}: score must be a finite number, got {score!r}")
+
+
 def dump_pattern_config(
     patterns: HeadPatterns, scores: Sequence[Sequence[float]] | None = None
 ) -> list[dict[str, list]]:
-    """The JSON-ready list-per-layer form of `patterns` (scores default to 0)."""
+    """The JSON-ready list-per-layer form of `patterns` (scores default to 0).
+
+    Raises PatternConfigError unless the result is a config `load_pattern_config` accepts:
+    scores must be finite, one per (layer, head).
+    """
+    if not isinstance(patterns, HeadPatterns):
+        raise PatternConfigError(f"expected HeadPatterns, got {type(patterns).__name__}")
+    if scores is not None and len(scores) != patterns.num_layers:
+        raise PatternConfigError(f"{len(scores)} rows of scores for {patterns.num_layers} layers")
     out = []
     for layer_id, layer in enumerate(patterns.layers):
         layer_scores = scores[layer_id] if scores is not None else (0.0,) * len(layer)
         if len(layer_scores) != len(layer):
-            raise ValueError(f"layer {layer_id}: {len(layer_scores)} scores for {len(layer)} heads")
+            raise PatternConfigError(
+                f"layer {layer_id}: {len(layer_scores)} scores for {len(layer)} heads"
+            )
         out.append(
             {
-                str(h): _entry_from_pattern(p, s)
+                str(h): _entry_from_pattern(p, _checked_score(s, f"layer {layer_id} head {h}"))
                 for h, (p, s) in enumerate(zip(layer, layer_scores, strict=True))
             }
         )
+    parse_pattern_config(out)  # what is written must load back
     return out
 
 
@@ -154,8 +190,23 @@ def save_pattern_config(
     path: str | os.PathLike,
     scores: Sequence[Sequence[float]] | None = None,
 ) -> None:
-    with open(path, "w") as f:
-        json.dump(dump_pattern_config(patterns, scores), f)
+    """Validate, then write atomically: a failed call leaves an existing file untouched."""
+    text = json.dumps(dump_pattern_config(patterns, scores))
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise PatternConfigError(f"{path} is a directory, not a file")
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # os.open with 0o666 lets the umask set the mode, as open(path, "w") would.
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def shipped_configs() -> dict[str, pathlib.Path]:

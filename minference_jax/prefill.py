@@ -1,54 +1,103 @@
-"""python -m minference_jax.prefill: prefill a long prompt and print latency and a continuation.
+"""python -m minference_jax.prefill: prefill a long prompt; print latency, which attention ran
+and a continuation.
 
     python -m minference_jax.prefill                                   # embedded default
+    python -m minference_jax.prefill --compare-dense --repeats 5       # vs dense, median of 5
     python -m minference_jax.prefill --model converted/ --prompt-file book.txt \\
         --mode minference --pattern-config my_searched_config.json
     python -m minference_jax.prefill --model hf_folder/ --synthetic-tokens 131072 --json
 
+The first prefill of a prompt length compiles (untimed); then `--repeats` timed prefills, the
+last of which also decodes the continuation. Bad input exits with code 2 and one line on stderr.
 Thin: argument parsing and reporting; the work is minference_jax.models.generation.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import re
+import statistics
 import sys
 
+import jax
+import numpy as np
+
+from minference_jax import patterns as P
+from minference_jax.cli import (
+    ArgumentParser,
+    CliError,
+    check_at_least,
+    check_text,
+    fail,
+    parse_sizes,
+    read_prompt_file,
+    warn,
+)
+from minference_jax.config_io import PatternConfigError, load_pattern_config
+from minference_jax.models import AttentionSpec
+from minference_jax.models.generation import generate, prefill
+from minference_jax.passkey import needle
+
 MODES = ("dense", "minference", "a-shape", "block-sparse")
+# mode -> (pattern, what --budget holds, default budget)
+BUDGETS = {
+    "minference": (P.VerticalSlash, "n_vertical,n_slash", (1000, 6096)),
+    "a-shape": (P.AShape, "n_init,n_local", (1024, 4096)),
+    "block-sparse": (P.BlockSparse, "top_k", (100,)),
+}
+FAMILY_NAMES = {"vs": "vertical-slash", "ashape": "a-shape", "bs": "block-sparse", "dense": "dense"}
+# "The pass key is 71432. Remember it. 71432 is the pass key." -> 71432
+PASSKEY_NEEDLE = re.compile(
+    re.escape(needle("@").strip()).replace("@", r"(\d+)", 1).replace("@", r"\1")
+)
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2, no traceback."""
-
-
-def _parse_budget(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m minference_jax.prefill", description=__doc__.splitlines()[0]
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m minference_jax.prefill", description=__doc__)
+    parser.add_argument(
+        "--model", help="converted or HF checkpoint folder (default: embedded passkey-tiny)"
     )
-    parser.add_argument("--model", help="converted or HF folder (default: embedded passkey-tiny)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="prompt text")
-    source.add_argument("--prompt-file", help="file with the prompt ('-' reads stdin)")
-    source.add_argument("--synthetic-tokens", type=int, help="random prompt of N token ids")
-    parser.add_argument("--mode", default="minference", choices=MODES)
-    parser.add_argument("--pattern-config", help="per-head JSON config (minference mode)")
+    source.add_argument(
+        "--prompt", help="prompt text (default: a 2048-token haystack hiding a pass key)"
+    )
+    source.add_argument(
+        "--prompt-file",
+        help="UTF-8 file with the prompt, '-' for stdin (default: none, see --prompt)",
+    )
+    source.add_argument(
+        "--synthetic-tokens",
+        type=int,
+        metavar="N",
+        help="a random prompt of N token ids (default: none, see --prompt)",
+    )
+    parser.add_argument(
+        "--mode",
+        default="minference",
+        choices=MODES,
+        help="attention for the prefill; decoding is always dense",
+    )
+    parser.add_argument(
+        "--pattern-config",
+        help="per-head JSON pattern config, with --mode minference (default: none; the "
+        "embedded model uses its searched config)",
+    )
     parser.add_argument(
         "--budget",
-        type=_parse_budget,
-        help="minference: 'n_vertical,n_slash' (default 1000,6096); a-shape: 'n_init,n_local' "
-        "(default 1024,4096); block-sparse: 'top_k' (default 100)",
+        type=parse_sizes,
+        help="the same budget for every head (default: minference 1000,6096; a-shape "
+        "1024,4096; block-sparse 100). minference: 'n_vertical,n_slash'; a-shape: "
+        "'n_init,n_local'; block-sparse: 'top_k' (64-token key blocks)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--chunk-size", type=int, default=8192)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=8, help="greedy tokens to decode after the prompt"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=8192,
+        help="tokens per slice of the projections and MLP (bounds activation memory)",
+    )
     parser.add_argument(
         "--tensor-parallel",
         type=int,
@@ -56,54 +105,107 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="split heads and MLP over N local devices (0: all of them)",
     )
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="compute dtype (default: the checkpoint's; float32 for the embedded model)",
+    )
     parser.add_argument(
         "--allow-long",
         action="store_true",
-        help="accept prompts longer than the model's max_position_embeddings",
+        help="run prompts longer than the model's max_position_embeddings",
     )
     parser.add_argument(
-        "--warmup",
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="N",
+        help="timed prefills after the untimed compiling run; the median is reported (0: one "
+        "run whose time includes compilation)",
+    )
+    parser.add_argument(
+        "--compare-dense",
         action="store_true",
-        help="run the prefill once before timing it (otherwise the time includes compilation)",
+        help="also run the same prompt with dense attention and report both side by side",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--quiet", action="store_true", help="no per-layer progress")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
 
-def _patterns(args, config):
-    from minference_jax import patterns as P
-    from minference_jax.config_io import PatternConfigError, load_pattern_config
-
+def _check_args(args) -> None:
+    """Every user error that the arguments alone reveal, before anything is loaded."""
+    check_at_least("--max-new-tokens", args.max_new_tokens, 0)
+    check_at_least("--chunk-size", args.chunk_size, 1)
+    check_at_least("--tensor-parallel", args.tensor_parallel, 0)
+    check_at_least("--repeats", args.repeats, 0)
+    check_at_least("--synthetic-tokens", args.synthetic_tokens, 1)
+    if args.pattern_config is not None and args.mode != "minference":
+        raise CliError(f"--pattern-config goes with --mode minference, not --mode {args.mode}")
+    if args.budget is None:
+        return
     if args.mode == "dense":
-        return None, "dense"
+        raise CliError("--budget does not apply to --mode dense")
+    if args.pattern_config is not None:
+        raise CliError("pass --budget or --pattern-config, not both: the config sets every budget")
+    _, fields, default = BUDGETS[args.mode]
+    if len(args.budget) != len(default):
+        raise CliError(
+            f"bad --budget for --mode {args.mode}: expected {fields}, "
+            f"got {','.join(map(str, args.budget))}"
+        )
+
+
+def _patterns(args, config) -> tuple[P.HeadPatterns | None, str, str]:
+    """The pattern table to run (None: dense), its name and its description in words."""
+    if args.mode == "dense":
+        return None, "dense", "dense on every head"
     if args.pattern_config:
-        if args.mode != "minference":
-            raise CliError("--pattern-config goes with --mode minference")
         try:
             table = load_pattern_config(
                 args.pattern_config, num_layers=config.num_layers, num_heads=config.num_heads
             )
         except PatternConfigError as err:
             raise CliError(str(err)) from err
-        return table, args.pattern_config
+        return table, args.pattern_config, f"per-head patterns from {args.pattern_config}"
     if args.model is None and args.mode == "minference" and args.budget is None:
         from minference_jax.config_io import shipped_configs
         from minference_jax.models.defaults import SEARCHED_CONFIG
 
         path = shipped_configs()[SEARCHED_CONFIG]  # the embedded model's searched config
-        return load_pattern_config(path, num_layers=config.num_layers), SEARCHED_CONFIG
-    kind, default = {
-        "minference": (P.VerticalSlash, (1000, 6096)),
-        "a-shape": (P.AShape, (1024, 4096)),
-        "block-sparse": (P.BlockSparse, (100,)),
-    }[args.mode]
+        table = load_pattern_config(path, num_layers=config.num_layers)
+        return table, SEARCHED_CONFIG, f"per-head patterns from {SEARCHED_CONFIG} (searched)"
+    kind, _, default = BUDGETS[args.mode]
     try:
         pattern = kind(*(args.budget or default))
     except (TypeError, ValueError) as err:
         raise CliError(f"bad --budget for {args.mode}: {err}") from err
-    return P.HeadPatterns.uniform(pattern, config.num_layers, config.num_heads), repr(pattern)
+    table = P.HeadPatterns.uniform(pattern, config.num_layers, config.num_heads)
+    return table, repr(pattern), f"{pattern} on every head"
+
+
+def _covers_prompt(pattern: P.Pattern, n: int) -> bool:
+    """Whether a sparse pattern's budget reaches every key of an n-token prompt."""
+    if isinstance(pattern, P.VerticalSlash):
+        return max(pattern.budgets(n)) >= n
+    if isinstance(pattern, P.AShape):
+        return pattern.n_init + pattern.n_local >= n
+    if isinstance(pattern, P.BlockSparse):
+        return pattern.top_k >= -(-n // pattern.block_size)
+    return False  # Dense is dense on purpose
+
+
+def _warn_dense_in_disguise(table: P.HeadPatterns | None, n: int) -> None:
+    if table is None:
+        return
+    heads = [p for layer in table.layers for p in layer if not isinstance(p, P.Dense)]
+    covering = sum(_covers_prompt(p, n) for p in heads)
+    if covering:
+        warn(
+            f"{covering} of {len(heads)} sparse heads have a budget covering the whole "
+            f"{n}-token prompt: they compute every tile (dense in disguise); use a smaller "
+            "budget or a longer prompt"
+        )
 
 
 def _load(args):
@@ -119,99 +221,236 @@ def _load(args):
 
     from convert.checkpoint import CheckpointError, load_model
     from minference_jax.models.config import ModelConfigError
-    from minference_jax.tokenization import load_tokenizer
+    from minference_jax.tokenization import TokenizerError, load_tokenizer
 
     if not pathlib.Path(args.model).is_dir():
         raise CliError(f"checkpoint folder not found: {args.model}")
     try:
         model, config = load_model(args.model, dtype)
-    except (CheckpointError, ModelConfigError) as err:
+        tokenizer = load_tokenizer(args.model)
+    except (CheckpointError, ModelConfigError, TokenizerError) as err:
         raise CliError(str(err)) from err
-    return model, config, load_tokenizer(args.model), args.model
+    return model, config, tokenizer, args.model
 
 
-def _prompt_ids(args, config, tokenizer):
-    import numpy as np
+def _check_length(n: int, args, config) -> None:
+    limit = config.max_position_embeddings
+    if n > limit and not args.allow_long:
+        raise CliError(
+            f"prompt has {n} tokens, the model's max_position_embeddings is {limit}; pass "
+            "--allow-long to run anyway"
+        )
+    if n + args.max_new_tokens > limit and not args.allow_long:
+        warn(
+            f"prompt ({n}) + new tokens ({args.max_new_tokens}) run past the model's "
+            f"max_position_embeddings ({limit}): the last tokens may be unreliable"
+        )
 
+
+def _prompt(args, config, tokenizer) -> tuple[np.ndarray, str | None]:
+    """(token ids, prompt text or None for a synthetic prompt), its length checked."""
     if args.synthetic_tokens is not None:
-        if args.synthetic_tokens < 1:
-            raise CliError("--synthetic-tokens must be >= 1")
-        return np.random.default_rng(0).integers(0, config.vocab_size, args.synthetic_tokens)
+        _check_length(args.synthetic_tokens, args, config)
+        rng = np.random.default_rng(0)
+        return rng.integers(0, config.vocab_size, args.synthetic_tokens), None
     if args.prompt_file:
-        try:
-            text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file).read()
-        except OSError as err:
-            raise CliError(f"cannot read prompt file: {err}") from err
+        text = read_prompt_file(args.prompt_file)
+    elif args.prompt is not None:
+        text = check_text(args.prompt, "--prompt")
     else:
         from minference_jax.models.defaults import default_prompt
 
-        text = default_prompt() if args.prompt is None else args.prompt
+        text = default_prompt()
     if not text.strip():
         raise CliError("empty prompt")
     if tokenizer is None:
         raise CliError("this checkpoint has no tokenizer.json: pass --synthetic-tokens N")
-    return np.asarray(tokenizer.encode(text))
+    ids = np.asarray(tokenizer.encode(text))
+    if len(ids) == 0:
+        raise CliError("empty prompt (no tokens)")
+    _check_length(len(ids), args, config)
+    return ids, text
+
+
+class _Progress:
+    """Per-layer progress on stderr: each layer's own time, under a title per run."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.previous = 0.0
+
+    def start(self, title: str) -> None:
+        self.previous = 0.0
+        if not self.quiet:
+            print(title, file=sys.stderr, flush=True)
+
+    def __call__(self, layer: int, total: int, seconds_so_far: float) -> None:
+        if not self.quiet:
+            took = seconds_so_far - self.previous
+            print(f"  layer {layer + 1}/{total}  {took:7.2f} s", file=sys.stderr, flush=True)
+        self.previous = seconds_so_far
+
+
+def _timed_runs(model, ids, spec, args, mesh, label: str) -> dict:
+    """An untimed compiling run, then `args.repeats` timed ones (the last also decodes)."""
+    progress = _Progress(args.quiet)
+    first_seconds = None
+    if args.repeats:
+        progress.start(f"{label}: compiling for {ids.shape[1]} tokens (first run, not timed)")
+        first = prefill(model, ids, spec, chunk_size=args.chunk_size, progress=progress, mesh=mesh)
+        first_seconds = first.seconds
+    runs = max(args.repeats, 1)
+    seconds, tokens = [], []
+    for run in range(runs):
+        title = f"timed run {run + 1}/{runs}" if args.repeats else "run (includes compiling)"
+        progress.start(f"{label}: {title}")
+        kwargs = dict(chunk_size=args.chunk_size, progress=progress, mesh=mesh)
+        if run == runs - 1 and args.max_new_tokens:
+            new_tokens, result = generate(model, ids, args.max_new_tokens, spec, **kwargs)
+            tokens = [int(t) for t in np.asarray(new_tokens)[0]]
+        else:
+            result = prefill(model, ids, spec, **kwargs)
+        seconds.append(result.seconds)
+    median = statistics.median(seconds)
+    compile_seconds = None if first_seconds is None else max(first_seconds - median, 0.0)
+    return {
+        "prefill_seconds": round(median, 4),
+        "compile_seconds": None if compile_seconds is None else round(compile_seconds, 4),
+        "includes_compile": not args.repeats,
+        "tokens_per_second": round(ids.shape[1] / median, 1),
+        "layers": [
+            {
+                "families": [FAMILY_NAMES[f] for f in layer.families],
+                "computed_fraction": round(layer.computed_fraction, 4),
+            }
+            for layer in result.layers
+        ],
+        "continuation_tokens": tokens,
+        "last_logits": np.asarray(result.last_logits[0]),
+    }
+
+
+def _passkey(text: str | None, continuation: str | None, max_new_tokens: int) -> dict | None:
+    """The pass key hidden in the prompt, and whether the continuation starts with it."""
+    match = None if text is None else PASSKEY_NEEDLE.search(text)
+    if match is None:
+        return None
+    key = match.group(1)
+    if continuation is None or max_new_tokens < len(key):
+        return {"expected": key, "retrieved": None}
+    return {"expected": key, "retrieved": continuation.lstrip().startswith(key)}
 
 
 def run(args) -> dict:
-    import jax
-    import numpy as np
-
-    from minference_jax.models import AttentionSpec
-    from minference_jax.models.generation import generate, prefill
-
+    _check_args(args)
     model, config, tokenizer, model_name = _load(args)
-    ids = _prompt_ids(args, config, tokenizer)
-    if len(ids) == 0:
-        raise CliError("empty prompt (no tokens)")
-    if len(ids) > config.max_position_embeddings and not args.allow_long:
-        raise CliError(
-            f"prompt has {len(ids)} tokens, the model's max_position_embeddings is "
-            f"{config.max_position_embeddings}; pass --allow-long to run anyway"
-        )
-    table, pattern_name = _patterns(args, config)
-
-    def progress(layer, total, seconds):
-        if not args.quiet:
-            print(f"  layer {layer + 1}/{total}  {seconds:7.2f} s", file=sys.stderr, flush=True)
-
-    spec = AttentionSpec(table)
+    ids, text = _prompt(args, config, tokenizer)
+    n = len(ids)
+    table, pattern_name, attention = _patterns(args, config)
+    _warn_dense_in_disguise(table, n)
     mesh = None
     if args.tensor_parallel != 1:
-        from minference_jax.models.sharding import check_divisible, make_mesh
+        from minference_jax.models.sharding import TensorParallel, make_mesh
 
-        try:
-            mesh = make_mesh(args.tensor_parallel or None)
-            check_divisible(config, mesh.size)
+        try:  # weights placed once for every run below
+            mesh = TensorParallel(model, make_mesh(args.tensor_parallel or None))
         except ValueError as err:
             raise CliError(str(err)) from err
-    if args.warmup:
-        prefill(model, ids[None], spec, chunk_size=args.chunk_size, mesh=mesh)
-    new_tokens, result = generate(
-        model,
-        ids[None],
-        args.max_new_tokens,
-        spec,
-        chunk_size=args.chunk_size,
-        progress=progress,
-        mesh=mesh,
-    )
-    stats = jax.devices()[0].memory_stats() or {}
-    tokens = [int(t) for t in np.asarray(new_tokens)[0]]
-    return {
+
+    def decode(tokens):
+        return None if tokenizer is None else tokenizer.decode(tokens)
+
+    sparse = _timed_runs(model, ids[None], AttentionSpec(table), args, mesh, args.mode)
+    dense = None
+    if args.compare_dense:
+        dense = _timed_runs(model, ids[None], AttentionSpec(), args, mesh, "dense")
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    continuation = decode(sparse["continuation_tokens"])
+    report = {
         "model": model_name,
-        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "device": f"{device.platform}:{device.device_kind}",
         "mode": args.mode,
         "devices": 1 if mesh is None else mesh.size,
         "patterns": pattern_name,
-        "prompt_tokens": len(ids),
-        "prefill_seconds": round(result.seconds, 4),
-        "includes_compile": not args.warmup,
-        "tokens_per_second": round(len(ids) / result.seconds, 1),
+        "attention": attention,
+        "prompt_tokens": n,
+        "repeats": args.repeats,
+        **{key: value for key, value in sparse.items() if key != "last_logits"},
         "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
-        "continuation_tokens": tokens,
-        "continuation": tokenizer.decode(tokens) if tokenizer is not None else None,
+        "continuation": continuation,
+        "passkey": _passkey(text, continuation, args.max_new_tokens),
     }
+    if dense is not None:
+        dense_continuation = decode(dense["continuation_tokens"])
+        report["dense"] = {
+            "prefill_seconds": dense["prefill_seconds"],
+            "tokens_per_second": dense["tokens_per_second"],
+            "speedup": round(dense["prefill_seconds"] / sparse["prefill_seconds"], 3),
+            "continuation_tokens": dense["continuation_tokens"],
+            "continuation": dense_continuation,
+            "passkey": _passkey(text, dense_continuation, args.max_new_tokens),
+            "last_logits_max_abs_diff": float(
+                np.max(np.abs(sparse["last_logits"] - dense["last_logits"]))
+            ),
+        }
+    return report
+
+
+def _seconds(report: dict, repeats: int) -> str:
+    timed = f"median of {repeats} timed runs" if repeats > 1 else "one timed run"
+    if not repeats:
+        timed = "one run, compilation included"
+    return (
+        f"{report['prefill_seconds']:.4g} s ({timed}), {report['tokens_per_second']:,.0f} tokens/s"
+    )
+
+
+def _answer(continuation: str | None, passkey: dict | None) -> str:
+    text = "(no tokenizer)" if continuation is None else repr(continuation)
+    if passkey is None:
+        return text
+    if passkey["retrieved"] is None:
+        return f"{text}; too few new tokens to check the pass key {passkey['expected']}"
+    verdict = "retrieved" if passkey["retrieved"] else "NOT retrieved"
+    return f"{text} -> pass key {passkey['expected']} {verdict}"
+
+
+def describe(report: dict) -> str:
+    """The report in words, one fact per line."""
+    prompt = f"{report['prompt_tokens']} tokens"
+    if report["passkey"] is not None:
+        prompt += f", hiding the pass key {report['passkey']['expected']}"
+    devices = f" x {report['devices']}" if report["devices"] > 1 else ""
+    lines = [
+        f"model:     {report['model']}",
+        f"device:    {report['device']}{devices}",
+        f"prompt:    {prompt}",
+        f"attention: {report['mode']}: {report['attention']}",
+    ]
+    for i, layer in enumerate(report["layers"]):
+        families = "+".join(layer["families"])
+        lines.append(
+            f"  layer {i + 1}: {families}, computed {100 * layer['computed_fraction']:.1f}% "
+            "of the causal key tiles"
+        )
+    if report["compile_seconds"] is not None:
+        lines.append(f"compile:   {report['compile_seconds']:.3g} s (first run, not timed)")
+    lines.append(f"prefill:   {_seconds(report, report['repeats'])}")
+    lines.append(f"answer:    {_answer(report['continuation'], report['passkey'])}")
+    dense = report.get("dense")
+    if dense is not None:
+        speedup = dense["speedup"]
+        verdict = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+        lines.append(f"dense:     {_seconds(dense, report['repeats'])}")
+        lines.append(f"  {report['mode']} prefill is {verdict} than dense")
+        lines.append(f"  answer:  {_answer(dense['continuation'], dense['passkey'])}")
+        diff = dense["last_logits_max_abs_diff"]
+        lines.append(f"  last-token logits differ from dense by up to {diff:.3g}")
+    memory = report["peak_device_memory_bytes"]
+    if memory is not None:
+        lines.append(f"peak device memory: {memory / 2**30:.2f} GiB")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -219,13 +458,8 @@ def main(argv=None) -> int:
     try:
         report = run(args)
     except CliError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:>26}: {value}")
+        return fail(err)
+    print(json.dumps(report) if args.json else describe(report))
     return 0
 
 

@@ -10,7 +10,7 @@ reference candidate (by default the uniform VerticalSlash(1000, 6096)); the refe
 a candidate, so the searched config keeps at least its recall at no more cost, head by head.
 
     python -m minference_jax.search --model converted/ --out my_config.json --synthetic-tokens 8192
-    python -m minference_jax.search --model tiny/ --out c.json --prompt-file a.txt \
+    python -m minference_jax.search --model tiny/ --out c.json --prompt-file a.txt \\
         --candidates vs:128,512 vs:30,128 ashape:32,256 block:8
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -26,11 +28,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from minference_jax import patterns as P
-from minference_jax.config_io import save_pattern_config
+from minference_jax.cli import (
+    ArgumentParser,
+    CliError,
+    check_at_least,
+    fail,
+    parse_sizes,
+    read_prompt_file,
+    warn,
+)
+from minference_jax.config_io import PatternConfigError, save_pattern_config
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.models.modeling import CausalLM, layer_body
 from minference_jax.models.rope import rope_tables
 from minference_jax.sparse_index import block_mask_from_index
+from minference_jax.tokenization import TokenizerError, load_tokenizer
 
 # Budgets of the original tool's search space (tokens), the reference (default) first.
 DEFAULT_CANDIDATES = (
@@ -103,6 +115,12 @@ def search_patterns(
     candidates = tuple(candidates)
     if not candidates:
         raise ValueError("no candidate patterns")
+    if not prompts:
+        raise ValueError("no prompts")
+    if score_queries < 1:
+        raise ValueError(f"score_queries must be >= 1, got {score_queries}")
+    if min_recall is not None and not 0.0 <= min_recall <= 1.0:
+        raise ValueError(f"min_recall must be in [0, 1], got {min_recall}")
     num_layers, num_heads = config.num_layers, config.num_heads
     recall = np.zeros((len(candidates), num_layers, num_heads))
     cost = np.zeros_like(recall)
@@ -147,29 +165,41 @@ def search_patterns(
 
 def parse_candidate(text: str) -> P.Pattern:
     """'vs:1000,6096' / 'ashape:128,4096' / 'block:100' -> a pattern (argparse type)."""
-    kinds = {"vs": P.VerticalSlash, "ashape": P.AShape, "block": P.BlockSparse}
+    kinds = {"vs": (P.VerticalSlash, 2), "ashape": (P.AShape, 2), "block": (P.BlockSparse, 1)}
+    usage = "use vs:V,S  ashape:INIT,LOCAL  block:TOP_K"
     name, _, sizes = text.partition(":")
+    if name not in kinds:
+        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {usage}")
+    kind, count = kinds[name]
+    values = parse_sizes(sizes)
+    if len(values) != count:
+        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {usage}")
     try:
-        return kinds[name](*(int(x) for x in sizes.split(",")))
-    except (KeyError, TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(
-            f"bad candidate {text!r}: use vs:V,S  ashape:INIT,LOCAL  block:TOP_K ({err})"
-        ) from err
+        return kind(*values)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {err}") from err
 
 
-def main(argv=None) -> int:
-    from convert.checkpoint import CheckpointError, load_model
-    from minference_jax.models.config import ModelConfigError
-    from minference_jax.tokenization import load_tokenizer
-
-    parser = argparse.ArgumentParser(prog="python -m minference_jax.search", description=__doc__)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m minference_jax.search", description=__doc__)
     parser.add_argument("--model", required=True, help="converted or HF checkpoint folder")
     parser.add_argument("--out", required=True, help="JSON pattern config to write")
-    parser.add_argument("--prompt-file", action="append", help="sample prompt text (repeatable)")
-    parser.add_argument("--synthetic-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--prompt-file",
+        action="append",
+        help="UTF-8 sample prompt text, repeatable (default: synthetic prompts)",
+    )
+    parser.add_argument(
+        "--synthetic-tokens", type=int, default=4096, help="length of each synthetic prompt"
+    )
     parser.add_argument("--num-prompts", type=int, default=2, help="synthetic prompts")
-    parser.add_argument("--score-queries", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--score-queries",
+        type=int,
+        default=64,
+        help="last queries of each prompt on which recall is measured",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     parser.add_argument(
         "--candidates",
         nargs="+",
@@ -182,27 +212,93 @@ def main(argv=None) -> int:
         "--min-recall",
         type=float,
         default=None,
-        help="heads below this recall under the cost bound take the cheapest candidate reaching "
-        "it, or dense",
+        help="in [0, 1]: heads below this recall under the cost bound take the cheapest "
+        "candidate reaching it, or dense (default: none)",
     )
-    args = parser.parse_args(argv)
-    try:
-        model, config = load_model(args.model)
-    except (CheckpointError, ModelConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.prompt_file:
-        tokenizer = load_tokenizer(args.model)
-        if tokenizer is None:
-            print("error: no tokenizer.json: use --synthetic-tokens", file=sys.stderr)
-            return 2
-        prompts = [np.asarray(tokenizer.encode(open(f).read())) for f in args.prompt_file]
-    else:
+    return parser
+
+
+def _check_args(args) -> None:
+    """Every user error the arguments alone reveal, before the model is loaded."""
+    check_at_least("--synthetic-tokens", args.synthetic_tokens, 1)
+    check_at_least("--num-prompts", args.num_prompts, 1)
+    check_at_least("--score-queries", args.score_queries, 1)
+    check_at_least("--seed", args.seed, 0)
+    if args.min_recall is not None and not 0.0 <= args.min_recall <= 1.0:  # NaN fails too
+        raise CliError(f"--min-recall must be in [0, 1], got {args.min_recall}")
+    if not args.prompt_file and args.score_queries > args.synthetic_tokens:
+        raise CliError(
+            f"--score-queries ({args.score_queries}) exceeds the prompt length "
+            f"(--synthetic-tokens {args.synthetic_tokens})"
+        )
+    _check_writable(pathlib.Path(args.out))
+
+
+def _check_writable(out: pathlib.Path) -> None:
+    """Fail now, not after the search, when the config could not be written."""
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory; give a file name")
+    folder = out.parent
+    if not folder.exists():
+        raise CliError(f"--out {out}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise CliError(f"--out {out}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: folder {folder} is not writable")
+
+
+def _read_prompt_files(args) -> list[tuple[str, str]]:
+    texts = [(path, read_prompt_file(path)) for path in args.prompt_file or ()]
+    for path, text in texts:
+        if not text.strip():
+            raise CliError(f"prompt file {path} is empty")
+    return texts
+
+
+def _prompts(args, config, texts: list[tuple[str, str]]) -> list[np.ndarray]:
+    if not texts:
         rng = np.random.default_rng(args.seed)
-        prompts = [
+        return [
             rng.integers(0, config.vocab_size, args.synthetic_tokens)
             for _ in range(args.num_prompts)
         ]
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except TokenizerError as err:
+        raise CliError(str(err)) from err
+    if tokenizer is None:
+        raise CliError("no tokenizer.json in the checkpoint: use --synthetic-tokens")
+    prompts = []
+    for path, text in texts:
+        ids = np.asarray(tokenizer.encode(text))
+        if len(ids) < args.score_queries:
+            raise CliError(
+                f"prompt file {path} has {len(ids)} tokens, fewer than --score-queries "
+                f"({args.score_queries})"
+            )
+        prompts.append(ids)
+    return prompts
+
+
+def run(args) -> SearchResult:
+    from convert.checkpoint import CheckpointError, load_model
+    from minference_jax.models.config import ModelConfigError
+
+    _check_args(args)
+    texts = _read_prompt_files(args)
+    if not pathlib.Path(args.model).is_dir():
+        raise CliError(f"checkpoint folder not found: {args.model}")
+    try:
+        model, config = load_model(args.model)
+    except (CheckpointError, ModelConfigError) as err:
+        raise CliError(str(err)) from err
+    prompts = _prompts(args, config, texts)
+    longest = max(len(p) for p in prompts)
+    if longest > config.max_position_embeddings:
+        warn(
+            f"prompts of up to {longest} tokens run past the model's max_position_embeddings "
+            f"({config.max_position_embeddings}): the searched patterns may not carry over"
+        )
     result = search_patterns(
         model,
         prompts,
@@ -211,7 +307,19 @@ def main(argv=None) -> int:
         min_recall=args.min_recall,
         progress=lambda i, total: print(f"  layer {i + 1}/{total}", file=sys.stderr, flush=True),
     )
-    save_pattern_config(result.patterns, args.out, result.recall.tolist())
+    try:
+        save_pattern_config(result.patterns, args.out, result.recall.tolist())
+    except (PatternConfigError, OSError) as err:
+        raise CliError(f"cannot write {args.out}: {err}") from err
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except CliError as err:
+        return fail(err)
     print(
         f"wrote {args.out}: mean recall {result.recall.mean():.4f} "
         f"(reference {result.reference_recall.mean():.4f}), mean cost {result.cost.mean():.4f} "

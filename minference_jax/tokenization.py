@@ -17,13 +17,21 @@ class ByteTokenizer:
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer.json that the `tokenizers` library cannot read."""
+
+
 class HFTokenizer:
     """A `tokenizer.json` read with the `tokenizers` library (no hub access)."""
 
     def __init__(self, path: pathlib.Path):
         from tokenizers import Tokenizer
 
-        self._tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # the library raises a bare Exception for every bad file
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise TokenizerError(f"cannot read {path}: {reason}") from err
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
@@ -53,5 +61,6 @@ def save_byte_tokenizer(path) -> None:
 
 
 def load_tokenizer(folder) -> HFTokenizer | None:
+    """The folder's tokenizer.json, or None when it has none (TokenizerError if unreadable)."""
     path = pathlib.Path(folder) / "tokenizer.json"
     return HFTokenizer(path) if path.is_file() else None

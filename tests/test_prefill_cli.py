@@ -1,17 +1,25 @@
-"""The prefill CLI on CPU: every mode, --json, and clear errors without tracebacks."""
+"""The prefill CLI on CPU: every mode, what attention really ran, the report in words, --help."""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from minference_jax.config_io import shipped_configs
-from minference_jax.prefill import main
+from minference_jax import patterns as P
+from minference_jax.config_io import save_pattern_config
+from minference_jax.models.defaults import default_prompt
+from minference_jax.prefill import _answer, _passkey, build_parser, describe, main
 
 ROOT = pathlib.Path(__file__).parent.parent
 LLAMA = str(ROOT / "tests" / "fixtures" / "hf" / "llama")
+# A GPU prefill of at most DENSE_CROSSOVER_TOKENS runs dense cuDNN whatever the patterns: there
+# the report must say so; elsewhere these short prompts run the sparse path.
+SHORT_PROMPTS_RUN_DENSE = jax.default_backend() == "gpu"
+DENSE_LAYER = {"families": ["dense"], "computed_fraction": 1.0}
 
 
 def _json_run(capsys, *argv):
@@ -28,21 +36,90 @@ def test_every_mode_runs_on_a_checkpoint(capsys, mode, budget):
     report = _json_run(capsys, *argv, *(["--budget", budget] if budget else []))
     assert report["mode"] == mode and report["prompt_tokens"] == 200
     assert len(report["continuation_tokens"]) == 3 and report["prefill_seconds"] > 0
+    assert report["includes_compile"] is False and report["compile_seconds"] is not None
 
 
-def test_embedded_default_with_a_text_prompt(capsys):
-    report = _json_run(capsys, "--prompt", "hello " * 50, "--max-new-tokens", "2", "--warmup")
-    assert report["prompt_tokens"] == 300 and isinstance(report["continuation"], str)
-    assert report["includes_compile"] is False
+def _tiny_config(path):
+    """A mixed per-head config for the embedded model (2 layers x 4 heads), tiny budgets."""
+    layer = (P.VerticalSlash(30, 50), P.AShape(16, 64), P.BlockSparse(2), P.VerticalSlash(0, 0))
+    save_pattern_config(P.HeadPatterns((layer, layer[::-1])), path)
+    return str(path)
 
 
-@pytest.mark.parametrize("mode", ["dense", "minference"])
-def test_embedded_default_finds_the_passkey(capsys, mode):
-    report = _json_run(capsys, "--mode", mode, "--max-new-tokens", "5")
-    assert report["prompt_tokens"] == 2048
+@pytest.mark.parametrize(
+    "mode_args, families",
+    [
+        (["--mode", "minference", "--budget", "30,50"], {"vertical-slash"}),
+        (["--mode", "a-shape", "--budget", "16,64"], {"a-shape"}),
+        (["--mode", "block-sparse", "--budget", "2"], {"block-sparse"}),
+        (["--pattern-config", "CONFIG"], {"vertical-slash", "a-shape", "block-sparse"}),
+    ],
+)
+def test_tiny_budget_is_sparse_and_changes_the_logits(capsys, tmp_path, mode_args, families):
+    """The report comes from the index each layer built: a CLI running dense whatever --mode
+    says would show 100% of the tiles and the dense logits."""
+    mode_args = [_tiny_config(tmp_path / "c.json") if a == "CONFIG" else a for a in mode_args]
+    argv = ["--synthetic-tokens", "500", "--max-new-tokens", "0", "--repeats", "0"]
+    report = _json_run(capsys, *argv, *mode_args, "--compare-dense")
+    assert len(report["layers"]) == 2
+    if SHORT_PROMPTS_RUN_DENSE:
+        assert report["layers"] == [DENSE_LAYER] * 2
+        return
+    for layer in report["layers"]:
+        assert set(layer["families"]) == families
+        assert 0 < layer["computed_fraction"] < 0.9
+    assert report["dense"]["last_logits_max_abs_diff"] > 1e-3
+    assert report["continuation_tokens"] == [] and report["includes_compile"] is True
+
+
+def test_dense_mode_reports_every_tile(capsys):
+    report = _json_run(capsys, "--model", LLAMA, "--synthetic-tokens", "100", "--mode", "dense")
+    assert report["layers"] == [DENSE_LAYER] * 2
+
+
+def test_embedded_default_explains_itself(capsys):
+    """Pass key found by the sparse and the dense prefill, compile separated from timed runs,
+    per-layer progress shows each layer's own time."""
+    argv = ["--max-new-tokens", "5", "--repeats", "2", "--compare-dense", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["prompt_tokens"] == 2048 and report["patterns"] == "passkey_tiny_searched"
     assert report["continuation"] == "71432"
-    if mode == "minference":
-        assert report["patterns"] == "passkey_tiny_searched"
+    assert report["passkey"] == {"expected": "71432", "retrieved": True}
+    assert report["dense"]["passkey"] == {"expected": "71432", "retrieved": True}
+    assert report["includes_compile"] is False and report["repeats"] == 2
+    if not SHORT_PROMPTS_RUN_DENSE:
+        assert all(layer["computed_fraction"] < 0.5 for layer in report["layers"])
+    progress = captured.err.splitlines()
+    assert progress[0] == "minference: compiling for 2048 tokens (first run, not timed)"
+    assert "minference: timed run 2/2" in progress and "dense: timed run 2/2" in progress
+    compile_layer_times = [float(line.split()[-2]) for line in progress[1:3]]
+    assert compile_layer_times[1] < compile_layer_times[0]  # layer 2 reuses layer 1's program
+    text = describe(report)
+    assert "pass key 71432 retrieved" in text and "median of 2 timed runs" in text
+    assert re.search(r"layer 1: [a-z-]+, computed \d+\.\d% of the causal key tiles", text)
+    assert "first run, not timed" in text and re.search(r"\dx (faster|slower) than dense", text)
+
+
+def test_passkey_verdicts():
+    text = default_prompt()
+    assert _passkey(text, " 71432 and more", 8) == {"expected": "71432", "retrieved": True}
+    assert _passkey(text, "7143", 8) == {"expected": "71432", "retrieved": False}
+    # Two new tokens cannot show a 5-digit key: the verdict is unknown, not "not retrieved".
+    assert _passkey(text, "71", 2) == {"expected": "71432", "retrieved": None}
+    assert _passkey("The pass key is 123. Remember it. 124 is the pass key.", "123", 8) is None
+    assert _passkey(None, "123", 8) is None
+    assert "too few new tokens" in _answer("71", {"expected": "71432", "retrieved": None})
+    assert _answer("7143", _passkey(text, "7143", 8)).endswith("pass key 71432 NOT retrieved")
+
+
+def test_text_prompt_and_zero_new_tokens(capsys):
+    report = _json_run(
+        capsys, "--prompt", "hello " * 50, "--max-new-tokens", "0", "--mode", "dense"
+    )
+    assert report["prompt_tokens"] == 300 and report["continuation_tokens"] == []
+    assert report["continuation"] == "" and report["passkey"] is None
 
 
 def test_prompt_file_and_stdin(tmp_path, capsys, monkeypatch):
@@ -50,69 +127,47 @@ def test_prompt_file_and_stdin(tmp_path, capsys, monkeypatch):
 
     path = tmp_path / "p.txt"
     path.write_text("a prompt from a file " * 10)
-    assert (
-        _json_run(capsys, "--prompt-file", str(path), "--max-new-tokens", "1")["prompt_tokens"]
-        == 210
-    )
-    monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin"))
-    assert _json_run(capsys, "--prompt-file", "-", "--max-new-tokens", "1")["prompt_tokens"] == 10
+    argv = ["--max-new-tokens", "1", "--mode", "dense"]
+    assert _json_run(capsys, "--prompt-file", str(path), *argv)["prompt_tokens"] == 210
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("from stdin é".encode())))
+    assert _json_run(capsys, "--prompt-file", "-", *argv)["prompt_tokens"] == 13
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--model", "/no/such/folder"], "checkpoint folder not found"),
-        (["--model", LLAMA, "--synthetic-tokens", "300"], "max_position_embeddings is 256"),
-        (["--prompt", "   "], "empty prompt"),
-        (["--model", LLAMA, "--prompt", "hi"], "no tokenizer.json"),
-        (
-            [
-                "--model",
-                LLAMA,
-                "--synthetic-tokens",
-                "50",
-                "--pattern-config",
-                str(shipped_configs()["Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern"]),
-            ],
-            "32 layers x 32 heads, the model has 2 layers x 4 query heads",
-        ),
-        (["--mode", "a-shape", "--budget", "1,2,3"], "bad --budget"),
-    ],
-)
-def test_bad_input_gives_clear_error(capsys, argv, message):
-    assert main([*argv, "--quiet"]) == 2
-    assert message in capsys.readouterr().err
+def test_warnings_dense_in_disguise_and_past_max_positions(capsys):
+    # a-shape 64 + 64 >= 100 tokens: every key is kept; 100 + 200 > 256 positions.
+    argv = ["--model", LLAMA, "--synthetic-tokens", "100", "--mode", "a-shape", "--budget"]
+    assert main([*argv, "64,64", "--max-new-tokens", "200", "--repeats", "0", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "8 of 8 sparse heads have a budget covering the whole 100-token prompt" in err
+    assert "run past the model's max_position_embeddings (256)" in err
+
+
+@pytest.mark.parametrize("module", ["prefill", "search"])
+def test_every_help_entry_has_a_text_and_its_default(module):
+    import importlib
+
+    parser = importlib.import_module(f"minference_jax.{module}").build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        help_text = parser._get_formatter()._get_help_string(action)
+        assert action.required or "default" in help_text, (action.dest, help_text)
+    assert "(default: 8192)" in " ".join(build_parser().format_help().split())
 
 
 def test_cli_process_exit_codes_and_no_traceback():
+    env = {"JAX_PLATFORMS": "cpu", "PATH": ""}
+    argv = ["--max-new-tokens", "1", "--json", "--quiet", "--prompt", "short prompt"]
     ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "minference_jax.prefill",
-            "--max-new-tokens",
-            "1",
-            "--json",
-            "--quiet",
-            "--prompt",
-            "short prompt",
-        ],
+        [sys.executable, "-m", "minference_jax.prefill", *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+        env=env,
     )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["prompt_tokens"] == 12
-    for argv in (["--mode", "sparse"], ["--model", "/missing"]):
-        bad = subprocess.run(
-            [sys.executable, "-m", "minference_jax.prefill", *argv],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env={"JAX_PLATFORMS": "cpu", "PATH": ""},
-        )
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.strip()
 
 
 def test_tensor_parallel_flag_reports_clear_error_on_one_device(capsys):

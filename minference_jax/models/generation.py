@@ -24,14 +24,25 @@ from minference_jax.models.rope import rope_tables
 from minference_jax.models.sharding import TensorParallel
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention ran, read from the index it built."""
+
+    families: tuple[str, ...]  # pattern families of its index ("dense": no index, dense ran)
+    computed_fraction: float  # key tiles computed / a dense causal kernel's (1.0: dense ran)
+
+
 @dataclasses.dataclass
 class PrefillResult:
     last_logits: jax.Array  # [B, V] float32, logits of the last prompt token
     cache: list[tuple[jax.Array, jax.Array]] | None  # per layer (k, v) [B, N, Hkv, D], rope'd
     seconds: float
+    layers: tuple[LayerAttention, ...] = ()  # per layer
 
 
-layer_step = nnx.jit(layer_body, static_argnames=("plan", "implementation", "chunk", "axis_name"))
+layer_step = nnx.jit(
+    layer_body, static_argnames=("plan", "implementation", "chunk", "axis_name", "with_fraction")
+)
 
 
 @nnx.jit
@@ -58,6 +69,8 @@ def prefill(
     """Run the prompt through the model; last-token logits and optionally the KV cache.
 
     progress: None, or a callable(layer_id, num_layers, seconds_so_far) called after each layer.
+    The result's `layers` says per layer which pattern families its index held and the share
+    of the causal key tiles its attention computed.
     mesh: a 1-D `jax.sharding.Mesh` (axis "tp") to run tensor-parallel over its devices
       (see `minference_jax.models.sharding`), or a `TensorParallel` already built for this
       model (its weights placed once, for repeated prefills); the KV cache then comes back
@@ -73,6 +86,7 @@ def prefill(
     cos, sin = rope_tables(config, jnp.arange(seq_len), seq_len)
     x = _embed(model, input_ids)
     cache = [] if return_cache else None
+    families, fractions = [], []
     sharded = mesh
     if mesh is not None and not isinstance(mesh, TensorParallel):
         sharded = TensorParallel(model, mesh)
@@ -84,7 +98,7 @@ def prefill(
             attention.implementation,
         )
         step = layer_step if sharded is None else sharded.step(layer_id)
-        x, k, v = step(
+        x, k, v, fraction = step(
             layer,
             x,
             cos,
@@ -93,7 +107,10 @@ def prefill(
             plan=plan,
             implementation=attention.implementation,
             chunk=chunk_size,
+            with_fraction=True,
         )
+        families.append(("dense",) if plan is None else plan.families)
+        fractions.append(fraction if sharded is None else sharded.local(fraction))
         if cache is not None:
             cache.append(jax.device_get((k, v)) if cache_on_host else (k, v))
         if progress is not None:
@@ -102,7 +119,11 @@ def prefill(
     if sharded is not None:
         x = sharded.local(x)
     logits = jax.block_until_ready(_last_logits(model, x))
-    return PrefillResult(logits, cache, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    layers = tuple(
+        LayerAttention(f, float(fraction)) for f, fraction in zip(families, fractions, strict=True)
+    )
+    return PrefillResult(logits, cache, seconds, layers)
 
 
 @functools.partial(nnx.jit, static_argnames=("seq_len",))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from minference_jax import patterns as P
-from minference_jax.attention import layer_plan, planned_attention
+from minference_jax.attention import layer_plan, planned_attention_with_fraction
 from minference_jax.models.config import ModelConfig
 from minference_jax.models.rope import apply_rope, rope_tables
 
@@ -179,11 +179,25 @@ def _chunked(fn, x, chunk: int):
     )
 
 
-def layer_body(layer, x, cos, sin, budgets, *, plan, implementation, chunk, axis_name=None):
+def layer_body(
+    layer,
+    x,
+    cos,
+    sin,
+    budgets,
+    *,
+    plan,
+    implementation,
+    chunk,
+    axis_name=None,
+    with_fraction=False,
+):
     """One decoder layer over the whole prompt: x [B, T, hidden] -> (x, k, v).
 
     With `axis_name`, `layer` holds this device's slice of the heads and MLP columns (tensor
     parallel under shard_map) and the attention / MLP outputs are summed across devices.
+    With `with_fraction`, also the share of the causal key tiles the attention computed
+    -> (x, k, v, fraction), from the index the layer estimated (1.0 where it ran dense).
     """
     b, t, _ = x.shape
     d = layer.attn.config.head_dim
@@ -196,7 +210,9 @@ def layer_body(layer, x, cos, sin, budgets, *, plan, implementation, chunk, axis
     q = apply_rope(q.reshape(b, t, -1, d), cos, sin)
     k = apply_rope(k.reshape(b, t, -1, d), cos, sin)
     v = v.reshape(b, t, -1, d)
-    o = planned_attention(q, k, v, budgets, plan=plan, scale=d**-0.5, implementation=implementation)
+    o, fraction = planned_attention_with_fraction(
+        q, k, v, budgets, plan=plan, scale=d**-0.5, implementation=implementation
+    )
     attn_out = _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
     if axis_name is not None:
         attn_out = jax.lax.psum(attn_out, axis_name)
@@ -204,4 +220,8 @@ def layer_body(layer, x, cos, sin, budgets, *, plan, implementation, chunk, axis
     mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
     if axis_name is not None:
         mlp_out = jax.lax.psum(mlp_out, axis_name)
-    return x + mlp_out, k, v
+    if not with_fraction:
+        return x + mlp_out, k, v
+    if axis_name is not None:
+        fraction = jax.lax.pmean(fraction, axis_name)  # every device holds as many heads
+    return x + mlp_out, k, v, fraction

@@ -115,6 +115,7 @@ class TensorParallel:
                     implementation=implementation,
                     chunk=chunk,
                     axis_name=AXIS,
+                    with_fraction=True,
                 )
 
             heads = P(None, None, AXIS, None)
@@ -123,7 +124,7 @@ class TensorParallel:
                     body,
                     mesh=self.mesh,
                     in_specs=(self.specs, P(), P(), P(), P(AXIS)),
-                    out_specs=(P(), heads, heads),
+                    out_specs=(P(), heads, heads, P()),
                     check_vma=False,
                 )
             )
@@ -132,7 +133,7 @@ class TensorParallel:
     def step(self, layer_id: int):
         """A callable with `layer_step`'s signature that runs layer `layer_id` sharded."""
 
-        def run(_layer, x, cos, sin, budgets, *, plan, implementation, chunk):
+        def run(_layer, x, cos, sin, budgets, *, plan, implementation, chunk, with_fraction=False):
             # Inputs are committed to this process's device: place them on the (possibly
             # multi-host) mesh; every process holds the same values.
             replicated = NamedSharding(self.mesh, P())
@@ -140,9 +141,10 @@ class TensorParallel:
             if budgets is not None:
                 by_head = NamedSharding(self.mesh, P(AXIS))
                 budgets = _place(budgets, jax.tree.map(lambda _: by_head, budgets))
-            return self._compiled(plan, implementation, chunk)(
+            out = self._compiled(plan, implementation, chunk)(
                 self.states[layer_id], x, cos, sin, budgets
             )  # x stays replicated on the mesh: the next layer's placement of it is a no-op
+            return out if with_fraction else out[:3]
 
         return run
 
