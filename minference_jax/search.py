@@ -158,7 +158,7 @@ def parse_candidate(text: str) -> P.Pattern:
 
 
 def main(argv=None) -> int:
-    from convert.checkpoint import CheckpointError, load_model
+    from minference_jax.models.checkpoint import CheckpointError, load_model
     from minference_jax.models.config import ModelConfigError
     from minference_jax.tokenization import load_tokenizer
 
