@@ -31,8 +31,8 @@ def check_index_matches_inputs(index: SparseIndex, q: jax.Array) -> None:
     index_batch, index_heads = index.diag_count.shape[:2]
     if (index_batch, index_heads, index.seq_len) != (batch, heads, n):
         raise ValueError(
-            f"index is for batch {index_batch} x {index_heads} heads x seq {index.seq_len}; "
-            f"inputs have batch {batch} x {heads} heads x seq {n}"
+            f"index is for seq {index.seq_len} x {index_heads} heads x batch {index_batch}; "
+            f"inputs have seq {n} x {heads} heads x batch {batch}"
         )
     check_block_sizes(index.block_q, index.block_kv)
     n_q_blocks = num_blocks(n, index.block_q)

@@ -187,7 +187,7 @@ def test_index_of_another_batch_size_is_refused(batch_one_index, implementation)
     q2, k2, v2 = _qkv(2, seed=1)
     with pytest.raises(
         ValueError,
-        match="index is for batch 1 x 4 heads x seq 100; inputs have batch 2 x 4 heads x seq 100",
+        match="index is for seq 100 x 4 heads x batch 1; inputs have seq 100 x 4 heads x batch 2",
     ):
         sparse_attention(q2, k2, v2, Dense(), implementation=implementation, index=batch_one_index)
 
@@ -195,10 +195,12 @@ def test_index_of_another_batch_size_is_refused(batch_one_index, implementation)
 @pytest.mark.parametrize("backend", [sparse_attention_xla, sparse_attention_reference])
 def test_backends_called_directly_check_the_index_too(batch_one_index, backend):
     q2, k2, v2 = _qkv(2, seed=1)
-    with pytest.raises(ValueError, match="index is for batch 1"):
+    with pytest.raises(ValueError, match="index is for .* batch 1; inputs have .* batch 2"):
         backend(q2, k2, v2, batch_one_index)
     q3, k3, v3 = _qkv(1, n=90)
-    with pytest.raises(ValueError, match="seq 100; inputs have batch 1 x 4 heads x seq 90"):
+    with pytest.raises(
+        ValueError, match="index is for seq 100 .*; inputs have seq 90 x 4 heads x batch 1"
+    ):
         backend(q3, k3, v3, batch_one_index)
 
 
@@ -206,7 +208,9 @@ def test_index_of_other_heads_or_block_sizes_is_refused():
     q, k, v = _qkv(1)
     index = build_sparse_index(q, k, AShape(16, 40), block_q=128, block_kv=64)
     q8, k8, v8 = _qkv(1, heads=8)
-    with pytest.raises(ValueError, match="4 heads x seq 100; inputs have batch 1 x 8 heads"):
+    with pytest.raises(
+        ValueError, match="seq 100 x 4 heads x batch 1; inputs have seq 100 x 8 heads"
+    ):
         sparse_attention(q8, k8, v8, Dense(), index=index)
     relabelled = dataclasses.replace(index, block_q=64)  # arrays still cut for block_q=128
     with pytest.raises(ValueError, match=r"index.diag_count has shape \(1, 4, 1\), expected"):
