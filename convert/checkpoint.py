@@ -132,6 +132,7 @@ def convert_folder(
     if not src.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {src}")
     check_destination(src, dst, overwrite=overwrite)
+    dst = pathlib.Path(os.path.abspath(dst))  # "out/", "." or "a/../out": a real name and parent
     hf_config = read_hf_config(src)
     config = ModelConfig.from_hf_dict(hf_config)
     params = read_hf_params(src, config, DTYPES[dtype_name], progress=progress)

@@ -188,6 +188,13 @@ def test_empty_destination_folder_is_filled(src, tmp_path):
     load_model(dst)
 
 
+def test_relative_destination_spellings(src, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert convert_main([str(src), "nowhere/../out/", "--quiet", "--dtype", "float32"]) == 0
+    assert (tmp_path / "out" / "params.safetensors").is_file()
+    assert not (tmp_path / "nowhere").exists() and leftovers(tmp_path) == []
+
+
 def test_overwrite_replaces_the_destination_as_a_whole(src, occupied, tmp_path):
     assert convert_main([str(src), str(occupied), "--quiet", "--overwrite"]) == 0
     assert not (occupied / "notes").exists() and not (occupied / "model.safetensors").exists()
