@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import shutil
 
 import jax
@@ -110,6 +111,7 @@ def test_changed_tensor_bytes_fail_the_checksum(converted):
     data[-3] ^= 0x40  # inside the last tensor's data
     params.write_bytes(bytes(data))
     assert "does not match its SHA-256" in load_error(folder)
+    load_model(folder, verify_checksums=False)  # opted out: names, shapes and dtypes only
     as_version_1(folder)  # no record to check against: loads, with different weights
     model, _ = load_model(folder)
     assert not np.array_equal(np.asarray(model(IDS)), logits)
@@ -297,3 +299,11 @@ def test_ashape_rounding_counts_of_the_docstring():
     rows, cols = np.arange(256)[:, None], np.arange(256)[None, :]
     exact = (cols <= rows) & ((cols < 16) | (rows - cols < 40))
     assert (int(expected.sum()), int(exact.sum())) == (22656, 12796)
+
+
+def test_the_library_never_imports_the_converter():
+    """`convert` builds on the models; the library loads checkpoints without it."""
+    package = pathlib.Path(__file__).parents[1] / "minference_jax"
+    importing = re.compile(r"^\s*(from|import)\s+convert\b", re.MULTILINE)
+    offenders = [p.name for p in package.rglob("*.py") if importing.search(p.read_text())]
+    assert offenders == []

@@ -329,11 +329,16 @@ def load_converted(
     return model_from_params(config, params, dtype or DTYPES[meta["dtype"]]), config
 
 
-def load_model(folder, dtype=None, *, progress: bool = False) -> tuple[CausalLM, ModelConfig]:
-    """A converted folder, or an HF folder converted on the fly (dtype default: as stored)."""
+def load_model(
+    folder, dtype=None, *, progress: bool = False, verify_checksums: bool = True
+) -> tuple[CausalLM, ModelConfig]:
+    """A converted folder, or an HF folder converted on the fly (dtype default: as stored).
+
+    `verify_checksums`: see `load_converted` (HF folders carry no checksums).
+    """
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     if is_converted(folder):
-        return load_converted(folder, dtype)
+        return load_converted(folder, dtype, verify_checksums=verify_checksums)
     return load_hf(folder, dtype or jnp.float32, progress=progress)
