@@ -30,11 +30,11 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.timing import device_name
-from convert.checkpoint import load_model
 from minference_jax import passkey
 from minference_jax import patterns as P
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.models import AttentionSpec
+from minference_jax.models.checkpoint import load_model
 from minference_jax.models.generation import generate
 
 CHECKPOINT = pathlib.Path(__file__).parents[1] / "minference_jax" / "checkpoints" / "passkey-tiny"

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.checkpoint import export_hf, load_hf
+from convert.checkpoint import export_hf
 from minference_jax import passkey
 from minference_jax.models import CausalLM, ModelConfig
+from minference_jax.models.checkpoint import load_hf
 from minference_jax.tokenization import save_byte_tokenizer
 
 HF_CONFIG = {

@@ -1,14 +1,13 @@
-"""HF checkpoint folders <-> our parameters <-> Flax NNX models.
+"""HF folders <-> our converted format, written safely.
 
-Formats
-- HF folder: `config.json` + `model.safetensors`, or shards listed in
-  `model.safetensors.index.json`. Pickled `.bin`/`.pt` weights are refused, never loaded.
-- Converted folder (ours): `config.json` (the HF config, verbatim), `params.safetensors` (one
-  tensor per parameter path, e.g. `layers.3.attn.q_proj.kernel`, kernels [in, out]) and
-  `minference_jax.json` (`{"format": "minference_jax.params", "version": 1, "dtype": ...}`).
+Loading (`load_model`, `load_hf`, the converted-format checks) lives with the models in
+`minference_jax.models.checkpoint`; its names are re-exported here. This module writes:
+`convert_folder` (the `python -m convert` job) and `export_hf` (our model back to an HF folder).
 
-Tensors are read one at a time (safetensors memory-maps the file), transformed, cast and kept:
-converting an 8B checkpoint holds one copy of the weights plus one tensor.
+A conversion never leaves a half-written or mixed destination: it is written into a hidden
+temporary sibling of DST and renamed into place only once complete. DST must be absent or an
+empty folder; with `overwrite=True` an existing DST is replaced as a whole, its old content moved
+aside and removed only after the new folder is in place.
 """
 
 from __future__ import annotations
@@ -17,209 +16,168 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import shutil
+import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
-from tqdm import tqdm
 
-from convert import tables
+from minference_jax.models import hf_tables as tables
+from minference_jax.models.checkpoint import (
+    CONVERTED_FORMAT,
+    DTYPES,
+    META_FILE,
+    PARAMS_FILE,
+    CheckpointError,
+    converted_metadata,
+    expected_shapes,
+    flat_params,
+    is_converted,
+    load_converted,
+    load_hf,
+    load_model,
+    model_from_params,
+    read_hf_params,
+    weight_files,
+)
 from minference_jax.models.config import ModelConfig, read_hf_config
 from minference_jax.models.modeling import CausalLM
 
-CONVERTED_FORMAT = {"format": "minference_jax.params", "version": 1}
-DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing pieces, corrupt, or does not match its config."""
-
-
-def weight_files(folder: str | os.PathLike) -> list[pathlib.Path]:
-    """The safetensors files of an HF folder, shards checked against their index."""
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {folder}")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(f"missing shard(s) listed in {index.name}: {', '.join(missing)}")
-        return [folder / s for s in shards]
-    files = sorted(folder.glob("model*.safetensors"))  # model.safetensors or model-0000k-of-n
-    if files:
-        return files
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    if pickles:
-        raise CheckpointError(
-            f"{folder} has only pickle weights ({', '.join(pickles)}); they are never loaded here "
-            "(unsafe, and they need torch). Save the model as safetensors first, e.g. "
-            "`model.save_pretrained(dst, safe_serialization=True)` in transformers."
-        )
-    raise CheckpointError(f"no *.safetensors weights in {folder}")
-
-
-def _open(path: pathlib.Path):
-    try:
-        return safe_open(str(path), framework="np")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path} (corrupt safetensors header?): {err}") from err
-
-
-def expected_shapes(config: ModelConfig, dtype=jnp.float32) -> dict[str, tuple[int, ...]]:
-    """Parameter path -> shape of the model this config describes (no allocation)."""
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype))
-    return {path: tuple(v.shape) for path, v in flat_params(abstract).items()}
-
-
-def flat_params(model: CausalLM) -> dict[str, jax.Array]:
-    """Parameter path ("layers.0.attn.q_proj.kernel") -> array."""
-    state = nnx.state(model, nnx.Param)
-    return {
-        ".".join(str(k) for k in path): leaf.get_raw_value()
-        for path, leaf in nnx.to_flat_state(state)
-    }
-
-
-def read_hf_params(
-    folder, config: ModelConfig, dtype, *, progress: bool = True
-) -> dict[str, np.ndarray]:
-    """Read, map and cast every tensor of an HF folder; all errors are reported together."""
-    np_dtype = jnp.dtype(dtype)
-    expected = expected_shapes(config)
-    params, problems, unexpected = {}, [], []
-    files = weight_files(folder)
-    names = []
-    for path in files:
-        with _open(path) as f:
-            names += [(path, n) for n in f.keys()]
-    for path, name in tqdm(names, desc="convert", unit="tensor", disable=not progress):
-        if any(p.fullmatch(name) for p in tables.IGNORED):
-            continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        found = tables.match(name, config.family)
-        if found is None:
-            unexpected.append(name)
-            continue
-        rule, targets = found
-        with _open(path) as f:
-            try:
-                tensor = f.get_tensor(name)
-            except (SafetensorError, OSError, ValueError) as err:
-                raise CheckpointError(f"cannot read tensor {name} from {path}: {err}") from err
-        try:
-            pieces = rule.split(tensor, config)
-        except ValueError as err:
-            problems.append(f"{name}: {err}")
-            continue
-        for target, piece in zip(targets, pieces, strict=True):
-            if target not in expected:
-                unexpected.append(f"{name} -> {target}")
-            elif tuple(piece.shape) != expected[target]:
-                problems.append(
-                    f"{name}: shape {tuple(tensor.shape)} gives {target} {tuple(piece.shape)}, "
-                    f"config expects {expected[target]}"
-                )
-            else:
-                params[target] = np.ascontiguousarray(piece.astype(np_dtype))
-    missing = sorted(set(expected) - set(params))
-    if missing:
-        problems.append(
-            f"missing tensors for: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
-        )
-    if unexpected:
-        problems.append(
-            f"unexpected tensors: {', '.join(unexpected[:8])}"
-            + (" ..." if len(unexpected) > 8 else "")
-        )
-    if problems:
-        raise CheckpointError(
-            f"{folder} does not match its config.json:\n  " + "\n  ".join(problems)
-        )
-    return params
-
-
-def model_from_params(config: ModelConfig, params: dict, dtype) -> CausalLM:
-    """Fill an abstract (never allocated) model with the given arrays, checking every shape."""
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    leaves = []
-    for path, leaf in flat:
-        key = ".".join(str(k) for k in path)
-        if key not in params:
-            raise CheckpointError(f"no value for parameter {key}")
-        value = jnp.asarray(params[key], dtype)
-        if value.shape != leaf.shape:
-            raise CheckpointError(f"{key}: shape {value.shape}, model expects {leaf.shape}")
-        leaves.append((path, leaf.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
-
-
-def load_hf(folder, dtype=jnp.float32, *, progress: bool = False) -> tuple[CausalLM, ModelConfig]:
-    config = ModelConfig.from_hf_folder(folder)
-    return model_from_params(
-        config, read_hf_params(folder, config, dtype, progress=progress), dtype
-    ), config
+__all__ = [
+    "CONVERTED_FORMAT",
+    "DTYPES",
+    "CheckpointError",
+    "convert_folder",
+    "expected_shapes",
+    "export_hf",
+    "flat_params",
+    "is_converted",
+    "load_converted",
+    "load_hf",
+    "load_model",
+    "model_from_params",
+    "read_hf_params",
+    "save_converted",
+    "weight_files",
+]
+# Side files of an HF folder copied next to the converted weights.
+EXTRA_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def save_converted(params: dict[str, np.ndarray], hf_config: dict, dst, dtype_name: str) -> None:
+    """Write a converted folder's files into the existing folder `dst` (no safety net: see
+    `convert_folder`)."""
     dst = pathlib.Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    meta = converted_metadata(params, dtype_name)
     (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
-    save_file({k: np.asarray(v) for k, v in params.items()}, str(dst / "params.safetensors"))
-    (dst / "minference_jax.json").write_text(json.dumps({**CONVERTED_FORMAT, "dtype": dtype_name}))
+    save_file({k: np.asarray(v) for k, v in params.items()}, str(dst / PARAMS_FILE))
+    (dst / META_FILE).write_text(json.dumps(meta, indent=1))
 
 
-def convert_folder(src, dst, dtype_name: str = "bfloat16", *, progress: bool = True) -> None:
-    """HF folder -> converted folder (the `python -m convert` job)."""
+def check_destination(src, dst, *, overwrite: bool = False) -> None:
+    """Refuse a destination that would lose or mix data, before any work is done."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    real_src, real_dst = src.resolve(), dst.resolve()
+    if real_src == real_dst:
+        raise CheckpointError(f"source and destination are the same folder: {src}")
+    if real_dst.is_relative_to(real_src):
+        raise CheckpointError(f"destination {dst} lies inside the source folder {src}")
+    if real_src.is_relative_to(real_dst):
+        raise CheckpointError(f"the source {src} lies inside the destination folder {dst}")
+    if dst.is_symlink():
+        raise CheckpointError(f"destination {dst} is a symbolic link; give the real folder")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"destination {dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(
+            f"destination {dst} is not empty; choose a new folder, or pass --overwrite to "
+            "replace it as a whole"
+        )
+    parent = _existing_ancestor(real_dst.parent)
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot create {dst}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write to {parent} (permission denied)")
+
+
+def _existing_ancestor(path: pathlib.Path) -> pathlib.Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def convert_folder(
+    src,
+    dst,
+    dtype_name: str = "bfloat16",
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """HF folder -> converted folder (the `python -m convert` job).
+
+    DST must be absent or empty unless `overwrite`, which replaces it as a whole, and only once
+    the new conversion is complete. A failure at any point leaves DST exactly as it was.
+    """
     if dtype_name not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype_name!r}; choose from {', '.join(DTYPES)}")
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {src}")
+    check_destination(src, dst, overwrite=overwrite)
+    dst = pathlib.Path(os.path.abspath(dst))  # "out/", "." or "a/../out": a real name and parent
     hf_config = read_hf_config(src)
     config = ModelConfig.from_hf_dict(hf_config)
     params = read_hf_params(src, config, DTYPES[dtype_name], progress=progress)
-    save_converted(params, hf_config, dst, dtype_name)
-    for extra in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-    ):
-        if (pathlib.Path(src) / extra).is_file():
-            shutil.copy(pathlib.Path(src) / extra, pathlib.Path(dst) / extra)
+    staging = _sibling(dst, "converting")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as err:
+        raise CheckpointError(f"cannot create {dst}: {err}") from err
+    try:
+        save_converted(params, hf_config, staging, dtype_name)
+        for extra in EXTRA_FILES:
+            if (src / extra).is_file():
+                shutil.copy(src / extra, staging / extra)
+        _move_into_place(staging, dst, overwrite=overwrite)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"writing {dst} failed, {dst} left unchanged: {err}") from err
+        raise
 
 
-def is_converted(folder) -> bool:
-    return (pathlib.Path(folder) / "minference_jax.json").is_file()
-
-
-def load_model(folder, dtype=None, *, progress: bool = False) -> tuple[CausalLM, ModelConfig]:
-    """A converted folder, or an HF folder converted on the fly (dtype default: as stored)."""
-    folder = pathlib.Path(folder)
-    if not is_converted(folder):
-        return load_hf(folder, dtype or jnp.float32, progress=progress)
-    meta = json.loads((folder / "minference_jax.json").read_text())
-    if meta.get("format") != CONVERTED_FORMAT["format"]:
-        raise CheckpointError(
-            f"{folder}/minference_jax.json: unknown format {meta.get('format')!r}"
+def _move_into_place(staging: pathlib.Path, dst: pathlib.Path, *, overwrite: bool) -> None:
+    """Rename the complete `staging` folder to `dst`; an old `dst` goes only once that worked."""
+    if not (overwrite and dst.exists()):
+        os.rename(staging, dst)  # onto an absent or empty folder only (ENOTEMPTY otherwise)
+        return
+    aside = _sibling(dst, "replaced")
+    os.rename(dst, aside)
+    try:
+        os.rename(staging, dst)
+    except BaseException:
+        os.rename(aside, dst)
+        raise
+    try:
+        shutil.rmtree(aside)
+    except OSError as err:
+        warnings.warn(
+            f"converted {dst}, but could not remove its old content at {aside}: {err}", stacklevel=2
         )
-    dtype = dtype or DTYPES[meta["dtype"]]
-    config = ModelConfig.from_hf_folder(folder)
-    params = {}
-    with _open(folder / "params.safetensors") as f:
-        for key in f.keys():
-            params[key] = f.get_tensor(key)
-    return model_from_params(config, params, dtype), config
+
+
+def _sibling(dst: pathlib.Path, role: str) -> pathlib.Path:
+    """A hidden, unused name next to `dst` (same file system, so renames are atomic)."""
+    return dst.parent / f".{dst.name}.{role}-{secrets.token_hex(6)}"
 
 
 def export_hf(model: CausalLM, hf_config: dict, dst) -> None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from minference_jax import patterns as P
 from minference_jax.index_approx import IndexPlan, build_planned_index, plan_index
 from minference_jax.reference import (
+    check_index_matches_inputs,
     sparse_attention_reference,
     sparse_attention_xla,
 )
@@ -88,9 +89,14 @@ def sparse_attention(
         of at most DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN);
         on GPU the rest run "pallas" unless the estimated index computes more than
         DENSE_FALLBACK_FRACTION of the causal tiles (then cuDNN); elsewhere "xla".
-      index: a precomputed SparseIndex (otherwise estimated from q and k here).
+      index: a precomputed SparseIndex (otherwise estimated from q and k here); it must have
+        been built for these inputs' batch, query heads and seq length (checked, ValueError).
     Returns:
-      [batch, seq, q_heads, head_dim] in q.dtype.
+      [batch, seq, q_heads, head_dim] in q.dtype (float16 dense layers on CPU run in float32
+      inside, as XLA:CPU has no float16 matmul with float32 accumulation).
+
+    Inputs must be finite, as in flash attention: a NaN or Inf in one row of v can reach other
+    queries computed in the same tile (0 * inf = NaN), even queries whose pattern masks that key.
     """
     check_attention_inputs(q, k, v)
     patterns = P.normalize_layer_patterns(patterns, q.shape[2])
@@ -100,11 +106,7 @@ def sparse_attention(
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if index is not None:
-        if (index.seq_len, index.num_heads) != (q.shape[1], q.shape[2]):
-            raise ValueError(
-                f"index is for seq {index.seq_len} x {index.num_heads} heads, inputs have "
-                f"seq {q.shape[1]} x {q.shape[2]} heads"
-            )
+        check_index_matches_inputs(index, q)  # the one check, whatever the implementation
         return _attend_jit(q, k, v, index, scale=scale, implementation=implementation)
     plan, budgets = layer_plan(
         patterns, q.shape[1], q.shape[2], implementation, block_q=block_q, block_kv=block_kv
@@ -180,6 +182,10 @@ def _dense_causal(q, k, v, scale):
     `jax.nn.dot_product_attention` with implementation=None picks XLA, which materialises the
     [B, H, N, N] scores (128 GiB at 32K tokens x 32 heads): never let a GPU prefill go there.
     """
+    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no f16 x f16 -> f32 dot: compute in f32, hand back f16.
+        up = (x.astype(jnp.float32) for x in (q, k, v))
+        return _dense_causal(*up, scale).astype(jnp.float16)
     use_cudnn = _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16)
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=True, implementation="cudnn" if use_cudnn else None

@@ -219,7 +219,7 @@ def _load(args):
         return model, config, tokenizer, "embedded passkey-tiny (trained 2-layer Llama, bytes)"
     import pathlib
 
-    from convert.checkpoint import CheckpointError, load_model
+    from minference_jax.models.checkpoint import CheckpointError, load_model
     from minference_jax.models.config import ModelConfigError
     from minference_jax.tokenization import TokenizerError, load_tokenizer
 

@@ -281,7 +281,7 @@ def _prompts(args, config, texts: list[tuple[str, str]]) -> list[np.ndarray]:
 
 
 def run(args) -> SearchResult:
-    from convert.checkpoint import CheckpointError, load_model
+    from minference_jax.models.checkpoint import CheckpointError, load_model
     from minference_jax.models.config import ModelConfigError
 
     _check_args(args)

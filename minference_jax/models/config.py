@@ -58,6 +58,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict) -> ModelConfig:
+        if not isinstance(hf, dict):
+            raise ModelConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = hf.get("architectures")
@@ -66,27 +68,31 @@ class ModelConfig:
                 f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         try:
-            hidden = int(hf["hidden_size"])
-            heads = int(hf["num_attention_heads"])
-            kv_heads = int(hf.get("num_key_value_heads") or heads)
-            head_dim = int(hf.get("head_dim") or hidden // heads)
+            hidden = _positive_int(hf, "hidden_size")
+            heads = _positive_int(hf, "num_attention_heads")
+            kv_heads = _positive_int(hf, "num_key_value_heads", heads)
+            head_dim = _positive_int(hf, "head_dim", hidden // heads)
             config = cls(
                 family=SUPPORTED_MODEL_TYPES[model_type],
-                vocab_size=int(hf["vocab_size"]),
+                vocab_size=_positive_int(hf, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
+                intermediate_size=_positive_int(hf, "intermediate_size"),
+                num_layers=_positive_int(hf, "num_hidden_layers"),
                 num_heads=heads,
                 num_kv_heads=kv_heads,
                 head_dim=head_dim,
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
                 rope=_rope_from_hf(hf),
             )
+        except ModelConfigError:
+            raise
         except KeyError as err:
             raise ModelConfigError(f"config.json lacks required field {err}") from err
+        except (TypeError, ValueError) as err:  # e.g. a string or null where a number belongs
+            raise ModelConfigError(f"config.json has a malformed field: {err}") from err
         if heads % kv_heads:
             raise ModelConfigError(f"num_key_value_heads {kv_heads} must divide heads {heads}")
         if hf.get("mlp_bias"):
@@ -100,13 +106,25 @@ class ModelConfig:
         return cls.from_hf_dict(read_hf_config(folder))
 
 
+def _positive_int(hf: dict, key: str, default: int | None = None) -> int:
+    """An integer field >= 1; absent or null takes `default` (required when None)."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        value = default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ModelConfigError(f"config.json field {key!r} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def read_hf_config(folder: str | os.PathLike) -> dict:
     path = pathlib.Path(folder) / "config.json"
     if not path.is_file():
         raise ModelConfigError(f"no config.json in {folder}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelConfigError(f"{path} is not valid JSON: {err}") from err
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minference_jax import patterns as P
+from minference_jax.models.checkpoint import load_model
 from minference_jax.models.config import ModelConfig
 from minference_jax.models.modeling import CausalLM
 from minference_jax.passkey import passkey_prompt
@@ -37,8 +38,6 @@ SEARCH_CANDIDATES = (
 
 
 def default_model(dtype=jnp.float32) -> tuple[CausalLM, ModelConfig, ByteTokenizer]:
-    from convert.checkpoint import load_model  # convert imports the models package
-
     model, config = load_model(CHECKPOINT, dtype)
     return model, config, ByteTokenizer()
 

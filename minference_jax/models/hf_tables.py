@@ -1,4 +1,4 @@
-"""HF tensor name <-> our parameter path, one readable table per family.
+"""HF tensor name <-> our parameter path, one readable table per family (HF folders -> our models).
 
 Our paths name the Flax NNX state of `minference_jax.models.CausalLM`:
 `embed`, `layers.{i}.input_norm.scale`, `layers.{i}.attn.{q,k,v,o}_proj.{kernel,bias}`,
