@@ -1,5 +1,6 @@
 """Tensor-parallel prefill equals single-device prefill (CPU devices; GPU runs: benchmarks)."""
 
+import itertools
 import json
 import os
 import pathlib
@@ -7,7 +8,19 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from minference_jax import AShape, BlockSparse, Dense, HeadPatterns, VerticalSlash
+from minference_jax.models.sharding import (
+    balanced_kv_order,
+    balanced_placement,
+    device_costs,
+    head_tiles,
+    kv_group_costs,
+    placement_imbalance,
+    query_order,
+)
 
 ROOT = pathlib.Path(__file__).parent.parent
 WORKER = str(ROOT / "tests" / "sharding_worker.py")
@@ -29,7 +42,70 @@ def test_sharded_prefill_matches_single_device(devices):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["devices"] == devices
-    assert report["dense"] <= 1e-5 and report["minference"] <= 1e-5
+    assert report["permuted_layers"] == 1  # the placement moved heads in one of the 2 layers
+    for key in ("dense", "minference", "dense_cache", "minference_cache", "replicated"):
+        assert report[key] <= 1e-5, (key, report[key])
+
+
+def test_head_tiles_hand_counted():
+    # 640 tokens, 64-token blocks: 10 query blocks, 55 causal tiles.
+    assert head_tiles(Dense(), 640) == 55
+    assert head_tiles(BlockSparse(3), 640) == 1 + 2 + 3 * 8  # capped by causality early on
+    assert head_tiles(AShape(64, 100), 640) == 1 + 2 + 3 * 8  # 1 sink + 2 window blocks
+    assert head_tiles(VerticalSlash(30, 50), 640) == 1 + 2 * 9  # clamped to (30, 50): 2/block
+    assert head_tiles(VerticalSlash(1000, 6096), 640) == 55  # budgets over N: dense
+    assert head_tiles(BlockSparse(1), 1) == 1
+
+
+def _brute_force_best(costs, devices):
+    per = len(costs) // devices
+    return min(
+        max(device_costs(costs, order, devices))
+        for order in itertools.permutations(range(len(costs)))
+        if all(
+            list(order[d * per : (d + 1) * per]) == sorted(order[d * per : (d + 1) * per])
+            for d in range(devices)
+        )
+    )
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_balanced_kv_order_is_optimal_and_keeps_groups(devices):
+    rng = np.random.default_rng(devices)
+    for trial in range(30):
+        costs = [int(c) for c in rng.integers(1, 50, size=8)]
+        if trial % 3 == 0:
+            costs[:2] = [400, 380]  # two heavy groups the contiguous split puts together
+        order = balanced_kv_order(costs, devices)
+        assert sorted(order) == list(range(8))
+        assert max(device_costs(costs, order, devices)) == _brute_force_best(costs, devices)
+    even = [5] * 8
+    assert balanced_kv_order(even, devices) == tuple(range(8))  # nothing to gain: no move
+
+
+def test_balanced_kv_order_search_limit_never_worse_than_contiguous():
+    costs = [int(c) for c in np.random.default_rng(0).integers(1, 1000, size=32)]
+    order = balanced_kv_order(costs, 4, max_nodes=50)
+    assert sorted(order) == list(range(32))
+    contiguous = max(device_costs(costs, range(32), 4))
+    assert max(device_costs(costs, order, 4)) <= contiguous
+    with pytest.raises(ValueError, match="do not divide 8 kv heads"):
+        balanced_kv_order([1] * 8, 3)
+
+
+def test_placement_imbalance_of_a_table():
+    heavy, light = VerticalSlash(1000, 6096), VerticalSlash(30, 50)
+    layer = (heavy,) * 4 + (light,) * 4  # 4 kv groups of 2 q heads; heavy ones first
+    table = HeadPatterns((layer, layer))
+    n = 131072
+    costs = kv_group_costs(layer, 4, n)
+    assert costs[0] == costs[1] == 2 * head_tiles(heavy, n) and costs[2] == costs[3]
+    before = placement_imbalance(table, 4, 2, n)
+    assert before == pytest.approx(2 * costs[0] / (costs[0] + costs[2]))
+    orders = balanced_placement(table, 4, 2, n)
+    assert orders == ((0, 2, 1, 3),) * 2
+    assert placement_imbalance(table, 4, 2, n, orders) == 1.0
+    assert list(query_order((1, 0), 2)) == [2, 3, 0, 1]
 
 
 def test_device_count_must_divide_kv_heads():
@@ -72,7 +148,8 @@ def test_two_processes_with_jax_distributed():
         assert proc.returncode == 0, stderr[-3000:]
         report = json.loads(stdout.strip().splitlines()[-1])
         assert report["devices"] == 2
-        assert report["dense"] <= 1e-5 and report["minference"] <= 1e-5
+        for key in ("dense", "minference", "default"):
+            assert report[key] <= 1e-5, (key, report[key])
 
 
 def test_cli_tensor_parallel_over_local_devices():

@@ -59,9 +59,10 @@ def prefill(
 
     progress: None, or a callable(layer_id, num_layers, seconds_so_far) called after each layer.
     mesh: a 1-D `jax.sharding.Mesh` (axis "tp") to run tensor-parallel over its devices
-      (see `minference_jax.models.sharding`), or a `TensorParallel` already built for this
-      model (its weights placed once, for repeated prefills); the KV cache then comes back
-      sharded by kv head.
+      (see `minference_jax.models.sharding`; heads placed to balance `attention`'s patterns,
+      activations sequence-parallel), or a `TensorParallel` already built for this model (its
+      weights placed once, for repeated prefills); the KV cache then comes back sharded by kv
+      head.
     """
     config = model.config
     attention.check(config)
@@ -75,7 +76,7 @@ def prefill(
     cache = [] if return_cache else None
     sharded = mesh
     if mesh is not None and not isinstance(mesh, TensorParallel):
-        sharded = TensorParallel(model, mesh)
+        sharded = TensorParallel(model, mesh, attention.patterns, seq_len=seq_len)
     for layer_id, layer in enumerate(model.layers):
         plan, budgets = layer_plan(
             attention.layer(layer_id, config.num_heads),
@@ -95,12 +96,14 @@ def prefill(
             chunk=chunk_size,
         )
         if cache is not None:
+            if sharded is not None:
+                k, v = sharded.model_order(layer_id, k, v)
             cache.append(jax.device_get((k, v)) if cache_on_host else (k, v))
         if progress is not None:
             jax.block_until_ready(x)
             progress(layer_id, config.num_layers, time.perf_counter() - start)
     if sharded is not None:
-        x = sharded.local(x)
+        x = sharded.last_token(x, seq_len)
     logits = jax.block_until_ready(_last_logits(model, x))
     return PrefillResult(logits, cache, time.perf_counter() - start)
 

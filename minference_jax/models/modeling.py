@@ -179,29 +179,63 @@ def _chunked(fn, x, chunk: int):
     )
 
 
-def layer_body(layer, x, cos, sin, budgets, *, plan, implementation, chunk, axis_name=None):
+def layer_body(
+    layer,
+    x,
+    cos,
+    sin,
+    budgets,
+    *,
+    plan,
+    implementation,
+    chunk,
+    axis_name=None,
+    sequence_parallel=False,
+):
     """One decoder layer over the whole prompt: x [B, T, hidden] -> (x, k, v).
 
     With `axis_name`, `layer` holds this device's slice of the heads and MLP columns (tensor
-    parallel under shard_map) and the attention / MLP outputs are summed across devices.
+    parallel under shard_map) and the attention / MLP outputs are summed across devices. With
+    `sequence_parallel` as well, x is this device's contiguous slice of the tokens (the prompt
+    padded at the end to a multiple of the device count; cos / sin have the true length T):
+    norms and residuals run on the slice, an all-gather assembles the normed tokens before the
+    q/k/v and gate/up projections, a reduce-scatter sums and re-splits after o_proj and
+    down_proj. Padding rows are cut before attention, so they never reach a real token.
     """
-    b, t, _ = x.shape
+    b, t = x.shape[0], cos.shape[0]
     d = layer.attn.config.head_dim
 
-    def project(xc):
-        h = layer.input_norm(xc)
+    def project(h):
         return layer.attn.q_proj(h), layer.attn.k_proj(h), layer.attn.v_proj(h)
 
-    q, k, v = _chunked(project, x, chunk)
+    if sequence_parallel:
+        devices = jax.lax.axis_size(axis_name)
+        local_chunk = max(1, chunk // devices)  # gathered MLP slices keep `chunk` tokens
+        h = _chunked(layer.input_norm, x, local_chunk)
+        h = jax.lax.all_gather(h, axis_name, axis=1, tiled=True)[:, :t]
+        q, k, v = _chunked(project, h, chunk)
+    else:
+        q, k, v = _chunked(lambda xc: project(layer.input_norm(xc)), x, chunk)
     q = apply_rope(q.reshape(b, t, -1, d), cos, sin)
     k = apply_rope(k.reshape(b, t, -1, d), cos, sin)
     v = v.reshape(b, t, -1, d)
     o = planned_attention(q, k, v, budgets, plan=plan, scale=d**-0.5, implementation=implementation)
     attn_out = _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
-    if axis_name is not None:
+    if sequence_parallel:
+        attn_out = jnp.pad(attn_out, ((0, 0), (0, x.shape[1] * devices - t), (0, 0)))
+        attn_out = jax.lax.psum_scatter(attn_out, axis_name, scatter_dimension=1, tiled=True)
+    elif axis_name is not None:
         attn_out = jax.lax.psum(attn_out, axis_name)
     x = x + attn_out
-    mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
-    if axis_name is not None:
-        mlp_out = jax.lax.psum(mlp_out, axis_name)
+
+    def mlp_slice(xc):  # the tokens' slices of every device: rows are independent in the MLP
+        hc = jax.lax.all_gather(layer.post_attn_norm(xc), axis_name, axis=1, tiled=True)
+        return jax.lax.psum_scatter(layer.mlp(hc), axis_name, scatter_dimension=1, tiled=True)
+
+    if sequence_parallel:
+        mlp_out = _chunked(mlp_slice, x, local_chunk)
+    else:
+        mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
+        if axis_name is not None:
+            mlp_out = jax.lax.psum(mlp_out, axis_name)
     return x + mlp_out, k, v
