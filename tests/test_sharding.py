@@ -182,3 +182,47 @@ def test_cli_tensor_parallel_over_local_devices():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout)["devices"] == 2
+
+
+def test_e2e_benchmark_tensor_parallel_rows(tmp_path):
+    """--tensor-parallel 1 2 with the A/B switch: scaling, spread and comm share columns."""
+    env = {
+        **_env(),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    args = ["--tiny", "--seq-lens", "99", "--modes", "dense", "--tensor-parallel", "1", "2"]
+    args += ["--no-seq-parallel", "--repeats", "1", "--no-breakdown", "--out", str(tmp_path)]
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.e2e_prefill", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [(r["devices"], r.get("layout")) for r in rows] == [
+        (1, None),
+        (2, "balanced + seq-parallel"),
+        (2, "balanced + all-reduce"),
+    ]
+    for row in rows[1:]:
+        assert row["collectives_ms_per_layer"] > 0 and 0 < row["comm_share"] < 1
+        assert row["layer0_tile_spread_est"] == row["cost_model_spread"] == 1.0  # dense: even
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert "| balanced + all-reduce | 1.0 / 1.0 |" in table
+
+
+def test_layer0_tile_spread_follows_the_placement():
+    from types import SimpleNamespace
+
+    from benchmarks.tp_stats import layer0_tile_spread
+
+    tiles = np.array([8.0, 8.0, 8.0, 8.0, 1.0, 1.0, 1.0, 1.0])  # per query head, groups of 2
+    contiguous = SimpleNamespace(size=2, q_orders=None)
+    assert layer0_tile_spread(tiles, contiguous) == round(32 / 18, 3)
+    balanced = SimpleNamespace(size=2, q_orders=[query_order((0, 2, 1, 3), 2)])
+    assert layer0_tile_spread(tiles, balanced) == 1.0
+    assert layer0_tile_spread(None, balanced) == 1.0

@@ -1,0 +1,103 @@
+"""Tensor-parallel figures for the e2e benchmark: layouts to compare, how evenly the devices'
+attention work splits, and what the layer's collectives cost timed alone.
+
+Per-device kernel time is not observable inside one `shard_map` program, so the spread is
+estimated from tile counts: layer 0's estimated index (per head, on one device) summed over each
+device's heads (`layer0_tile_spread`), and the config's cost model over every layer run
+(`cost_model_spread`, `minference_jax.models.sharding.placement_imbalance`). Both are max / mean
+over devices: 1.0 is perfectly even.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from benchmarks.timing import time_fn
+from minference_jax.attention import layer_plan
+from minference_jax.index_approx import build_planned_index
+from minference_jax.models.sharding import AXIS, TensorParallel, placement_imbalance
+
+
+def layouts(devices: int, *, contiguous_too: bool, replicated_too: bool):
+    """(balance, sequence_parallel) pairs to run: the new layout first, then the A/B ones."""
+    if devices == 1:
+        return [(None, None)]
+    balances = [True, False] if contiguous_too else [True]
+    sequence = [True, False] if replicated_too else [True]
+    return [(b, s) for b in balances for s in sequence]
+
+
+def layout_label(balance, sequence_parallel) -> str:
+    if balance is None:
+        return "-"
+    heads = "balanced" if balance else "contiguous"
+    return f"{heads} + {'seq-parallel' if sequence_parallel else 'all-reduce'}"
+
+
+def head_tiles_layer0(model, ids, spec, qkv_fn) -> np.ndarray | None:
+    """Key tiles per query head in layer 0's estimated index ([H]; None: every head dense)."""
+    config = model.config
+    n = ids.shape[1]
+    plan, budgets = layer_plan(spec.layer(0, config.num_heads), n, config.num_heads, "pallas")
+    if plan is None:
+        return None
+    q, k, _ = qkv_fn(model, ids)
+    index = build_planned_index(q, k, budgets, plan=plan, scale=config.head_dim**-0.5)
+    return np.asarray(index.num_tiles().sum(axis=(0, 2), dtype=jnp.float32))
+
+
+def layer0_tile_spread(head_tiles: np.ndarray | None, tp: TensorParallel) -> float:
+    """Largest / mean tiles per device of layer 0's index under tp's head placement."""
+    if head_tiles is None:
+        return 1.0
+    order = np.arange(len(head_tiles)) if tp.q_orders is None else tp.q_orders[0]
+    per_device = head_tiles[order].reshape(tp.size, -1).sum(axis=1)
+    return round(float(per_device.max() / per_device.mean()), 3)
+
+
+def cost_model_spread(spec, config, tp: TensorParallel, seq_len: int) -> float:
+    """Config cost model over every layer run: sum of largest / sum of mean device tiles."""
+    if spec.patterns is None:
+        return 1.0
+    return round(
+        placement_imbalance(spec.patterns, config.num_kv_heads, tp.size, seq_len, tp.kv_orders), 3
+    )
+
+
+@functools.cache
+def _collectives(mesh, sequence_parallel: bool):
+    """One layer's collectives: attention and MLP each an all-gather + reduce-scatter of the
+    [B, N, hidden] activations (sequence parallel) or an all-reduce (replicated)."""
+    if sequence_parallel:
+        tokens = P(None, AXIS, None)
+
+        def body(x):
+            for _ in range(2):
+                full = jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+                x = jax.lax.psum_scatter(full, AXIS, scatter_dimension=1, tiled=True)
+            return x
+
+    else:
+        tokens = P()
+
+        def body(x):
+            for _ in range(2):
+                x = jax.lax.psum(x, AXIS)
+            return x
+
+    step = jax.shard_map(body, mesh=mesh, in_specs=tokens, out_specs=tokens, check_vma=False)
+    return jax.jit(step), NamedSharding(mesh, tokens)
+
+
+def collectives_ms(tp: TensorParallel, batch: int, seq_len: int, hidden: int, dtype, repeats):
+    """Wall ms of one layer's collectives at this size, timed alone (in one piece each; the
+    sequence-parallel MLP moves them in chunk-sized pieces)."""
+    step, sharding = _collectives(tp.mesh, tp.sequence_parallel)
+    x = jax.device_put(jnp.ones((batch, tp.padded_len(seq_len), hidden), dtype), sharding)
+    return time_fn(step, x, warmup=1, repeats=repeats)
