@@ -225,7 +225,7 @@ def main(argv=None):
                 if key not in head_tiles:
                     head_tiles[key] = tp_stats.head_tiles_layer0(run_model, ids, spec, layer0_qkv)
                 comm_ms = tp_stats.collectives_ms(
-                    tp, 1, n, run_model.config.hidden_size, dtype, args.repeats
+                    tp, 1, n, run_model.config.hidden_size, dtype, args.chunk, args.repeats
                 )
                 row.update(
                     layout=tp_stats.layout_label(balance, sequence_parallel),

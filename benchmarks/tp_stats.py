@@ -95,9 +95,9 @@ def _collectives(mesh, sequence_parallel: bool):
     return jax.jit(step), NamedSharding(mesh, tokens)
 
 
-def collectives_ms(tp: TensorParallel, batch: int, seq_len: int, hidden: int, dtype, repeats):
+def collectives_ms(tp: TensorParallel, batch, seq_len, hidden, dtype, chunk, repeats):
     """Wall ms of one layer's collectives at this size, timed alone (in one piece each; the
     sequence-parallel MLP moves them in chunk-sized pieces)."""
     step, sharding = _collectives(tp.mesh, tp.sequence_parallel)
-    x = jax.device_put(jnp.ones((batch, tp.padded_len(seq_len), hidden), dtype), sharding)
+    x = jax.device_put(jnp.ones((batch, tp.padded_len(seq_len, chunk), hidden), dtype), sharding)
     return time_fn(step, x, warmup=1, repeats=repeats)

@@ -226,3 +226,46 @@ def test_layer0_tile_spread_follows_the_placement():
     balanced = SimpleNamespace(size=2, q_orders=[query_order((0, 2, 1, 3), 2)])
     assert layer0_tile_spread(tiles, balanced) == 1.0
     assert layer0_tile_spread(None, balanced) == 1.0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_pipelined_map_equals_the_plain_loop(steps):
+    import jax.numpy as jnp
+
+    from minference_jax.models.modeling import _pipelined
+
+    xs = jnp.arange(steps * 6.0).reshape(steps, 2, 3)
+    out = _pipelined(
+        lambda i: xs[i] + 1, lambda a: (a * 2, a.sum()), lambda y: (y[0], -y[1]), steps
+    )
+    expected = [(2 * (xs[i] + 1), -(xs[i] + 1).sum()) for i in range(steps)]
+    np.testing.assert_array_equal(out[0], np.stack([e[0] for e in expected]))
+    np.testing.assert_array_equal(out[1], np.stack([e[1] for e in expected]))
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "devices", "chunk"),
+    [(301, 2, 64), (301, 4, 64), (16, 2, 8), (5, 4, 8192), (7, 2, 1)],
+)
+def test_sequence_layout_rows(seq_len, devices, chunk):
+    """Every token has one row; one step's rows of every device form one prompt slice."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from minference_jax.models.modeling import sequence_layout
+    from minference_jax.models.sharding import TensorParallel
+
+    tp = SimpleNamespace(size=devices, sequence_parallel=True)
+    rows, steps = sequence_layout(seq_len, devices, chunk)
+    assert rows * devices <= max(chunk, devices) and (steps - 1) * rows * devices < seq_len
+    tokens = jnp.arange(1.0, seq_len + 1)[None, :, None]  # token p carries p + 1; padding 0
+    laid = np.asarray(TensorParallel.to_layout(tp, tokens, chunk))[0, :, 0]
+    assert len(laid) == rows * steps * devices
+    assert [laid[TensorParallel.layout_row(tp, p, seq_len, chunk)] for p in range(seq_len)] == [
+        p + 1 for p in range(seq_len)
+    ]
+    per_device = laid.reshape(devices, steps, rows)
+    gathered = per_device.transpose(1, 0, 2).reshape(-1)  # step by step, devices concatenated
+    np.testing.assert_array_equal(gathered[:seq_len], np.arange(1, seq_len + 1))
+    assert not gathered[seq_len:].any()

@@ -103,7 +103,7 @@ def prefill(
             jax.block_until_ready(x)
             progress(layer_id, config.num_layers, time.perf_counter() - start)
     if sharded is not None:
-        x = sharded.last_token(x, seq_len)
+        x = sharded.last_token(x, seq_len, chunk_size)
     logits = jax.block_until_ready(_last_logits(model, x))
     return PrefillResult(logits, cache, time.perf_counter() - start)
 

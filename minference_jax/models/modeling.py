@@ -8,6 +8,7 @@ layer's per-head patterns, so the model does not know which kernel runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,42 @@ def _chunked(fn, x, chunk: int):
     )
 
 
+def sequence_layout(seq_len: int, devices: int, chunk: int) -> tuple[int, int]:
+    """(rows, steps) of the sequence-parallel token layout: the prompt is cut into `steps`
+    slices of `devices * rows` tokens (padded at the end), and device d holds rows
+    [d * rows, (d + 1) * rows) of every slice. An all-gather of one step's rows from every
+    device gives one contiguous slice of the prompt, and a reduce-scatter of a slice's rows
+    hands each device its own rows back; slices are at most `chunk` tokens."""
+    rows = max(1, min(chunk // devices, -(-seq_len // devices)))
+    return rows, -(-seq_len // (rows * devices))
+
+
+def _pipelined(fetch, compute, send, steps: int):
+    """[send(compute(fetch(i))) for i in range(steps)] stacked on a leading axis, with fetch(i + 1)
+    and send(i - 1) issued beside compute(i): their collectives can overlap its matmuls."""
+    stack = functools.partial(jax.tree.map, lambda *ys: jnp.stack(ys))
+    if steps == 1:
+        return stack(send(compute(fetch(0))))
+
+    def body(carry, i):
+        current, previous = carry
+        following, done = fetch(i + 1), send(previous)
+        return (following, compute(current)), done
+
+    first = fetch(0)
+    second = fetch(1)
+    (last, before_last), middle = jax.lax.scan(
+        body, (second, compute(first)), jnp.arange(1, steps - 1)
+    )
+    tail = stack(send(before_last), send(compute(last)))
+    return jax.tree.map(lambda m, t: jnp.concatenate([m, t]), middle, tail)
+
+
+def _steps_to_tokens(y):
+    """[steps, B, rows, ...] -> [B, steps * rows, ...]."""
+    return jnp.moveaxis(y, 0, 1).reshape(y.shape[1], -1, *y.shape[3:])
+
+
 def layer_body(
     layer,
     x,
@@ -196,11 +233,11 @@ def layer_body(
 
     With `axis_name`, `layer` holds this device's slice of the heads and MLP columns (tensor
     parallel under shard_map) and the attention / MLP outputs are summed across devices. With
-    `sequence_parallel` as well, x is this device's contiguous slice of the tokens (the prompt
-    padded at the end to a multiple of the device count; cos / sin have the true length T):
-    norms and residuals run on the slice, an all-gather assembles the normed tokens before the
-    q/k/v and gate/up projections, a reduce-scatter sums and re-splits after o_proj and
-    down_proj. Padding rows are cut before attention, so they never reach a real token.
+    `sequence_parallel` as well, x holds this device's rows of `sequence_layout` (cos / sin have
+    the true length T): norms and residuals run on them, an all-gather per prompt slice feeds
+    the q/k/v and gate/up projections and a reduce-scatter per slice sums and re-splits the
+    o_proj and down_proj outputs, pipelined so that the collectives can overlap the matmuls.
+    Padding rows are cut before attention, so they never reach a real token.
     """
     b, t = x.shape[0], cos.shape[0]
     d = layer.attn.config.head_dim
@@ -209,33 +246,45 @@ def layer_body(
         return layer.attn.q_proj(h), layer.attn.k_proj(h), layer.attn.v_proj(h)
 
     if sequence_parallel:
-        devices = jax.lax.axis_size(axis_name)
-        local_chunk = max(1, chunk // devices)  # gathered MLP slices keep `chunk` tokens
-        h = _chunked(layer.input_norm, x, local_chunk)
-        h = jax.lax.all_gather(h, axis_name, axis=1, tiled=True)[:, :t]
-        q, k, v = _chunked(project, h, chunk)
+        rows, steps = sequence_layout(t, jax.lax.axis_size(axis_name), chunk)
+
+        def gather_normed(norm, tokens):
+            by_step = tokens.reshape(b, steps, rows, -1)
+
+            def fetch(i):  # step i's prompt slice, normed, from every device
+                own = jax.lax.dynamic_index_in_dim(by_step, i, axis=1, keepdims=False)
+                return jax.lax.all_gather(norm(own), axis_name, axis=1, tiled=True)
+
+            return fetch
+
+        def scatter(y):
+            return jax.lax.psum_scatter(y, axis_name, scatter_dimension=1, tiled=True)
+
+        qkv = _pipelined(gather_normed(layer.input_norm, x), project, lambda y: y, steps)
+        q, k, v = (_steps_to_tokens(y)[:, :t] for y in qkv)
     else:
         q, k, v = _chunked(lambda xc: project(layer.input_norm(xc)), x, chunk)
     q = apply_rope(q.reshape(b, t, -1, d), cos, sin)
     k = apply_rope(k.reshape(b, t, -1, d), cos, sin)
     v = v.reshape(b, t, -1, d)
     o = planned_attention(q, k, v, budgets, plan=plan, scale=d**-0.5, implementation=implementation)
-    attn_out = _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
+    o = o.reshape(b, t, -1)
     if sequence_parallel:
-        attn_out = jnp.pad(attn_out, ((0, 0), (0, x.shape[1] * devices - t), (0, 0)))
-        attn_out = jax.lax.psum_scatter(attn_out, axis_name, scatter_dimension=1, tiled=True)
-    elif axis_name is not None:
+        o = jnp.pad(o, ((0, 0), (0, x.shape[1] * jax.lax.axis_size(axis_name) - t), (0, 0)))
+        o = o.reshape(b, steps, -1, o.shape[-1])
+
+        def slice_of_o(i):
+            return jax.lax.dynamic_index_in_dim(o, i, axis=1, keepdims=False)
+
+        x = x + _steps_to_tokens(_pipelined(slice_of_o, layer.attn.o_proj, scatter, steps))
+        mlp_in = gather_normed(layer.post_attn_norm, x)
+        mlp_out = _pipelined(mlp_in, layer.mlp, scatter, steps)
+        return x + _steps_to_tokens(mlp_out), k, v
+    attn_out = _chunked(layer.attn.o_proj, o, chunk)
+    if axis_name is not None:
         attn_out = jax.lax.psum(attn_out, axis_name)
     x = x + attn_out
-
-    def mlp_slice(xc):  # the tokens' slices of every device: rows are independent in the MLP
-        hc = jax.lax.all_gather(layer.post_attn_norm(xc), axis_name, axis=1, tiled=True)
-        return jax.lax.psum_scatter(layer.mlp(hc), axis_name, scatter_dimension=1, tiled=True)
-
-    if sequence_parallel:
-        mlp_out = _chunked(mlp_slice, x, local_chunk)
-    else:
-        mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
-        if axis_name is not None:
-            mlp_out = jax.lax.psum(mlp_out, axis_name)
+    mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
+    if axis_name is not None:
+        mlp_out = jax.lax.psum(mlp_out, axis_name)
     return x + mlp_out, k, v

@@ -16,12 +16,14 @@ per-head budgets are permuted the same way at placement time, so outputs equal t
 unpermuted model's (up to float summation order) and the KV cache comes back in model order.
 
 Sequence parallel (default): between the attention and the MLP the activations stay split
-along the tokens (device i holds the i-th contiguous slice; the prompt is padded at the end to
-a multiple of the device count, and the padding never enters attention). Norms and residuals
-run on N / devices tokens; an all-gather brings the normed tokens to every device before the
-column-parallel projections and a reduce-scatter after the row-parallel ones (o_proj,
-down_proj) sums and re-splits them. `sequence_parallel=False`: activations replicated, one
-all-reduce after each row-parallel projection.
+along the tokens (`modeling.sequence_layout`: the prompt cut into slices of up to `chunk`
+tokens, each device holding its rows of every slice; padded at the end, and the padding never
+enters attention). Norms and residuals run on N / devices tokens; per slice, an all-gather
+brings the normed tokens to every device before the column-parallel projections and a
+reduce-scatter after the row-parallel ones (o_proj, down_proj) sums and re-splits them, the
+next slice's gather and the previous slice's scatter issued beside the current slice's matmuls.
+`sequence_parallel=False`: activations replicated, one all-reduce after each row-parallel
+projection.
 
 Multi-host: call `jax.distributed.initialize()` (coordinator address, process count and id from
 the cluster environment or arguments) before building the mesh; `make_mesh()` then spans every
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import jax
@@ -44,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from minference_jax import patterns as pat
 from minference_jax.models.config import ModelConfig
-from minference_jax.models.modeling import layer_body
+from minference_jax.models.modeling import layer_body, sequence_layout
 
 AXIS = "tp"
 # Parameter path suffix inside a decoder layer -> how it is split.
@@ -222,7 +223,7 @@ def _place(tree, sharding_tree):
     """Put process-local values (the same on every process) onto a possibly multi-host mesh."""
 
     def place(value, sharding):
-        if isinstance(value, jax.Array) and value.sharding == sharding:
+        if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
             return value  # already there (a previous layer's output)
         if sharding.is_fully_addressable:
             return jax.device_put(value, sharding)
@@ -343,9 +344,30 @@ class TensorParallel:
             )
         return self._steps[key]
 
-    def padded_len(self, seq_len: int) -> int:
-        """Tokens the activations carry: seq_len rounded up to the device count when split."""
-        return math.ceil(seq_len / self.size) * self.size if self.sequence_parallel else seq_len
+    def padded_len(self, seq_len: int, chunk: int) -> int:
+        """Tokens the activations carry: seq_len, padded to the sequence layout when split."""
+        if not self.sequence_parallel:
+            return seq_len
+        rows, steps = sequence_layout(seq_len, self.size, chunk)
+        return rows * steps * self.size
+
+    def to_layout(self, x: jax.Array, chunk: int) -> jax.Array:
+        """Process-local [B, N, hidden] embeddings -> the rows of the sequence layout, device
+        after device (the global array that NamedSharding P(None, "tp") splits)."""
+        b, seq_len, hidden = x.shape
+        rows, steps = sequence_layout(seq_len, self.size, chunk)
+        x = jnp.pad(x, ((0, 0), (0, rows * steps * self.size - seq_len), (0, 0)))
+        x = x.reshape(b, steps, self.size, rows, hidden).transpose(0, 2, 1, 3, 4)
+        return x.reshape(b, -1, hidden)
+
+    def layout_row(self, position: int, seq_len: int, chunk: int) -> int:
+        """Row of the token at `position` in the layout's global array (`to_layout`)."""
+        if not self.sequence_parallel:
+            return position
+        rows, steps = sequence_layout(seq_len, self.size, chunk)
+        step, within = divmod(position, rows * self.size)
+        device, row = divmod(within, rows)
+        return (device * steps + step) * rows + row
 
     def step(self, layer_id: int):
         """A callable with `layer_step`'s signature that runs layer `layer_id` sharded.
@@ -355,16 +377,19 @@ class TensorParallel:
         order (`model_order` puts them back)."""
 
         def run(_layer, x, cos, sin, budgets, *, plan, implementation, chunk):
-            seq_len = cos.shape[0]
-            padded = self.padded_len(seq_len)
-            if x.shape[1] == seq_len != padded:  # the embeddings: pad the tokens at the end
-                x = jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
-            tokens = P(None, AXIS, None) if self.sequence_parallel else P()
+            tokens = NamedSharding(
+                self.mesh, P(None, AXIS, None) if self.sequence_parallel else P()
+            )
             replicated = NamedSharding(self.mesh, P())
+            laid_out = x.shape[1] == self.padded_len(cos.shape[0], chunk) and (
+                x.sharding.is_equivalent_to(tokens, x.ndim)
+            )
+            if self.sequence_parallel and not laid_out:  # the embeddings
+                x = self.to_layout(x, chunk)
             # Inputs are committed to this process's device: place them on the (possibly
             # multi-host) mesh; every process holds the same values. A previous layer's x is
             # already in place (a no-op).
-            x = _place(x, NamedSharding(self.mesh, tokens))
+            x = _place(x, tokens)
             cos, sin = _place((cos, sin), (replicated,) * 2)
             if budgets is not None:
                 if self.q_orders is not None:
@@ -385,8 +410,9 @@ class TensorParallel:
         inverse = np.argsort(self.kv_orders[layer_id])
         return jnp.take(k, inverse, axis=2), jnp.take(v, inverse, axis=2)
 
-    def last_token(self, x: jax.Array, seq_len: int) -> jax.Array:
-        """This process's copy of the last real token's activations, [B, 1, hidden]."""
+    def last_token(self, x: jax.Array, seq_len: int, chunk: int) -> jax.Array:
+        """This process's copy of the last token's activations, [B, 1, hidden]."""
+        row = self.layout_row(seq_len - 1, seq_len, chunk)
         replicated = NamedSharding(self.mesh, P())
-        last = jax.jit(lambda a: a[:, seq_len - 1 : seq_len], out_shardings=replicated)(x)
+        last = jax.jit(lambda a: a[:, row : row + 1], out_shardings=replicated)(x)
         return last.addressable_shards[0].data
