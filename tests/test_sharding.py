@@ -58,14 +58,19 @@ def test_head_tiles_hand_counted():
 
 
 def _brute_force_best(costs, devices):
-    per = len(costs) // devices
+    """Smallest largest-device cost over every split into equal-sized device sets."""
+
+    def splits(groups):
+        if not groups:
+            yield ()
+            return
+        for chosen in itertools.combinations(groups, len(costs) // devices):
+            rest = [g for g in groups if g not in chosen]
+            for tail in splits(rest):
+                yield (*chosen, *tail)
+
     return min(
-        max(device_costs(costs, order, devices))
-        for order in itertools.permutations(range(len(costs)))
-        if all(
-            list(order[d * per : (d + 1) * per]) == sorted(order[d * per : (d + 1) * per])
-            for d in range(devices)
-        )
+        max(device_costs(costs, order, devices)) for order in splits(list(range(len(costs))))
     )
 
 

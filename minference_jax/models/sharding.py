@@ -298,6 +298,7 @@ class TensorParallel:
                 state = _permute_heads(state, self.kv_orders[layer_id], config)
             self.states.append(_place(state, shardings))
         self._steps = {}
+        self._tables = (None, None, None)  # the last RoPE tables given, and their mesh copies
 
     def with_sequence_parallel(self, enabled: bool) -> TensorParallel:
         """The same placed weights with the other activation layout (for A/B runs)."""
@@ -390,7 +391,9 @@ class TensorParallel:
             # multi-host) mesh; every process holds the same values. A previous layer's x is
             # already in place (a no-op).
             x = _place(x, tokens)
-            cos, sin = _place((cos, sin), (replicated,) * 2)
+            if self._tables[0] is not cos or self._tables[1] is not sin:  # a new prompt
+                self._tables = (cos, sin, _place((cos, sin), (replicated,) * 2))
+            cos, sin = self._tables[2]  # placed once per prompt, not once per layer
             if budgets is not None:
                 if self.q_orders is not None:
                     order = self.q_orders[layer_id]
@@ -412,6 +415,7 @@ class TensorParallel:
 
     def last_token(self, x: jax.Array, seq_len: int, chunk: int) -> jax.Array:
         """This process's copy of the last token's activations, [B, 1, hidden]."""
+        self._tables = (None, None, None)  # the prompt is done: free its RoPE tables
         row = self.layout_row(seq_len - 1, seq_len, chunk)
         replicated = NamedSharding(self.mesh, P())
         last = jax.jit(lambda a: a[:, row : row + 1], out_shardings=replicated)(x)
