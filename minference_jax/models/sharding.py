@@ -134,7 +134,7 @@ def device_costs(costs: Sequence[int], kv_order: Sequence[int], num_devices: int
 
 
 def balanced_kv_order(
-    costs: Sequence[int], num_devices: int, *, max_nodes: int = 200_000
+    costs: Sequence[int], num_devices: int, *, max_nodes: int = 20_000
 ) -> tuple[int, ...]:
     """kv-group order (device-major, len(costs) / num_devices groups per device) that
     minimises the largest device cost.
