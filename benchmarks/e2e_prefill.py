@@ -26,8 +26,8 @@ model's (local band + an attention sink on the first token,
 timing): kv-head groups placed per layer to balance the config's estimated tiles, activations
 sequence-parallel. `--no-balance` / `--no-seq-parallel` add rows with the contiguous head split /
 replicated activations (all-reduce) for an A/B in one run. Tensor-parallel rows report the scaling
-vs 1 device, the per-device tile spread (max / mean, estimated from layer 0's index and from the
-config's cost model: `benchmarks.tp_stats`) and the communication share (the layer's collectives
+vs 1 device, the per-device tile spread (max / mean, estimated from the layers' indices and from
+the config's cost model: `benchmarks.tp_stats`) and the communication share (the layer's collectives
 timed alone at the same sizes / the layer time).
 Writes e2e_prefill_<device>.{json,md,png} (latency and speedup vs length).
 """
@@ -157,7 +157,7 @@ def main(argv=None):
         dense_model = build_model(dense_config, dtype, structured=not args.plain_random)
     device, rows = device_name(), []
     meshes = {}  # (model id, device count, balance, seq-parallel) -> a TensorParallel
-    head_tiles = {}  # (model id, N, mode) -> layer 0's index tiles per head
+    index_tiles = {}  # (model id, N, mode) -> every layer's index tiles per head
 
     def mesh_for(m, count, balance, sequence_parallel):
         if count == 1:
@@ -222,14 +222,16 @@ def main(argv=None):
                 row.update(layer0_breakdown(run_model, ids, spec, args.chunk, args.repeats))
             if tp is not None:
                 key = (id(run_model), n, mode)
-                if key not in head_tiles:
-                    head_tiles[key] = tp_stats.head_tiles_layer0(run_model, ids, spec, layer0_qkv)
+                if key not in index_tiles:
+                    index_tiles[key] = tp_stats.index_tiles_by_layer(
+                        run_model, ids, spec, args.chunk
+                    )
                 comm_ms = tp_stats.collectives_ms(
                     tp, 1, n, run_model.config.hidden_size, dtype, args.chunk, args.repeats
                 )
                 row.update(
                     layout=tp_stats.layout_label(balance, sequence_parallel),
-                    layer0_tile_spread_est=tp_stats.layer0_tile_spread(head_tiles[key], tp),
+                    index_tile_spread_est=tp_stats.index_tile_spread(index_tiles[key], tp),
                     cost_model_spread=tp_stats.cost_model_spread(spec, run_model.config, tp, n),
                     collectives_ms_per_layer=round(comm_ms, 2),
                     comm_share=round(comm_ms * layers / (1e3 * seconds), 3),
@@ -355,7 +357,7 @@ def speedup_ceiling(sparse: dict, dense: dict) -> float | None:
 def tp_columns(row: dict) -> str:
     if "layout" not in row:
         return "- | - | -"
-    spread = f"{row['layer0_tile_spread_est']} / {row['cost_model_spread']}"
+    spread = f"{row['index_tile_spread_est']} / {row['cost_model_spread']}"
     return f"{row['layout']} | {spread} | {100 * row['comm_share']:.1f}%"
 
 
@@ -382,13 +384,14 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
         "tile fraction x the dense row's cuDNN time).",
         "",
         "Tensor parallel (devices > 1): vs 1 device = scaling against the same mode on one "
-        "device; tile spread = largest / mean device tiles (estimated: layer 0's index, and the "
-        "config's cost model over the layers run); comm share = one layer's collectives timed "
+        "device; tile spread = largest / mean device tiles summed over the layers run "
+        "(estimated: the layers' indices built on one device, and the config's cost model); "
+        "comm share = one layer's collectives timed "
         "alone at the same sizes / the mean layer time.",
         "",
         "| N | mode | devices | layers run | prefill s | tokens/s | speedup vs dense | vs 1 device "
         "| peak GiB | layer-0 tiles computed | layer-0 ms | index / kernel / proj+MLP "
-        "| ceiling | TP layout | tile spread est. (layer 0 / cost model) | comm share |",
+        "| ceiling | TP layout | tile spread est. (index / cost model) | comm share |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -2,10 +2,10 @@
 attention work splits, and what the layer's collectives cost timed alone.
 
 Per-device kernel time is not observable inside one `shard_map` program, so the spread is
-estimated from tile counts: layer 0's estimated index (per head, on one device) summed over each
-device's heads (`layer0_tile_spread`), and the config's cost model over every layer run
-(`cost_model_spread`, `minference_jax.models.sharding.placement_imbalance`). Both are max / mean
-over devices: 1.0 is perfectly even.
+estimated from tile counts: every layer's estimated index (per head, from a one-device prefill)
+summed over each device's heads (`index_tile_spread`), and the config's cost model
+(`cost_model_spread`, `minference_jax.models.sharding.placement_imbalance`). Both are the sum
+over layers of the largest device's tiles / the sum of the mean device's: 1.0 is even.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.timing import time_fn
 from minference_jax.attention import layer_plan
 from minference_jax.index_approx import build_planned_index
+from minference_jax.models.generation import layer_step
+from minference_jax.models.rope import rope_tables
 from minference_jax.models.sharding import AXIS, TensorParallel, placement_imbalance
 
 
@@ -40,25 +43,57 @@ def layout_label(balance, sequence_parallel) -> str:
     return f"{heads} + {'seq-parallel' if sequence_parallel else 'all-reduce'}"
 
 
-def head_tiles_layer0(model, ids, spec, qkv_fn) -> np.ndarray | None:
-    """Key tiles per query head in layer 0's estimated index ([H]; None: every head dense)."""
-    config = model.config
-    n = ids.shape[1]
-    plan, budgets = layer_plan(spec.layer(0, config.num_heads), n, config.num_heads, "pallas")
-    if plan is None:
-        return None
-    q, k, _ = qkv_fn(model, ids)
-    index = build_planned_index(q, k, budgets, plan=plan, scale=config.head_dim**-0.5)
-    return np.asarray(index.num_tiles().sum(axis=(0, 2), dtype=jnp.float32))
+@nnx.jit
+def _normed_qkv(layer, x, cos, sin):
+    return layer.attn.qkv(layer.input_norm(x), cos, sin)
 
 
-def layer0_tile_spread(head_tiles: np.ndarray | None, tp: TensorParallel) -> float:
-    """Largest / mean tiles per device of layer 0's index under tp's head placement."""
-    if head_tiles is None:
-        return 1.0
-    order = np.arange(len(head_tiles)) if tp.q_orders is None else tp.q_orders[0]
-    per_device = head_tiles[order].reshape(tp.size, -1).sum(axis=1)
-    return round(float(per_device.max() / per_device.mean()), 3)
+def index_tiles_by_layer(model, ids, spec, chunk: int) -> list[np.ndarray | None]:
+    """Key tiles per query head of every layer's estimated index ([H] each; None: a layer that
+    runs dense), from a one-device prefill of the prompt."""
+    config, n = model.config, ids.shape[1]
+    if spec.patterns is None:
+        return [None] * config.num_layers
+    heads = config.num_heads
+    cos, sin = rope_tables(config, jnp.arange(n), n)
+    x = model.embed[...][ids]
+    tiles = []
+    for layer_id, layer in enumerate(model.layers):
+        patterns = spec.layer(layer_id, heads)
+        plan, budgets = layer_plan(patterns, n, heads, "pallas")
+        if plan is None:
+            tiles.append(None)
+        else:
+            q, k, _ = _normed_qkv(layer, x, cos, sin)
+            index = build_planned_index(q, k, budgets, plan=plan, scale=config.head_dim**-0.5)
+            tiles.append(np.asarray(index.num_tiles().sum(axis=(0, 2), dtype=jnp.float32)))
+        if layer_id + 1 < config.num_layers:
+            plan, budgets = layer_plan(patterns, n, heads, spec.implementation)
+            x, _, _ = layer_step(
+                layer,
+                x,
+                cos,
+                sin,
+                budgets,
+                plan=plan,
+                implementation=spec.implementation,
+                chunk=chunk,
+            )
+    return tiles
+
+
+def index_tile_spread(tiles_by_layer: list[np.ndarray | None], tp: TensorParallel) -> float:
+    """Sum over layers of the largest device's index tiles / sum of the mean device's, under
+    tp's head placement (devices wait for each other at every layer)."""
+    worst = mean = 0.0
+    for layer_id, tiles in enumerate(tiles_by_layer):
+        if tiles is None:
+            continue  # every head dense: even
+        order = np.arange(len(tiles)) if tp.q_orders is None else tp.q_orders[layer_id]
+        per_device = tiles[order].reshape(tp.size, -1).sum(axis=1)
+        worst += float(per_device.max())
+        mean += float(per_device.mean())
+    return 1.0 if mean == 0 else round(worst / mean, 3)
 
 
 def cost_model_spread(spec, config, tp: TensorParallel, seq_len: int) -> float:

@@ -216,22 +216,25 @@ def test_e2e_benchmark_tensor_parallel_rows(tmp_path):
     ]
     for row in rows[1:]:
         assert row["collectives_ms_per_layer"] > 0 and 0 < row["comm_share"] < 1
-        assert row["layer0_tile_spread_est"] == row["cost_model_spread"] == 1.0  # dense: even
+        assert row["index_tile_spread_est"] == row["cost_model_spread"] == 1.0  # dense: even
     table = next(tmp_path.glob("*.md")).read_text()
     assert "| balanced + all-reduce | 1.0 / 1.0 |" in table
 
 
-def test_layer0_tile_spread_follows_the_placement():
+def test_index_tile_spread_follows_the_placement():
     from types import SimpleNamespace
 
-    from benchmarks.tp_stats import layer0_tile_spread
+    from benchmarks.tp_stats import index_tile_spread
 
-    tiles = np.array([8.0, 8.0, 8.0, 8.0, 1.0, 1.0, 1.0, 1.0])  # per query head, groups of 2
+    heavy_first = np.array([8.0, 8.0, 8.0, 8.0, 1.0, 1.0, 1.0, 1.0])  # per query head, GQA 2
+    even = np.ones(8)
+    tiles = [heavy_first, None, even]  # the middle layer runs dense
     contiguous = SimpleNamespace(size=2, q_orders=None)
-    assert layer0_tile_spread(tiles, contiguous) == round(32 / 18, 3)
-    balanced = SimpleNamespace(size=2, q_orders=[query_order((0, 2, 1, 3), 2)])
-    assert layer0_tile_spread(tiles, balanced) == 1.0
-    assert layer0_tile_spread(None, balanced) == 1.0
+    assert index_tile_spread(tiles, contiguous) == round((32 + 4) / (18 + 4), 3)
+    swap = query_order((0, 2, 1, 3), 2)
+    balanced = SimpleNamespace(size=2, q_orders=[swap, None, swap])
+    assert index_tile_spread(tiles, balanced) == 1.0
+    assert index_tile_spread([None], balanced) == 1.0
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5])
@@ -275,3 +278,27 @@ def test_sequence_layout_rows(seq_len, devices, chunk):
     gathered = per_device.transpose(1, 0, 2).reshape(-1)  # step by step, devices concatenated
     np.testing.assert_array_equal(gathered[:seq_len], np.arange(1, seq_len + 1))
     assert not gathered[seq_len:].any()
+
+
+def test_index_tiles_by_layer_on_one_device():
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import e2e_prefill
+    from benchmarks.tp_stats import index_tiles_by_layer
+
+    config = dataclasses.replace(e2e_prefill.TINY, attention_bias=True)
+    model = e2e_prefill.build_model(config, jnp.float32, structured=True)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (1, 200), 1, 64).at[0, 0].set(0)
+    spec = e2e_prefill.attention_spec("config", model.config)
+    tiles = index_tiles_by_layer(model, ids, spec, chunk=64)
+    heads, blocks = model.config.num_heads, -(-200 // 64)
+    assert len(tiles) == model.config.num_layers and all(t.shape == (heads,) for t in tiles)
+    causal = blocks * (blocks + 1) // 2
+    fraction = tiles[0].sum() / (causal * heads)
+    assert fraction == pytest.approx(e2e_prefill.layer0_density(model, ids, spec), abs=1e-4)
+    assert all(((1 <= t) & (t <= causal)).all() for t in tiles)
+    dense = dataclasses.replace(spec, patterns=None)
+    assert index_tiles_by_layer(model, ids, dense, chunk=64) == [None] * model.config.num_layers
