@@ -299,6 +299,10 @@ class TensorParallel:
             self.states.append(_place(state, shardings))
         self._steps = {}
         self._tables = (None, None, None)  # the last RoPE tables given, and their mesh copies
+        self._take_row = jax.jit(  # [B, 1, hidden] on every device: one program for all rows
+            lambda x, row: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=1),
+            out_shardings=NamedSharding(mesh, P()),
+        )
 
     def with_sequence_parallel(self, enabled: bool) -> TensorParallel:
         """The same placed weights with the other activation layout (for A/B runs)."""
@@ -417,6 +421,4 @@ class TensorParallel:
         """This process's copy of the last token's activations, [B, 1, hidden]."""
         self._tables = (None, None, None)  # the prompt is done: free its RoPE tables
         row = self.layout_row(seq_len - 1, seq_len, chunk)
-        replicated = NamedSharding(self.mesh, P())
-        last = jax.jit(lambda a: a[:, row : row + 1], out_shardings=replicated)(x)
-        return last.addressable_shards[0].data
+        return self._take_row(x, row).addressable_shards[0].data
