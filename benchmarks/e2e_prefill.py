@@ -24,11 +24,12 @@ model's (local band + an attention sink on the first token,
 `--tensor-parallel 1 2 4` runs every length and mode on 1 device and tensor-parallel over 2 and 4
 (heads and MLP columns split, `minference_jax.models.sharding`; weights placed once, outside the
 timing): kv-head groups placed per layer to balance the config's estimated tiles, activations
-sequence-parallel. `--no-balance` / `--no-seq-parallel` add rows with the contiguous head split /
-replicated activations (all-reduce) for an A/B in one run. Tensor-parallel rows report the scaling
-vs 1 device, the per-device tile spread (max / mean, estimated from the layers' indices and from
-the config's cost model: `benchmarks.tp_stats`) and the communication share (the layer's collectives
-timed alone at the same sizes / the layer time).
+sequence-parallel. `--no-balance` / `--no-seq-parallel` add rows with the contiguous head split
+(modes whose heads differ) / replicated activations (all-reduce): an A/B in one run.
+Tensor-parallel rows report the scaling vs 1 device, the per-device tile spread (max / mean,
+estimated from the layers' indices and from the config's cost model: `benchmarks.tp_stats`)
+and the communication share (the layer's collectives timed alone at the same sizes / the layer
+time).
 Writes e2e_prefill_<device>.{json,md,png} (latency and speedup vs length).
 """
 
@@ -186,6 +187,8 @@ def main(argv=None):
             run_model = dense_model if mode == "dense" else model
             layers = run_model.config.num_layers
             spec = attention_spec(mode, run_model.config)
+            if balance is False and tp_stats.uniform_heads(spec):
+                continue  # every head costs the same: the contiguous split changes nothing
             tp = mesh_for(run_model, devices, balance, sequence_parallel)
 
             run = functools.partial(

@@ -36,6 +36,11 @@ def layouts(devices: int, *, contiguous_too: bool, replicated_too: bool):
     return [(b, s) for b in balances for s in sequence]
 
 
+def uniform_heads(spec) -> bool:
+    """Every head of every layer has the same pattern (dense, or one pattern for all)."""
+    return spec.patterns is None or len({p for layer in spec.patterns.layers for p in layer}) == 1
+
+
 def layout_label(balance, sequence_parallel) -> str:
     if balance is None:
         return "-"
