@@ -242,12 +242,10 @@ def test_index_tile_spread_follows_the_placement():
 def test_pipelined_map_equals_the_plain_loop(steps):
     import jax.numpy as jnp
 
-    from minference_jax.models.modeling import _pipelined
+    from minference_jax.models.sequence_parallel import pipelined
 
     xs = jnp.arange(steps * 6.0).reshape(steps, 2, 3)
-    out = _pipelined(
-        lambda i: xs[i] + 1, lambda a: (a * 2, a.sum()), lambda y: (y[0], -y[1]), steps
-    )
+    out = pipelined(lambda i: xs[i] + 1, lambda a: (a * 2, a.sum()), lambda y: (y[0], -y[1]), steps)
     expected = [(2 * (xs[i] + 1), -(xs[i] + 1).sum()) for i in range(steps)]
     np.testing.assert_array_equal(out[0], np.stack([e[0] for e in expected]))
     np.testing.assert_array_equal(out[1], np.stack([e[1] for e in expected]))
@@ -263,7 +261,7 @@ def test_sequence_layout_rows(seq_len, devices, chunk):
 
     import jax.numpy as jnp
 
-    from minference_jax.models.modeling import sequence_layout
+    from minference_jax.models.sequence_parallel import sequence_layout
     from minference_jax.models.sharding import TensorParallel
 
     tp = SimpleNamespace(size=devices, sequence_parallel=True)

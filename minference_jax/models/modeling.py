@@ -8,7 +8,6 @@ layer's per-head patterns, so the model does not know which kernel runs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from minference_jax import patterns as P
 from minference_jax.attention import layer_plan, planned_attention
 from minference_jax.models.config import ModelConfig
 from minference_jax.models.rope import apply_rope, rope_tables
+from minference_jax.models.sequence_parallel import pipelined, sequence_layout, steps_to_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,42 +180,6 @@ def _chunked(fn, x, chunk: int):
     )
 
 
-def sequence_layout(seq_len: int, devices: int, chunk: int) -> tuple[int, int]:
-    """(rows, steps) of the sequence-parallel token layout: the prompt is cut into `steps`
-    slices of `devices * rows` tokens (padded at the end), and device d holds rows
-    [d * rows, (d + 1) * rows) of every slice. An all-gather of one step's rows from every
-    device gives one contiguous slice of the prompt, and a reduce-scatter of a slice's rows
-    hands each device its own rows back; slices are at most `chunk` tokens."""
-    rows = max(1, min(chunk // devices, -(-seq_len // devices)))
-    return rows, -(-seq_len // (rows * devices))
-
-
-def _pipelined(fetch, compute, send, steps: int):
-    """[send(compute(fetch(i))) for i in range(steps)] stacked on a leading axis, with fetch(i + 1)
-    and send(i - 1) issued beside compute(i): their collectives can overlap its matmuls."""
-    stack = functools.partial(jax.tree.map, lambda *ys: jnp.stack(ys))
-    if steps == 1:
-        return stack(send(compute(fetch(0))))
-
-    def body(carry, i):
-        current, previous = carry
-        following, done = fetch(i + 1), send(previous)
-        return (following, compute(current)), done
-
-    first = fetch(0)
-    second = fetch(1)
-    (last, before_last), middle = jax.lax.scan(
-        body, (second, compute(first)), jnp.arange(1, steps - 1)
-    )
-    tail = stack(send(before_last), send(compute(last)))
-    return jax.tree.map(lambda m, t: jnp.concatenate([m, t]), middle, tail)
-
-
-def _steps_to_tokens(y):
-    """[steps, B, rows, ...] -> [B, steps * rows, ...]."""
-    return jnp.moveaxis(y, 0, 1).reshape(y.shape[1], -1, *y.shape[3:])
-
-
 def layer_body(
     layer,
     x,
@@ -239,7 +203,7 @@ def layer_body(
     o_proj and down_proj outputs, pipelined so that the collectives can overlap the matmuls.
     Padding rows are cut before attention, so they never reach a real token.
     """
-    b, t = x.shape[0], cos.shape[0]
+    b, t = x.shape[0], cos.shape[0] if sequence_parallel else x.shape[1]
     d = layer.attn.config.head_dim
 
     def project(h):
@@ -260,8 +224,8 @@ def layer_body(
         def scatter(y):
             return jax.lax.psum_scatter(y, axis_name, scatter_dimension=1, tiled=True)
 
-        qkv = _pipelined(gather_normed(layer.input_norm, x), project, lambda y: y, steps)
-        q, k, v = (_steps_to_tokens(y)[:, :t] for y in qkv)
+        qkv = pipelined(gather_normed(layer.input_norm, x), project, lambda y: y, steps)
+        q, k, v = (steps_to_tokens(y)[:, :t] for y in qkv)
     else:
         q, k, v = _chunked(lambda xc: project(layer.input_norm(xc)), x, chunk)
     q = apply_rope(q.reshape(b, t, -1, d), cos, sin)
@@ -276,10 +240,10 @@ def layer_body(
         def slice_of_o(i):
             return jax.lax.dynamic_index_in_dim(o, i, axis=1, keepdims=False)
 
-        x = x + _steps_to_tokens(_pipelined(slice_of_o, layer.attn.o_proj, scatter, steps))
+        x = x + steps_to_tokens(pipelined(slice_of_o, layer.attn.o_proj, scatter, steps))
         mlp_in = gather_normed(layer.post_attn_norm, x)
-        mlp_out = _pipelined(mlp_in, layer.mlp, scatter, steps)
-        return x + _steps_to_tokens(mlp_out), k, v
+        mlp_out = pipelined(mlp_in, layer.mlp, scatter, steps)
+        return x + steps_to_tokens(mlp_out), k, v
     attn_out = _chunked(layer.attn.o_proj, o, chunk)
     if axis_name is not None:
         attn_out = jax.lax.psum(attn_out, axis_name)

@@ -16,7 +16,7 @@ per-head budgets are permuted the same way at placement time, so outputs equal t
 unpermuted model's (up to float summation order) and the KV cache comes back in model order.
 
 Sequence parallel (default): between the attention and the MLP the activations stay split
-along the tokens (`modeling.sequence_layout`: the prompt cut into slices of up to `chunk`
+along the tokens (`sequence_parallel.sequence_layout`: the prompt cut into slices of up to `chunk`
 tokens, each device holding its rows of every slice; padded at the end, and the padding never
 enters attention). Norms and residuals run on N / devices tokens; per slice, an all-gather
 brings the normed tokens to every device before the column-parallel projections and a
@@ -45,7 +45,8 @@ from jax.sharding import PartitionSpec as P
 
 from minference_jax import patterns as pat
 from minference_jax.models.config import ModelConfig
-from minference_jax.models.modeling import layer_body, sequence_layout
+from minference_jax.models.modeling import layer_body
+from minference_jax.models.sequence_parallel import sequence_layout
 
 AXIS = "tp"
 # Parameter path suffix inside a decoder layer -> how it is split.
