@@ -4,7 +4,7 @@
     python -m benchmarks.e2e_prefill --layers 4 --seq-lens 524288 1048576 --modes dense config
     python -m benchmarks.e2e_prefill --dense-layers 2 --seq-lens 131072 524288 --modes dense config
     python -m benchmarks.e2e_prefill --tiny --seq-lens 256        # CPU smoke run
-    python -m benchmarks.e2e_prefill --layers 2 --seq-lens 131072 524288 --tensor-parallel 1 2
+    python -m benchmarks.e2e_prefill --layers 2 --seq-lens 131072 524288 --tensor-parallel 1 2 4
 
 Shape: 32 layers, hidden 4096, 32 q / 8 kv heads, head_dim 128, MLP 14336, vocab 128256, llama3 RoPE
 (theta 500000), bf16. Modes: dense (cuDNN via jax.nn.dot_product_attention), vs (every head
@@ -21,8 +21,15 @@ give near-uniform attention, so estimated indices come out dense and the density
 cuDNN: by default the model gets q/k biases that shape attention like a trained long-context
 model's (local band + an attention sink on the first token,
 `benchmarks.synthetic.structure_attention`); `--plain-random` turns that off.
-`--tensor-parallel 1 2` runs every length and mode on 1 device and tensor-parallel over 2 (heads
-and MLP columns split, `minference_jax.models.sharding`; weights placed once, outside the timing).
+`--tensor-parallel 1 2 4` runs every length and mode on 1 device and tensor-parallel over 2 and 4
+(heads and MLP columns split, `minference_jax.models.sharding`; weights placed once, outside the
+timing): kv-head groups placed per layer to balance the config's estimated tiles, activations
+sequence-parallel. `--no-balance` / `--no-seq-parallel` add rows with the contiguous head split
+(modes whose heads differ) / replicated activations (all-reduce): an A/B in one run.
+Tensor-parallel rows report the scaling vs 1 device, the per-device tile spread (max / mean,
+estimated from the layers' indices and from the config's cost model: `benchmarks.tp_stats`)
+and the communication share (the layer's collectives timed alone at the same sizes / the layer
+time).
 Writes e2e_prefill_<device>.{json,md,png} (latency and speedup vs length) to --out (default
 benchmarks/results/local/, git-ignored).
 """
@@ -42,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks import tp_stats
 from benchmarks.synthetic import structure_attention
 from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
 from minference_jax import patterns as P
@@ -111,6 +119,16 @@ def main(argv=None):
     parser.add_argument(
         "--tensor-parallel", type=int, nargs="+", default=[1], help="device counts to compare"
     )
+    parser.add_argument(
+        "--no-balance",
+        action="store_true",
+        help="also run each multi-device case with the contiguous head split (A/B in one run)",
+    )
+    parser.add_argument(
+        "--no-seq-parallel",
+        action="store_true",
+        help="also run each multi-device case with replicated activations and all-reduces",
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--plain-random", action="store_true", help="no attention structure")
     parser.add_argument(
@@ -140,22 +158,39 @@ def main(argv=None):
         dense_config = dataclasses.replace(config, num_layers=args.dense_layers)
         dense_model = build_model(dense_config, dtype, structured=not args.plain_random)
     device, rows = device_name(), []
-    meshes = {}  # (model id, device count) -> None or a TensorParallel placed once
+    meshes = {}  # (model id, device count, balance, seq-parallel) -> a TensorParallel
+    index_tiles = {}  # (model id, N, mode) -> every layer's index tiles per head
 
-    def mesh_for(m, count):
+    def mesh_for(m, count, balance, sequence_parallel):
         if count == 1:
             return None
-        if (id(m), count) not in meshes:
-            meshes[id(m), count] = TensorParallel(m, make_mesh(count))
-        return meshes[id(m), count]
+        if (id(m), count, balance, True) not in meshes:  # weights placed once per placement
+            patterns = attention_spec("config", m.config).patterns if balance else None
+            meshes[id(m), count, balance, True] = TensorParallel(
+                m, make_mesh(count), patterns, seq_len=max(args.seq_lens)
+            )
+        key = (id(m), count, balance, sequence_parallel)
+        if key not in meshes:
+            meshes[key] = meshes[id(m), count, balance, True].with_sequence_parallel(False)
+        return meshes[key]
 
+    cases = [
+        (devices, *layout)
+        for devices in args.tensor_parallel
+        for layout in tp_stats.layouts(
+            devices, contiguous_too=args.no_balance, replicated_too=args.no_seq_parallel
+        )
+    ]
     for n in args.seq_lens:
         ids = jax.random.randint(jax.random.PRNGKey(n), (1, n), 1, config.vocab_size)
         ids = ids.at[0, 0].set(0)  # the attention-sink token first
-        for devices, mode in itertools.product(args.tensor_parallel, args.modes):
+        for (devices, balance, sequence_parallel), mode in itertools.product(cases, args.modes):
             run_model = dense_model if mode == "dense" else model
             layers = run_model.config.num_layers
             spec = attention_spec(mode, run_model.config)
+            if balance is False and tp_stats.uniform_heads(spec):
+                continue  # every head costs the same: the contiguous split changes nothing
+            tp = mesh_for(run_model, devices, balance, sequence_parallel)
 
             run = functools.partial(
                 lambda *a, **kw: prefill(*a, **kw).seconds,
@@ -163,7 +198,7 @@ def main(argv=None):
                 ids,
                 spec,
                 chunk_size=args.chunk,
-                mesh=mesh_for(run_model, devices),
+                mesh=tp,
             )
             compile_start = time.perf_counter()
             seconds = [run()]  # compile + warm-up
@@ -189,6 +224,22 @@ def main(argv=None):
             )
             if devices == 1 and not (args.no_breakdown or args.single_call):
                 row.update(layer0_breakdown(run_model, ids, spec, args.chunk, args.repeats))
+            if tp is not None:
+                key = (id(run_model), n, mode)
+                if key not in index_tiles:
+                    index_tiles[key] = tp_stats.index_tiles_by_layer(
+                        run_model, ids, spec, args.chunk
+                    )
+                comm_ms = tp_stats.collectives_ms(
+                    tp, 1, n, run_model.config.hidden_size, dtype, args.chunk, args.repeats
+                )
+                row.update(
+                    layout=tp_stats.layout_label(balance, sequence_parallel),
+                    index_tile_spread_est=tp_stats.index_tile_spread(index_tiles[key], tp),
+                    cost_model_spread=tp_stats.cost_model_spread(spec, run_model.config, tp, n),
+                    collectives_ms_per_layer=round(comm_ms, 2),
+                    comm_share=round(comm_ms * layers / (1e3 * seconds), 3),
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +359,13 @@ def speedup_ceiling(sparse: dict, dense: dict) -> float | None:
     return dense["layer0_ms"] / (fixed_ms + sparse["layer0_computed_fraction"] * dense_attention_ms)
 
 
+def tp_columns(row: dict) -> str:
+    if "layout" not in row:
+        return "- | - | -"
+    spread = f"{row['index_tile_spread_est']} / {row['cost_model_spread']}"
+    return f"{row['layout']} | {spread} | {100 * row['comm_share']:.1f}%"
+
+
 def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None:
     """Markdown table (speedup vs dense of the same length) and a latency/speedup plot."""
     import matplotlib
@@ -330,10 +388,16 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
         "computed its tiles at cuDNN's dense rate (index + projections/MLP measured, kernel = "
         "tile fraction x the dense row's cuDNN time).",
         "",
+        "Tensor parallel (devices > 1): vs 1 device = scaling against the same mode on one "
+        "device; tile spread = largest / mean device tiles summed over the layers run "
+        "(estimated: the layers' indices built on one device, and the config's cost model); "
+        "comm share = one layer's collectives timed "
+        "alone at the same sizes / the mean layer time.",
+        "",
         "| N | mode | devices | layers run | prefill s | tokens/s | speedup vs dense | vs 1 device "
         "| peak GiB | layer-0 tiles computed | layer-0 ms | index / kernel / proj+MLP "
-        "| ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ceiling | TP layout | tile spread est. (index / cost model) | comm share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = dense.get(r["seq_len"], float("nan")) / r["full_model_s"]
@@ -347,18 +411,21 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
             f"{r['full_model_s']}{star} | "
             f"{r['tokens_per_s']} | {speedup:.2f} | {scaling:.2f} | {r['peak_gib']} | "
             f"{r.get('layer0_computed_fraction') or '-'} | {r.get('layer0_ms', '-')} | "
-            f"{shares(r)} | {'-' if ceiling is None else f'{ceiling:.2f}'} |"
+            f"{shares(r)} | {'-' if ceiling is None else f'{ceiling:.2f}'} | "
+            f"{tp_columns(r)} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
-    series = sorted({(r["mode"], r["devices"]) for r in rows})
-    for i, (mode, devices) in enumerate(series):
+    series = sorted({(r["mode"], r["devices"], r.get("layout", "-")) for r in rows})
+    for i, (mode, devices, layout) in enumerate(series):
         label = mode if devices == 1 else f"{mode} x{devices} devices"
+        if layout != "-" and any(r.get("layout", layout) != layout for r in rows):
+            label += f" ({layout})"  # several layouts were run: tell them apart
         style = dict(marker="o", label=label, color=f"C{i}")  # one colour per series, both panels
         pts = sorted(
             (r["seq_len"], r["full_model_s"])
             for r in rows
-            if (r["mode"], r["devices"]) == (mode, devices)
+            if (r["mode"], r["devices"], r.get("layout", "-")) == (mode, devices, layout)
         )
         ax_t.plot(*zip(*pts, strict=True), **style)
         if (mode, devices) != ("dense", 1):

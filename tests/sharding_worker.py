@@ -2,7 +2,10 @@
 
     python tests/sharding_worker.py local N            # one process, N forced CPU devices
     python tests/sharding_worker.py host PID PORT      # one of 2 processes (gloo collectives)
-Prints one JSON line with the max relative logits error of sharded vs single-device prefill.
+Prints one JSON line with the max relative logits error of sharded vs single-device prefill
+(heads placed by cost, sequence-parallel activations, a prompt length the device count does
+not divide), and in local mode the KV cache error (with 2 devices also the replicated,
+contiguous layout's error).
 """
 
 import json
@@ -29,30 +32,58 @@ from flax import nnx  # noqa: E402
 from minference_jax import AShape, BlockSparse, Dense, HeadPatterns, VerticalSlash  # noqa: E402
 from minference_jax.models import AttentionSpec, CausalLM, ModelConfig  # noqa: E402
 from minference_jax.models.generation import prefill  # noqa: E402
-from minference_jax.models.sharding import make_mesh  # noqa: E402
+from minference_jax.models.sharding import TensorParallel, make_mesh  # noqa: E402
 
 config = ModelConfig.from_hf_dict(
     dict(
-        model_type="qwen2",
+        model_type="qwen2",  # q/k/v biases: permuted with the heads too
         vocab_size=64,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
+        num_attention_heads=16,
+        num_key_value_heads=8,
     )
 )
 model = CausalLM(config, rngs=nnx.Rngs(3))
-ids = jax.random.randint(jax.random.PRNGKey(0), (2, 300), 0, 64)
-layer = (VerticalSlash(30, 50), AShape(4, 64), BlockSparse(2), Dense()) * 2
-specs = {"dense": AttentionSpec(), "minference": AttentionSpec(HeadPatterns((layer, layer[::-1])))}
-report = {"devices": len(jax.devices())}
-for name, spec in specs.items():
-    single = prefill(model, ids, spec).last_logits
-    sharded = prefill(model, ids, spec, mesh=make_mesh()).last_logits
-    err = float(jnp.linalg.norm(sharded - single) / jnp.linalg.norm(single))
-    report[name] = err
+ids = jax.random.randint(jax.random.PRNGKey(0), (2, 301), 0, 64)  # 301: no device count divides
+# Dense groups first: the contiguous split would give them all to the first device(s).
+sparse = (VerticalSlash(30, 50), AShape(4, 64), BlockSparse(2), VerticalSlash(8, 60))
+layer0 = (Dense(),) * 4 + sparse * 3
+layer1 = sparse + (Dense(),) * 2 + sparse * 2 + (Dense(),) * 2
+mixed = HeadPatterns((layer0, layer1))
+specs = {"dense": AttentionSpec(), "minference": AttentionSpec(mixed)}
+mesh = make_mesh()
+# Heads placed for the mixed table in both specs: dense layers run with permuted weights too.
+balanced = TensorParallel(model, mesh, mixed, seq_len=ids.shape[1])
+report = {
+    "devices": len(jax.devices()),
+    "permuted_layers": sum(o != tuple(range(8)) for o in balanced.kv_orders),
+}
+
+
+def rel(a, b):
+    err = float(jnp.linalg.norm(jnp.asarray(a) - b) / jnp.linalg.norm(b))
     assert np.isfinite(err)
+    return err
+
+
+# Multi-host: a plain mesh, so prefill places the heads for each spec's own table itself.
+target = balanced if mode == "local" else mesh
+for name, spec in specs.items():
+    single = prefill(model, ids, spec, return_cache=mode == "local")
+    sharded = prefill(model, ids, spec, mesh=target, chunk_size=64, return_cache=mode == "local")
+    report[name] = rel(sharded.last_logits, single.last_logits)
+    if mode == "local":
+        report[f"{name}_cache"] = max(
+            rel(jax.device_get(kv_sharded[i]), kv_single[i])
+            for kv_sharded, kv_single in zip(sharded.cache, single.cache, strict=True)
+            for i in (0, 1)
+        )
+if mode == "local" and len(jax.devices()) == 2:
+    replicated = TensorParallel(model, mesh, sequence_parallel=False)  # contiguous, all-reduce
+    logits = prefill(model, ids, specs["minference"], mesh=replicated, chunk_size=64).last_logits
+    report["replicated"] = rel(logits, prefill(model, ids, specs["minference"]).last_logits)
 if mode == "local":
     try:
         prefill(model, ids, mesh=make_mesh(8) if len(jax.devices()) >= 8 else None)

@@ -72,9 +72,10 @@ def prefill(
     The result's `layers` says per layer which pattern families its index held and the share
     of the causal key tiles its attention computed.
     mesh: a 1-D `jax.sharding.Mesh` (axis "tp") to run tensor-parallel over its devices
-      (see `minference_jax.models.sharding`), or a `TensorParallel` already built for this
-      model (its weights placed once, for repeated prefills); the KV cache then comes back
-      sharded by kv head.
+      (see `minference_jax.models.sharding`; heads placed to balance `attention`'s patterns,
+      activations sequence-parallel), or a `TensorParallel` already built for this model (its
+      weights placed once, for repeated prefills); the KV cache then comes back sharded by kv
+      head.
     """
     config = model.config
     attention.check(config)
@@ -89,7 +90,7 @@ def prefill(
     families, fractions = [], []
     sharded = mesh
     if mesh is not None and not isinstance(mesh, TensorParallel):
-        sharded = TensorParallel(model, mesh)
+        sharded = TensorParallel(model, mesh, attention.patterns, seq_len=seq_len)
     for layer_id, layer in enumerate(model.layers):
         plan, budgets = layer_plan(
             attention.layer(layer_id, config.num_heads),
@@ -110,14 +111,16 @@ def prefill(
             with_fraction=True,
         )
         families.append(("dense",) if plan is None else plan.families)
-        fractions.append(fraction if sharded is None else sharded.local(fraction))
+        fractions.append(fraction if sharded is None else fraction.addressable_shards[0].data)
         if cache is not None:
+            if sharded is not None:
+                k, v = sharded.model_order(layer_id, k, v)
             cache.append(jax.device_get((k, v)) if cache_on_host else (k, v))
         if progress is not None:
             jax.block_until_ready(x)
             progress(layer_id, config.num_layers, time.perf_counter() - start)
     if sharded is not None:
-        x = sharded.local(x)
+        x = sharded.last_token(x, seq_len, chunk_size)
     logits = jax.block_until_ready(_last_logits(model, x))
     seconds = time.perf_counter() - start
     layers = tuple(

@@ -17,6 +17,7 @@ from minference_jax import patterns as P
 from minference_jax.attention import layer_plan, planned_attention_with_fraction
 from minference_jax.models.config import ModelConfig
 from minference_jax.models.rope import apply_rope, rope_tables
+from minference_jax.models.sequence_parallel import pipelined, sequence_layout, steps_to_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,38 +191,72 @@ def layer_body(
     implementation,
     chunk,
     axis_name=None,
+    sequence_parallel=False,
     with_fraction=False,
 ):
     """One decoder layer over the whole prompt: x [B, T, hidden] -> (x, k, v).
 
     With `axis_name`, `layer` holds this device's slice of the heads and MLP columns (tensor
-    parallel under shard_map) and the attention / MLP outputs are summed across devices.
+    parallel under shard_map) and the attention / MLP outputs are summed across devices. With
+    `sequence_parallel` as well, x holds this device's rows of `sequence_layout` (cos / sin have
+    the true length T): norms and residuals run on them, an all-gather per prompt slice feeds
+    the q/k/v and gate/up projections and a reduce-scatter per slice sums and re-splits the
+    o_proj and down_proj outputs, pipelined so that the collectives can overlap the matmuls.
+    Padding rows are cut before attention, so they never reach a real token.
     With `with_fraction`, also the share of the causal key tiles the attention computed
     -> (x, k, v, fraction), from the index the layer estimated (1.0 where it ran dense).
     """
-    b, t, _ = x.shape
+    b, t = x.shape[0], cos.shape[0] if sequence_parallel else x.shape[1]
     d = layer.attn.config.head_dim
 
-    def project(xc):
-        h = layer.input_norm(xc)
+    def project(h):
         return layer.attn.q_proj(h), layer.attn.k_proj(h), layer.attn.v_proj(h)
 
-    q, k, v = _chunked(project, x, chunk)
+    if sequence_parallel:
+        rows, steps = sequence_layout(t, jax.lax.axis_size(axis_name), chunk)
+
+        def gather_normed(norm, tokens):
+            by_step = tokens.reshape(b, steps, rows, -1)
+
+            def fetch(i):  # step i's prompt slice, normed, from every device
+                own = jax.lax.dynamic_index_in_dim(by_step, i, axis=1, keepdims=False)
+                return jax.lax.all_gather(norm(own), axis_name, axis=1, tiled=True)
+
+            return fetch
+
+        def scatter(y):
+            return jax.lax.psum_scatter(y, axis_name, scatter_dimension=1, tiled=True)
+
+        qkv = pipelined(gather_normed(layer.input_norm, x), project, lambda y: y, steps)
+        q, k, v = (steps_to_tokens(y)[:, :t] for y in qkv)
+    else:
+        q, k, v = _chunked(lambda xc: project(layer.input_norm(xc)), x, chunk)
     q = apply_rope(q.reshape(b, t, -1, d), cos, sin)
     k = apply_rope(k.reshape(b, t, -1, d), cos, sin)
     v = v.reshape(b, t, -1, d)
     o, fraction = planned_attention_with_fraction(
         q, k, v, budgets, plan=plan, scale=d**-0.5, implementation=implementation
     )
-    attn_out = _chunked(layer.attn.o_proj, o.reshape(b, t, -1), chunk)
-    if axis_name is not None:
-        attn_out = jax.lax.psum(attn_out, axis_name)
-    x = x + attn_out
-    mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
-    if axis_name is not None:
-        mlp_out = jax.lax.psum(mlp_out, axis_name)
-    if not with_fraction:
-        return x + mlp_out, k, v
+    o = o.reshape(b, t, -1)
     if axis_name is not None:
         fraction = jax.lax.pmean(fraction, axis_name)  # every device holds as many heads
-    return x + mlp_out, k, v, fraction
+    if sequence_parallel:
+        o = jnp.pad(o, ((0, 0), (0, x.shape[1] * jax.lax.axis_size(axis_name) - t), (0, 0)))
+        o = o.reshape(b, steps, -1, o.shape[-1])
+
+        def slice_of_o(i):
+            return jax.lax.dynamic_index_in_dim(o, i, axis=1, keepdims=False)
+
+        x = x + steps_to_tokens(pipelined(slice_of_o, layer.attn.o_proj, scatter, steps))
+        mlp_in = gather_normed(layer.post_attn_norm, x)
+        out = x + steps_to_tokens(pipelined(mlp_in, layer.mlp, scatter, steps))
+    else:
+        attn_out = _chunked(layer.attn.o_proj, o, chunk)
+        if axis_name is not None:
+            attn_out = jax.lax.psum(attn_out, axis_name)
+        x = x + attn_out
+        mlp_out = _chunked(lambda xc: layer.mlp(layer.post_attn_norm(xc)), x, chunk)
+        if axis_name is not None:
+            mlp_out = jax.lax.psum(mlp_out, axis_name)
+        out = x + mlp_out
+    return (out, k, v, fraction) if with_fraction else (out, k, v)
