@@ -215,9 +215,7 @@ def _kernel(
         carry = (acc, m_i, l_i)
         carry = lax.fori_loop(0, ratio, functools.partial(step, mask_fn=causal_mask), carry)
         carry = lax.fori_loop(ratio, n_dense, step, carry)
-        carry = lax.fori_loop(
-            n_dense, n_steps, functools.partial(step, mask_fn=column_mask), carry
-        )
+        carry = lax.fori_loop(n_dense, n_steps, functools.partial(step, mask_fn=column_mask), carry)
         acc, _, l_i = carry
         pl.when(wg == 0)(schedule_barrier)
         acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
