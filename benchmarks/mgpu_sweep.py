@@ -91,7 +91,11 @@ def correctness(log) -> bool:
             ref = sparse_attention_reference(
                 q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), index
             )
-            for in_place in (True, False):
+            # The shared-memory P form (the interpreter's) once: it is what the CPU tests run.
+            in_place_forms = (
+                (True, False) if case is CHECKS[0] and dtype == jnp.bfloat16 else (True,)
+            )
+            for in_place in in_place_forms:
                 try:
                     out = sparse_flash_attention_mgpu(q, k, v, index, in_place=in_place)
                     err = rel_err(out.astype(jnp.float32), ref)
@@ -225,7 +229,7 @@ def main(argv=None):
     parser.add_argument(
         "--variants",
         nargs="*",
-        default=["128x64s2", "128x64s3", "128x128s2", "64x64s3"],
+        default=["128x64s2", "128x64s3", "128x128s2"],
         help="block_q x block_kv and stages of the Mosaic kernel",
     )
     parser.add_argument("--cases", nargs="+", default=["vs_fixed", "block_sparse", "a_shape"])
