@@ -31,7 +31,7 @@ from benchmarks.synthetic import structured_qk
 from benchmarks.timing import device_name, time_fn
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index, estimate_block_sparse
-from minference_jax.reference import sparse_attention_reference
+from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
 from pallas_kernels.sparse_flash import sparse_flash_attention
 from pallas_kernels.sparse_flash_mgpu import sparse_flash_attention_mgpu
 
@@ -74,7 +74,7 @@ CHECKS = [
     (2, 1000, 32, 8, 128, MIXED * 8, 128, 64),
     (1, 4096 + 17, 8, 2, 64, (P.VerticalSlash(100, 300), P.AShape(128, 512)) * 4, 128, 64),
     (1, 1000, 4, 4, 128, (P.VerticalSlash(5000, 5000), P.BlockSparse(1000)) * 2, 64, 64),
-    (2, 2000 + 5, 8, 2, 128, MIXED * 2, 128, 128),
+    (2, 2000 + 5, 8, 2, 128, (*MIXED[:2], P.BlockSparse(3, 128), P.Dense()) * 2, 128, 128),
 ]
 
 
@@ -222,6 +222,34 @@ def index_timing(seq_lens, log):
     return rows
 
 
+def one_million_check(log, block_q=128, block_kv=64):
+    """64-bit addressing: 1M tokens x 32 heads in one launch, spot-checked query blocks of the
+    first kv group (f32 copies of every head would not fit beside the inputs)."""
+    n = 1 << 20
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(keys[0], (1, n, HEADS, HEAD_DIM)).astype(jnp.bfloat16)
+    k = jax.random.normal(keys[1], (1, n, KV_HEADS, HEAD_DIM)).astype(jnp.bfloat16)
+    v = jax.random.normal(keys[2], (1, n, KV_HEADS, HEAD_DIM)).astype(jnp.bfloat16)
+    index = fixed_vs_index(n, 0, block_q, block_kv)
+    fn = jax.jit(sparse_flash_attention_mgpu)
+    ms = time_fn(fn, q, k, v, index, warmup=1, repeats=3)
+    log(f"1M x 32 heads vs_fixed {block_q}x{block_kv}: {ms:.1f} ms")
+    out = fn(q, k, v, index)
+    group = HEADS // KV_HEADS
+    blocks = np.array([0, 1, 777, index.num_q_blocks // 2, index.num_q_blocks - 1])
+    ref = sparse_attention_xla(
+        q[:, :, :group].astype(jnp.float32),
+        k[:, :, :1].astype(jnp.float32),
+        v[:, :, :1].astype(jnp.float32),
+        jax.tree.map(lambda a: a[:, :group], index),
+        query_blocks=blocks,
+    )
+    rows = (blocks[:, None] * block_q + np.arange(block_q)).reshape(-1)
+    got = out[:, rows, :group]
+    nan = bool(np.isnan(np.asarray(out[:, rows], np.float32)).any())
+    log(f"1M spot err {rel_err(got.astype(jnp.float32), ref):.2e}, nan {nan}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[131072])
@@ -234,6 +262,7 @@ def main(argv=None):
     )
     parser.add_argument("--cases", nargs="+", default=["vs_fixed", "block_sparse", "a_shape"])
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--one-million", action="store_true", help="1M x 32 heads spot check")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/mgpu_sweep"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +287,11 @@ def main(argv=None):
         variants.append((int(block_q), int(block_kv), int(stages)))
     rows = sweep(args.seq_lens, variants, args.cases, log)
     index_rows = index_timing(args.index_lens, log)
+    if args.one_million:
+        try:
+            one_million_check(log)
+        except Exception:
+            log("1M check FAILED\n" + traceback.format_exc())
     (args.out / "sweep.json").write_text(json.dumps(dict(kernels=rows, index=index_rows), indent=1))
     log("\n| N | case | backend | tile | stages | ms | ideal ms | rate | TFLOP/s |")
     log("|---|---|---|---|---|---|---|---|---|")
