@@ -186,3 +186,44 @@ def test_kernel_gpu_one_million_tokens_32_heads():
     assert rel_err(got, ref) < 1e-2
     # The last kv group too (the far end of every address).
     assert not np.isnan(np.asarray(out[:, -block_q:], np.float32)).any()
+
+
+def test_default_kernel_is_mosaic_only_on_hopper_for_measured_shapes(monkeypatch):
+    from minference_jax import attention
+
+    q, k, _ = random_qkv(0, 1, 256, 2, 1, 128, jnp.bfloat16)
+    index128 = build_sparse_index(q, k, P.AShape(16, 64), block_q=128, block_kv=64)
+    index64 = build_sparse_index(q, k, P.AShape(16, 64), block_q=64, block_kv=64)
+    choose = attention.default_sparse_kernel
+    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
+    assert choose(jnp.bfloat16, 128, index128) == "mosaic"
+    assert choose(jnp.float16, 128, index128) == "mosaic"
+    assert choose(jnp.float32, 128, index128) == "pallas"
+    assert choose(jnp.bfloat16, 96, index128) == "pallas"
+    assert choose(jnp.bfloat16, 128, index64) == "pallas"  # one consumer warpgroup: no faster
+    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: False)  # A100, or no GPU
+    assert choose(jnp.bfloat16, 128, index128) == "pallas"
+
+
+@pytest.mark.parametrize("hopper, expected", [(True, "mosaic"), (False, "pallas")])
+def test_dispatch_runs_the_chosen_kernel(monkeypatch, hopper, expected):
+    from minference_jax import attention
+
+    calls = []
+
+    def stub(name):
+        def kernel(q, k, v, index, **kwargs):
+            calls.append(name)
+            return q
+
+        return kernel
+
+    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: hopper)
+    monkeypatch.setattr(attention, "sparse_flash_attention", stub("pallas"))
+    monkeypatch.setattr(attention.sparse_flash_mgpu, "sparse_flash_attention_mgpu", stub("mosaic"))
+    q, k, v = random_qkv(0, 1, 512, 2, 1, 128, jnp.bfloat16)
+    index = build_sparse_index(q, k, P.AShape(16, 64), block_q=128, block_kv=64)
+    attention._sparse_or_dense(q, k, v, index, 0.1, interpret=True)
+    assert calls == [expected]
+    attention.attend_with_index(q, k, v, index, scale=0.1, implementation="mosaic")
+    assert calls[-1] == "mosaic"  # forced, whatever the device
