@@ -227,3 +227,31 @@ def test_dispatch_runs_the_chosen_kernel(monkeypatch, hopper, expected):
     assert calls == [expected]
     attention.attend_with_index(q, k, v, index, scale=0.1, implementation="mosaic")
     assert calls[-1] == "mosaic"  # forced, whatever the device
+
+
+@pytest.mark.slow
+def test_kernel_benchmark_mosaic_column_interpret_smoke(tmp_path):
+    import json
+
+    from benchmarks import kernels
+
+    kernels.main(
+        [
+            "--seq-lens",
+            "128",
+            "--interpret",
+            "--backend",
+            "mosaic",
+            "--block-q",
+            "128",
+            "--repeats",
+            "1",
+            "--cases",
+            "a_shape",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    (result,) = tmp_path.glob("*_mosaic_*.json")
+    (row,) = json.loads(result.read_text())
+    assert row["backend"] == "mosaic" and row["spot_rel_err"] < 1e-2
