@@ -84,7 +84,7 @@ def sparse_attention(
       patterns: one pattern for all heads, or one per query head (static).
       softmax_scale: defaults to head_dim ** -0.5.
       implementation: "pallas" (the Pallas-Triton kernel; GPU, or CPU in interpret mode),
-        "mosaic" (the Pallas Mosaic GPU kernel: sm_90+, bf16/f16, head_dim a multiple of 64,
+        "mosaic" (the Pallas Mosaic GPU kernel: sm_90, bf16/f16, head_dim a multiple of 64,
         block_q 64 or 128, block_kv 64 or 128; CPU runs its interpreter), "xla" (gathered
         sparse in plain XLA, any backend), "reference" (masked dense, O(N^2) memory, the
         oracle) or None: layers whose heads are all Dense, and on GPU prompts of at most
@@ -151,20 +151,21 @@ def attend_with_index(q, k, v, index: SparseIndex, *, scale: float, implementati
     return sparse_attention_xla(q, k, v, index, softmax_scale=scale)
 
 
-def _hopper_or_newer() -> bool:
+def _hopper() -> bool:
+    """sm_90 (H100, H200): the Mosaic kernel's wgmma exists there only (Blackwell has tcgen05)."""
     if not _on_gpu():
         return False
     capability = getattr(jax.devices()[0], "compute_capability", None)
-    return capability is not None and float(capability) >= 9.0
+    return capability is not None and int(float(capability)) == 9
 
 
 def default_sparse_kernel(dtype, head_dim: int, index: SparseIndex) -> str:
-    """The GPU kernel the default path runs: "mosaic" on sm_90+ for bf16/f16 indices of 128-row
+    """The GPU kernel the default path runs: "mosaic" on sm_90 for bf16/f16 indices of 128-row
     query blocks (two consumer warpgroups: 0.84-1.05 of cuDNN's tile rate on an H200, against
     0.64 for the Triton kernel; NOTES.md), else "pallas" (Triton: A100, f32, other shapes; with
     64-row blocks the Mosaic kernel measured no faster)."""
     mosaic = (
-        _hopper_or_newer()
+        _hopper()
         and index.block_q == 128
         and sparse_flash_mgpu.supports(dtype, head_dim, index.block_q, index.block_kv)
     )

@@ -1,4 +1,4 @@
-"""Pallas Mosaic GPU flash attention over a SparseIndex: Hopper (sm_90) and newer, bf16/f16.
+"""Pallas Mosaic GPU flash attention over a SparseIndex: Hopper (sm_90: wgmma), bf16/f16.
 
 The same walk as `sparse_flash.py` (the diagonal set D, the listed blocks, the columns, one
 online softmax), written for Hopper: one CTA per (query block, batch, query head) with

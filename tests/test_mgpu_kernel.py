@@ -195,13 +195,13 @@ def test_default_kernel_is_mosaic_only_on_hopper_for_measured_shapes(monkeypatch
     index128 = build_sparse_index(q, k, P.AShape(16, 64), block_q=128, block_kv=64)
     index64 = build_sparse_index(q, k, P.AShape(16, 64), block_q=64, block_kv=64)
     choose = attention.default_sparse_kernel
-    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: True)
+    monkeypatch.setattr(attention, "_hopper", lambda: True)
     assert choose(jnp.bfloat16, 128, index128) == "mosaic"
     assert choose(jnp.float16, 128, index128) == "mosaic"
     assert choose(jnp.float32, 128, index128) == "pallas"
     assert choose(jnp.bfloat16, 96, index128) == "pallas"
     assert choose(jnp.bfloat16, 128, index64) == "pallas"  # one consumer warpgroup: no faster
-    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: False)  # A100, or no GPU
+    monkeypatch.setattr(attention, "_hopper", lambda: False)  # A100, or no GPU
     assert choose(jnp.bfloat16, 128, index128) == "pallas"
 
 
@@ -218,7 +218,7 @@ def test_dispatch_runs_the_chosen_kernel(monkeypatch, hopper, expected):
 
         return kernel
 
-    monkeypatch.setattr(attention, "_hopper_or_newer", lambda: hopper)
+    monkeypatch.setattr(attention, "_hopper", lambda: hopper)
     monkeypatch.setattr(attention, "sparse_flash_attention", stub("pallas"))
     monkeypatch.setattr(attention.sparse_flash_mgpu, "sparse_flash_attention_mgpu", stub("mosaic"))
     q, k, v = random_qkv(0, 1, 512, 2, 1, 128, jnp.bfloat16)
@@ -255,3 +255,15 @@ def test_kernel_benchmark_mosaic_column_interpret_smoke(tmp_path):
     (result,) = tmp_path.glob("*_mosaic_*.json")
     (row,) = json.loads(result.read_text())
     assert row["backend"] == "mosaic" and row["spot_rel_err"] < 1e-2
+
+
+@pytest.mark.parametrize("capability, hopper", [("9.0", True), ("8.0", False), ("10.0", False)])
+def test_hopper_is_compute_capability_9(monkeypatch, capability, hopper):
+    import types
+
+    from minference_jax import attention
+
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    device = types.SimpleNamespace(compute_capability=capability)
+    monkeypatch.setattr(attention.jax, "devices", lambda *a: [device])
+    assert attention._hopper() == hopper
