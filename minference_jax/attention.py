@@ -84,7 +84,7 @@ def sparse_attention(
       patterns: one pattern for all heads, or one per query head (static).
       softmax_scale: defaults to head_dim ** -0.5.
       implementation: "pallas" (the Pallas-Triton kernel; GPU, or CPU in interpret mode),
-        "mosaic" (the Pallas Mosaic GPU kernel: sm_90, bf16/f16, head_dim a multiple of 64,
+        "mosaic" (the Pallas Mosaic GPU kernel: sm_90, bf16/f16, head_dim 64 or 128,
         block_q 64 or 128, block_kv 64 or 128; CPU runs its interpreter), "xla" (gathered
         sparse in plain XLA, any backend), "reference" (masked dense, O(N^2) memory, the
         oracle) or None: layers whose heads are all Dense, and on GPU prompts of at most

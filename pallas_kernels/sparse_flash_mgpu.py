@@ -35,17 +35,22 @@ from pallas_kernels.constants import LOG2E, MASK_VALUE
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 ROWS_PER_WARPGROUP = 64  # one wgmma M tile
 BITS = 32  # columns per mask word
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 
 
-def supports(dtype, head_dim: int, block_q: int, block_kv: int) -> bool:
-    """Whether this kernel takes these inputs (else use the Triton kernel of sparse_flash.py)."""
+def supports(dtype, head_dim: int, block_q: int, block_kv: int, stages: int = 2) -> bool:
+    """Whether this kernel takes these inputs (else use the Triton kernel of sparse_flash.py):
+    the shapes it was checked at on an H200, with Q and the K/V ring within Hopper's 227 KiB of
+    shared memory (`in_place=False` adds a block_q x block_kv P buffer)."""
+    smem = (block_q * head_dim + 2 * stages * block_kv * head_dim) * 2  # bf16/f16 bytes
     return (
         jnp.dtype(dtype) in map(jnp.dtype, SUPPORTED_DTYPES)
-        and head_dim % 64 == 0
-        and head_dim <= 256
+        and head_dim in (64, 128)
         and block_q in (64, 128)
         and block_kv in (64, 128)
         and block_q % block_kv == 0
+        and stages >= 2
+        and smem <= SMEM_BYTES
     )
 
 
@@ -293,7 +298,7 @@ def sparse_flash_attention_mgpu(
 ) -> jax.Array:
     """Sparse causal prefill attention. q [B, N, Hq, D], k/v [B, N, Hkv, D] -> [B, N, Hq, D].
 
-    bf16/f16, head_dim a multiple of 64 (<= 256), index blocks with `supports`. Any N (padded
+    bf16/f16, head_dim 64 or 128, index blocks and stages with `supports`. Any N (padded
     here to the query block). `interpret=True` runs Mosaic GPU's interpreter (CPU). `in_place`
     (default: not interpret) accumulates PV into the running accumulator on the tensor cores with
     P from registers; the interpreter has neither form (`pl.run_state`, a wgmma operand in
@@ -302,11 +307,14 @@ def sparse_flash_attention_mgpu(
     batch, n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     block_q, block_kv = index.block_q, index.block_kv
-    if not (q.dtype == k.dtype == v.dtype) or not supports(q.dtype, head_dim, block_q, block_kv):
+    if not (q.dtype == k.dtype == v.dtype) or not supports(
+        q.dtype, head_dim, block_q, block_kv, stages
+    ):
         raise ValueError(
-            f"the Mosaic GPU kernel takes bf16/f16, head_dim a multiple of 64 (<= 256), "
-            f"block_q in (64, 128), block_kv in (64, 128); got {q.dtype}/{k.dtype}/{v.dtype}, "
-            f"head_dim {head_dim}, blocks {block_q}/{block_kv}"
+            f"the Mosaic GPU kernel takes bf16/f16, head_dim 64 or 128, block_q in (64, 128), "
+            f"block_kv in (64, 128) dividing it, stages >= 2 within 227 KiB of shared memory; "
+            f"got {q.dtype}/{k.dtype}/{v.dtype}, head_dim {head_dim}, blocks "
+            f"{block_q}/{block_kv}, stages {stages}"
         )
     if num_heads % num_kv_heads:
         raise ValueError(f"kv heads ({num_kv_heads}) must divide query heads ({num_heads})")

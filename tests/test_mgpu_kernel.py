@@ -78,7 +78,10 @@ def test_column_valid_words_match_the_index_mask():
 def test_supports():
     assert supports(jnp.bfloat16, 128, 128, 64) and supports(jnp.float16, 64, 64, 64)
     assert not supports(jnp.float32, 128, 128, 64)
-    assert not supports(jnp.bfloat16, 96, 128, 64)  # head_dim not a multiple of 64
+    assert not supports(jnp.bfloat16, 96, 128, 64)  # head_dim not 64 or 128
+    assert supports(jnp.bfloat16, 128, 128, 128, stages=3)  # 224 KiB of shared memory
+    assert not supports(jnp.bfloat16, 128, 128, 128, stages=4)
+    assert not supports(jnp.bfloat16, 128, 128, 64, stages=1)
     assert not supports(jnp.bfloat16, 128, 32, 32)
     assert not supports(jnp.bfloat16, 128, 64, 128)
 
