@@ -228,7 +228,8 @@ def estimate_block_sparse(
 
     q [B, N, Hq, D], k [B, N, Hkv, D]; top_k [Hq] counts all tiles incl. the r diagonal blocks
     (may be traced when the static `max_top_k` is given).
-    Returns [B, Hq, n_q_blocks, max(top_k) - r] key-block ids (SENTINEL-padded).
+    Returns [B, Hq, n_q_blocks, max(top_k) - r] key-block ids, ascending, SENTINEL-padded: the
+    set lax.top_k would pick (equal scores: the lower block), selected without a sort.
     """
     n = q.shape[1]
     ratio = block_q // block_kv
