@@ -1,6 +1,7 @@
 """Sparse attention kernels vs dense cuDNN, same run, same shapes.
 
     python -m benchmarks.kernels --seq-lens 8192 32768 131072 524288 1048576
+    python -m benchmarks.kernels --backend mosaic --block-q 128 --block-kv 128 --seq-lens 131072
 
 Shapes: batch 1, 32 q / 8 kv heads, head_dim 128, bf16, causal. Cases (budgets as in the
 PyTorch original's published measurements):
@@ -34,6 +35,7 @@ from minference_jax.index_approx import build_sparse_index
 from minference_jax.reference import sparse_attention_xla
 from minference_jax.sparse_index import vertical_slash_index
 from pallas_kernels.sparse_flash import sparse_flash_attention
+from pallas_kernels.sparse_flash_mgpu import sparse_flash_attention_mgpu
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -103,6 +105,13 @@ def main(argv=None):
     parser.add_argument("--num-warps", type=int, default=None)
     parser.add_argument("--num-stages", type=int, default=None)
     parser.add_argument(
+        "--backend",
+        choices=["pallas", "mosaic"],
+        default="pallas",
+        help="sparse kernel: pallas (Triton, any GPU) or mosaic (Mosaic GPU, sm_90+, bf16; "
+        "--num-stages is its ring depth, default 2; try --block-q 128 --block-kv 128)",
+    )
+    parser.add_argument(
         "--cases", nargs="+", default=["vs_fixed", "vs_estimated", "block_sparse", "a_shape"]
     )
     parser.add_argument("--repeats", type=int, default=5)
@@ -112,17 +121,24 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     device = device_name()
-    kernel = jax.jit(
-        lambda q, k, v, index: sparse_flash_attention(
-            q,
-            k,
-            v,
-            index,
-            num_warps=args.num_warps,
-            num_stages=args.num_stages,
-            interpret=args.interpret,
+    if args.backend == "mosaic":
+        kernel = jax.jit(
+            lambda q, k, v, index: sparse_flash_attention_mgpu(
+                q, k, v, index, stages=args.num_stages or 2, interpret=args.interpret
+            )
         )
-    )
+    else:
+        kernel = jax.jit(
+            lambda q, k, v, index: sparse_flash_attention(
+                q,
+                k,
+                v,
+                index,
+                num_warps=args.num_warps,
+                num_stages=args.num_stages,
+                interpret=args.interpret,
+            )
+        )
     dense_impl = None if args.interpret else "cudnn"
     dense = jax.jit(
         lambda q, k, v: jax.nn.dot_product_attention(
@@ -181,6 +197,7 @@ def main(argv=None):
                 device=device,
                 seq_len=n,
                 case=case,
+                backend=args.backend,
                 dtype="bfloat16",
                 heads=HEADS,
                 kv_heads=KV_HEADS,
@@ -200,7 +217,7 @@ def main(argv=None):
             )
             rows.append(row)
             print(
-                f"  {case:13s} {ms:9.2f} ms  x{row['speedup']:<6} "
+                f"  {case:13s} {args.backend:6s} {ms:9.2f} ms  x{row['speedup']:<6} "
                 f"ideal {row['ideal_ms']:8.2f} ms  {row['tflops']:6.1f} TFLOP/s  "
                 f"computed {row['computed_fraction']:.4f}  err {err:.1e}",
                 flush=True,
@@ -211,6 +228,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (
         f"kernels_{device.replace(':', '_').replace(' ', '_')}"
+        f"{'' if args.backend == 'pallas' else '_' + args.backend}"
         f"_{args.block_q}x{args.block_kv}_w{args.num_warps}_s{args.num_stages}"
     )
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
@@ -221,12 +239,12 @@ def main(argv=None):
             f"num_warps {args.num_warps or 'default'}, num_stages {args.num_stages or 'default'}, "
             f"median of {args.repeats}.",
             "",
-            "| N | case | kernel ms | dense ms | speedup | ideal ms | TFLOP/s (computed tiles) "
-            "| computed / causal | spot rel err |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| N | case | backend | kernel ms | dense ms | speedup | ideal ms "
+            "| TFLOP/s (computed tiles) | computed / causal | spot rel err |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         + [
-            f"| {r['seq_len']} | {r['case']} | {r['kernel_ms']} | {r['dense_ms']}"
+            f"| {r['seq_len']} | {r['case']} | {r['backend']} | {r['kernel_ms']} | {r['dense_ms']}"
             f"{'*' if r['dense'] != 'measured' else ''} | {r['speedup']} | {r['ideal_ms']} | "
             f"{r['tflops']} | {r['computed_fraction']} | {r['spot_rel_err']} |"
             for r in rows

@@ -18,6 +18,7 @@ from minference_jax.reference import (
     sparse_attention_xla,
 )
 from minference_jax.sparse_index import SparseIndex
+from pallas_kernels import sparse_flash_mgpu
 from pallas_kernels.sparse_flash import sparse_flash_attention
 
 # Up to this many tokens a GPU layer runs dense cuDNN attention: the sparse kernel (and the index
@@ -36,7 +37,7 @@ def _short_gpu_prompt(seq_len: int) -> bool:
     return _on_gpu() and seq_len <= DENSE_CROSSOVER_TOKENS
 
 
-IMPLEMENTATIONS = ("pallas", "xla", "reference")
+IMPLEMENTATIONS = ("pallas", "mosaic", "xla", "reference")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -84,10 +85,12 @@ def sparse_attention(
       patterns: one pattern for all heads, or one per query head (static).
       softmax_scale: defaults to head_dim ** -0.5.
       implementation: "pallas" (the Pallas-Triton kernel; GPU, or CPU in interpret mode),
-        "xla" (gathered sparse in plain XLA, any backend), "reference" (masked dense, O(N^2)
-        memory, the oracle) or None: layers whose heads are all Dense, and on GPU prompts
-        of at most DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN);
-        on GPU the rest run "pallas" unless the estimated index computes more than
+        "mosaic" (the Pallas Mosaic GPU kernel: sm_90, bf16/f16, head_dim 64 or 128,
+        block_q 64 or 128, block_kv 64 or 128; CPU runs its interpreter), "xla" (gathered
+        sparse in plain XLA, any backend), "reference" (masked dense, O(N^2) memory, the
+        oracle) or None: layers whose heads are all Dense, and on GPU prompts of at most
+        DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN); on GPU the rest
+        run `default_sparse_kernel` unless the estimated index computes more than
         DENSE_FALLBACK_FRACTION of the causal tiles (then cuDNN); elsewhere "xla".
       index: a precomputed SparseIndex (otherwise estimated from q and k here); it must have
         been built for these inputs' batch, query heads and seq length (checked, ValueError).
@@ -150,25 +153,56 @@ def planned_attention_with_fraction(q, k, v, budgets, *, plan, scale: float, imp
 
 
 def attend_with_index(q, k, v, index: SparseIndex, *, scale: float, implementation):
-    """Attention under a given index with the chosen backend (None: pallas-or-cuDNN / xla)."""
+    """Attention under a given index with the chosen backend (None: sparse kernel or cuDNN on
+    GPU, xla elsewhere)."""
     if implementation is None:
         if not _on_gpu():
             return sparse_attention_xla(q, k, v, index, softmax_scale=scale)
         return _sparse_or_dense(q, k, v, index, scale)
     if implementation == "reference":
         return sparse_attention_reference(q, k, v, index, softmax_scale=scale)
-    if implementation == "pallas":
-        return sparse_flash_attention(q, k, v, index, softmax_scale=scale, interpret=not _on_gpu())
+    if implementation in ("pallas", "mosaic"):
+        return _sparse_kernel(q, k, v, index, scale, implementation, interpret=not _on_gpu())
     return sparse_attention_xla(q, k, v, index, softmax_scale=scale)
 
 
+def _hopper() -> bool:
+    """sm_90 (H100, H200): the Mosaic kernel's wgmma exists there only (Blackwell has tcgen05)."""
+    if not _on_gpu():
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return capability is not None and int(float(capability)) == 9
+
+
+def default_sparse_kernel(dtype, head_dim: int, index: SparseIndex) -> str:
+    """The GPU kernel the default path runs: "mosaic" on sm_90 for bf16/f16 indices of 128-row
+    query blocks (two consumer warpgroups: 0.84-1.05 of cuDNN's tile rate on an H200, against
+    0.64 for the Triton kernel; NOTES.md), else "pallas" (Triton: A100, f32, other shapes; with
+    64-row blocks the Mosaic kernel measured no faster)."""
+    mosaic = (
+        _hopper()
+        and index.block_q == 128
+        and sparse_flash_mgpu.supports(dtype, head_dim, index.block_q, index.block_kv)
+    )
+    return "mosaic" if mosaic else "pallas"
+
+
+def _sparse_kernel(q, k, v, index, scale, implementation, interpret):
+    if implementation == "mosaic":
+        return sparse_flash_mgpu.sparse_flash_attention_mgpu(
+            q, k, v, index, softmax_scale=scale, interpret=interpret
+        )
+    return sparse_flash_attention(q, k, v, index, softmax_scale=scale, interpret=interpret)
+
+
 def _sparse_or_dense(q, k, v, index, scale, interpret=False):
-    """The Pallas kernel, or cuDNN when the index is too dense to pay off (decided on device:
-    the kernel computes a tile at ~60% of cuDNN's rate)."""
+    """The sparse kernel, or cuDNN when the index is too dense to pay off (decided on device:
+    the Triton kernel computes a tile at ~60% of cuDNN's rate)."""
+    kernel = default_sparse_kernel(q.dtype, q.shape[-1], index)
     return jax.lax.cond(
         _too_dense_for_kernel(index),
         lambda: _dense_causal(q, k, v, scale),
-        lambda: sparse_flash_attention(q, k, v, index, softmax_scale=scale, interpret=interpret),
+        lambda: _sparse_kernel(q, k, v, index, scale, kernel, interpret),
     )
 
 

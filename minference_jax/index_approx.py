@@ -31,6 +31,8 @@ from pallas_kernels import vs_estimate
 
 # Above this many bytes of f32 estimation scores, loop over kv heads instead of vmapping.
 _SCORE_BYTES_PER_STEP = 2 << 30
+# Block-sparse scores per selection step: the radix selection holds a few arrays of that size.
+_BLOCK_SCORE_BYTES_PER_STEP = 1 << 30
 # The Pallas estimator's one large temporary is its skewed probability buffer, [B, Hq, 64, ~N]
 # in the input dtype: 4.3 GB at 1M x 32 heads, run in one launch (as measured); above this
 # (e.g. batch 2 at 1M) it loops over kv heads.
@@ -89,13 +91,21 @@ def _vertical_slash_scores(q_last, k, *, scale: float):
 def _top_per_head(scores: jax.Array, budgets: jax.Array, k_max: int) -> jax.Array:
     """Top `budgets[h]` (<= k_max) indices of scores [B, H, N] per head, ascending, padded.
 
-    Same set as `lax.top_k` (ties: lower index first) without its sort: a radix search finds each
-    row's k-th largest value (2 bits per step: 3 counting passes; on an H200 this beat 1, 4 and
-    8 bits), then a prefix count places the chosen indices in order.
+    Same set as `lax.top_k` (ties: lower index first) without its sort (see `_radix_select`).
     Scores must be >= 0 (or +inf): their f32 bit patterns then order like the values.
     """
     bits = jax.lax.bitcast_convert_type(jnp.where(scores > 0, scores, 0.0), jnp.uint32)
-    k = jnp.asarray(budgets, jnp.int32)[None, :, None]  # [1, H, 1]
+    return _radix_select(bits, jnp.asarray(budgets, jnp.int32)[None, :, None], k_max)
+
+
+def _radix_select(bits: jax.Array, k: jax.Array, k_max: int) -> jax.Array:
+    """Indices of the k (<= k_max) largest uint32 keys of each row of bits [..., M], ascending.
+
+    k broadcasts against [..., 1]. Ties go to the lower index, as in `lax.top_k`; padding is
+    SENTINEL. A radix search finds each row's k-th largest key (2 bits per step: 3 counting
+    passes; on an H200 this beat 1, 4 and 8 bits), then a prefix count places the chosen indices
+    in order: no sort.
+    """
     threshold = jnp.zeros(bits.shape[:-1] + (1,), jnp.uint32)  # largest t: #(bits >= t) >= k
     for shift in range(30, -1, -2):
         digit = sum(
@@ -114,7 +124,8 @@ def _top_per_head(scores: jax.Array, budgets: jax.Array, k_max: int) -> jax.Arra
     rank = jnp.where(k > 0, rank, 0)
     slots = jnp.arange(1, k_max + 1, dtype=jnp.int32)
     first_at = lambda r: jnp.searchsorted(r, slots, method="scan_unrolled")  # noqa: E731
-    position = jax.vmap(jax.vmap(first_at))(rank)  # first j with rank[j] == slot
+    flat_rank = rank.reshape(-1, rank.shape[-1])
+    position = jax.vmap(first_at)(flat_rank).reshape(rank.shape[:-1] + (k_max,))
     return jnp.where(slots <= rank[..., -1:], position, SENTINEL).astype(jnp.int32)
 
 
@@ -217,7 +228,8 @@ def estimate_block_sparse(
 
     q [B, N, Hq, D], k [B, N, Hkv, D]; top_k [Hq] counts all tiles incl. the r diagonal blocks
     (may be traced when the static `max_top_k` is given).
-    Returns [B, Hq, n_q_blocks, max(top_k) - r] key-block ids (SENTINEL-padded).
+    Returns [B, Hq, n_q_blocks, max(top_k) - r] key-block ids, ascending, SENTINEL-padded: the
+    set lax.top_k would pick (equal scores: the lower block), selected without a sort.
     """
     n = q.shape[1]
     ratio = block_q // block_kv
@@ -235,16 +247,20 @@ def estimate_block_sparse(
 
     def top_blocks(q_chunk, first_q_block):  # q_chunk [B, C, Hkv, G, D]
         s = jnp.einsum("bckgd,bmkd->bkgcm", q_chunk, pooled_k, preferred_element_type=jnp.float32)
+        s = s.reshape(s.shape[0], -1, *s.shape[3:]) * scale  # [B, Hq, C, nkb]
         q_blocks = first_q_block + jnp.arange(q_chunk.shape[1])
-        allowed = kv_blocks[None, :] < (q_blocks * ratio)[:, None]  # strictly before the diagonal
-        s = jnp.where(allowed, s * scale, -jnp.inf)
-        s = s.reshape(s.shape[0], -1, *s.shape[3:])  # [B, Hq, C, nkb]
-        top_scores, idx = jax.lax.top_k(s, k_max)
-        return jnp.where(jnp.isfinite(top_scores), idx, SENTINEL)
+        n_allowed = jnp.minimum(q_blocks * ratio, n_kv_blocks)  # strictly before the diagonal
+        allowed = kv_blocks[None, :] < n_allowed[:, None]
+        # Allowed scores map to keys >= 1 (order kept), the rest to 0; k never exceeds the
+        # allowed count, so a 0 key is never chosen.
+        keys = jnp.where(allowed, _order_key(s), jnp.uint32(0))
+        k = jnp.minimum(extra[None, :, None, None], n_allowed[None, None, :, None])
+        return _radix_select(keys, k, k_max)
 
-    # Chunk query blocks so the [B, Hq, chunk, nkb] scores stay bounded at 1M tokens.
+    # Chunk query blocks so the [B, Hq, chunk, nkb] scores (and the selection's few arrays of the
+    # same size) stay bounded at 1M tokens.
     per_q_block = q.shape[0] * q.shape[2] * n_kv_blocks * 4
-    chunk = max(1, min(n_q_blocks, _SCORE_BYTES_PER_STEP // per_q_block))
+    chunk = max(1, min(n_q_blocks, _BLOCK_SCORE_BYTES_PER_STEP // per_q_block))
     n_chunks = num_blocks(n_q_blocks, chunk)
     padded_q = jnp.pad(
         pooled_q, ((0, 0), (0, n_chunks * chunk - n_q_blocks), (0, 0), (0, 0), (0, 0))
@@ -257,9 +273,16 @@ def estimate_block_sparse(
         )
         idx = jax.lax.map(lambda a: top_blocks(a[0], a[1] * chunk), (chunks, jnp.arange(n_chunks)))
         idx = jnp.moveaxis(idx, 0, 2).reshape(q.shape[0], q.shape[2], -1, k_max)
-    idx = idx[:, :, :n_q_blocks]
-    in_budget = jnp.arange(k_max)[None, :] < jnp.asarray(extra)[:, None]  # [Hq, k_max]
-    return jnp.where(in_budget[None, :, None, :], idx, SENTINEL).astype(jnp.int32)
+    return idx[:, :, :n_q_blocks]
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """f32 -> uint32 keys that order like the values (NaN excepted); -inf maps above 0.
+
+    -0.0 becomes +0.0 first: the two compare equal, so they must tie.
+    """
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    return jnp.where(bits >> 31 != 0, ~bits, bits | jnp.uint32(1 << 31))
 
 
 KINDS = {P.Dense: "dense", P.AShape: "ashape", P.VerticalSlash: "vs", P.BlockSparse: "bs"}
