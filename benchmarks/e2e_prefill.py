@@ -53,7 +53,7 @@ from benchmarks import tp_stats
 from benchmarks.synthetic import structure_attention
 from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
 from minference_jax import patterns as P
-from minference_jax.attention import layer_plan, planned_attention
+from minference_jax.attention import default_blocks, layer_plan, planned_attention
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.index_approx import build_planned_index
 from minference_jax.models import AttentionSpec, CausalLM, ModelConfig, RopeConfig
@@ -272,7 +272,13 @@ def layer0_density(model, ids, spec: AttentionSpec) -> float | None:
     guard), to show why."""
     config = model.config
     n = ids.shape[1]
-    plan, budgets = layer_plan(spec.layer(0, config.num_heads), n, config.num_heads, "pallas")
+    patterns = spec.layer(0, config.num_heads)
+    block_q, block_kv = default_blocks(
+        patterns, spec.implementation, model.embed[...].dtype, config.head_dim
+    )  # the blocks the prefill's index uses on this device
+    plan, budgets = layer_plan(
+        patterns, n, config.num_heads, "pallas", block_q=block_q, block_kv=block_kv
+    )
     if plan is None:
         return None
     q, k, _ = layer0_qkv(model, ids)
@@ -297,7 +303,14 @@ def layer0_breakdown(model, ids, spec: AttentionSpec, chunk: int, repeats: int) 
     n = ids.shape[1]
     layer = model.layers[0]
     implementation = spec.implementation
-    plan, budgets = layer_plan(spec.layer(0, config.num_heads), n, config.num_heads, implementation)
+    plan, budgets = layer_plan(
+        spec.layer(0, config.num_heads),
+        n,
+        config.num_heads,
+        implementation,
+        dtype=model.embed[...].dtype,
+        head_dim=config.head_dim,
+    )
     scale = config.head_dim**-0.5
     cos, sin = rope_tables(config, jnp.arange(n), n)
     x = model.embed[...][ids]

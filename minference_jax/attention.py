@@ -27,6 +27,10 @@ DENSE_CROSSOVER_TOKENS = 32768
 # The sparse kernel computes a tile at ~60% of cuDNN's dense rate, so an estimated index denser
 # than this runs dense cuDNN instead (decided on device, per layer, no host round trip).
 DENSE_FALLBACK_FRACTION = 0.5
+# The Mosaic kernel computes its tiles at about cuDNN's rate: sparse pays off until the index is
+# nearly dense (the index estimation and the kernel's per-tile index reads cost the rest; a
+# bound from the tile rate, not yet tuned on an e2e run).
+MOSAIC_DENSE_FALLBACK_FRACTION = 0.85
 
 
 def _on_gpu() -> bool:
@@ -72,8 +76,8 @@ def sparse_attention(
     *,
     softmax_scale: float | None = None,
     implementation: str | None = None,
-    block_q: int = 64,
-    block_kv: int = 64,
+    block_q: int | None = None,
+    block_kv: int | None = None,
     index: SparseIndex | None = None,
 ) -> jax.Array:
     """Causal prefill attention where each query head follows its sparse pattern.
@@ -92,6 +96,9 @@ def sparse_attention(
         DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN); on GPU the rest
         run `default_sparse_kernel` unless the estimated index computes more than
         DENSE_FALLBACK_FRACTION of the causal tiles (then cuDNN); elsewhere "xla".
+      block_q, block_kv: the index's query / key block sizes; by default `default_blocks`:
+        128 x 128 (128 x 64 when a head is block-sparse) where the Mosaic kernel runs, else
+        64 x 64.
       index: a precomputed SparseIndex (otherwise estimated from q and k here); it must have
         been built for these inputs' batch, query heads and seq length (checked, ValueError).
     Returns:
@@ -112,19 +119,68 @@ def sparse_attention(
         check_index_matches_inputs(index, q)  # the one check, whatever the implementation
         return _attend_jit(q, k, v, index, scale=scale, implementation=implementation)
     plan, budgets = layer_plan(
-        patterns, q.shape[1], q.shape[2], implementation, block_q=block_q, block_kv=block_kv
+        patterns,
+        q.shape[1],
+        q.shape[2],
+        implementation,
+        block_q=block_q,
+        block_kv=block_kv,
+        dtype=q.dtype,
+        head_dim=q.shape[3],
     )
     return _planned_jit(q, k, v, budgets, plan=plan, scale=scale, implementation=implementation)
 
 
-def layer_plan(patterns, seq_len, num_heads, implementation, *, block_q=64, block_kv=64):
-    """(IndexPlan, budgets) of a layer, or (None, None) when it simply runs dense attention."""
+def layer_plan(
+    patterns,
+    seq_len,
+    num_heads,
+    implementation,
+    *,
+    block_q=None,
+    block_kv=None,
+    dtype=None,
+    head_dim=None,
+):
+    """(IndexPlan, budgets) of a layer, or (None, None) when it simply runs dense attention.
+
+    Block sizes left None follow `default_blocks` for the layer's dtype and head_dim.
+    """
     patterns = P.normalize_layer_patterns(patterns, num_heads)
     if implementation is None and (
         all(isinstance(p, P.Dense) for p in patterns) or _short_gpu_prompt(seq_len)
     ):
         return None, None
-    return plan_index(patterns, seq_len, num_heads, block_q=block_q, block_kv=block_kv)
+    default_q, default_kv = default_blocks(patterns, implementation, dtype, head_dim)
+    return plan_index(
+        patterns,
+        seq_len,
+        num_heads,
+        block_q=default_q if block_q is None else block_q,
+        block_kv=default_kv if block_kv is None else block_kv,
+    )
+
+
+def default_blocks(patterns, implementation, dtype, head_dim) -> tuple[int, int]:
+    """(block_q, block_kv) of the index a layer builds.
+
+    The Mosaic kernel (sm_90, bf16/f16, head_dim 64/128) computes 128-row query blocks with two
+    consumer warpgroups at cuDNN's tile rate (128 x 128 on an H200 at 128K: 1.01-1.05), while
+    64-row blocks run no faster than the Triton kernel (0.63 vs 0.64): so where it runs, the
+    index is built for 128-row query blocks: 128 x 128 tiles, or 128 x `block_size` when heads
+    are block-sparse (their top-k picks key blocks of that size: 64 by default, as in the
+    original). Elsewhere 64 x 64 (Triton, XLA, CPU).
+    """
+    mosaic_here = implementation == "mosaic" or (implementation is None and _hopper())
+    if not (mosaic_here and dtype is not None and head_dim is not None):
+        return 64, 64
+    block_sizes = {p.block_size for p in patterns if isinstance(p, P.BlockSparse)}
+    if len(block_sizes) > 1:
+        return 64, 64  # no one block_kv fits them all: plan_index names the mismatch
+    block_kv = block_sizes.pop() if block_sizes else 128
+    if not sparse_flash_mgpu.supports(dtype, head_dim, 128, block_kv):
+        return 64, 64
+    return 128, block_kv
 
 
 def planned_attention(q, k, v, budgets, *, plan: IndexPlan | None, scale: float, implementation):
@@ -148,7 +204,8 @@ def planned_attention_with_fraction(q, k, v, budgets, *, plan, scale: float, imp
     out = attend_with_index(q, k, v, index, scale=scale, implementation=implementation)
     fraction = index.computed_fraction()
     if implementation is None and _on_gpu():
-        fraction = jnp.where(_too_dense_for_kernel(index), jnp.float32(1.0), fraction)
+        kernel = default_sparse_kernel(q.dtype, q.shape[-1], index)
+        fraction = jnp.where(_too_dense_for_kernel(index, kernel), jnp.float32(1.0), fraction)
     return out, fraction
 
 
@@ -200,14 +257,15 @@ def _sparse_or_dense(q, k, v, index, scale, interpret=False):
     the Triton kernel computes a tile at ~60% of cuDNN's rate)."""
     kernel = default_sparse_kernel(q.dtype, q.shape[-1], index)
     return jax.lax.cond(
-        _too_dense_for_kernel(index),
+        _too_dense_for_kernel(index, kernel),
         lambda: _dense_causal(q, k, v, scale),
         lambda: _sparse_kernel(q, k, v, index, scale, kernel, interpret),
     )
 
 
-def _too_dense_for_kernel(index: SparseIndex) -> jax.Array:
-    return index.computed_fraction() > DENSE_FALLBACK_FRACTION
+def _too_dense_for_kernel(index: SparseIndex, kernel: str = "pallas") -> jax.Array:
+    limit = MOSAIC_DENSE_FALLBACK_FRACTION if kernel == "mosaic" else DENSE_FALLBACK_FRACTION
+    return index.computed_fraction() > limit
 
 
 def _dense_causal(q, k, v, scale):

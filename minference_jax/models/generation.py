@@ -97,6 +97,8 @@ def prefill(
             seq_len,
             config.num_heads,
             attention.implementation,
+            dtype=x.dtype,
+            head_dim=config.head_dim,
         )
         step = layer_step if sharded is None else sharded.step(layer_id)
         x, k, v, fraction = step(

@@ -152,6 +152,8 @@ class CausalLM(nnx.Module):
                 seq_len,
                 self.config.num_heads,
                 attention.implementation,
+                dtype=x.dtype,
+                head_dim=self.config.head_dim,
             )
             x, _, _ = layer_body(
                 layer,
