@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 from convert.__main__ import main as convert_main
 from convert.checkpoint import CheckpointError, export_hf, load_hf, load_model
 from minference_jax import patterns as P
-from minference_jax.models import AttentionSpec, ModelConfigError
+from minference_jax.models import AttentionSpec, ModelConfigError, generation
 from minference_jax.models.config import read_hf_config
 from minference_jax.models.generation import generate, prefill
 from tests.oracles import rel_err
@@ -50,6 +50,55 @@ def test_greedy_generation_matches_transformers(case):
     tokens, result = generate(model, ref["input_ids"][:1], ref["greedy_tokens"].shape[1])
     np.testing.assert_array_equal(tokens, ref["greedy_tokens"])
     assert rel_err(result.last_logits, ref["logits"][:1, -1]) < 1e-4
+
+
+BOUNDARY_CASES = ["llama_dynamic_rope", "phi3_longrope"]
+
+
+def _boundary(case):
+    """Prompts of the original context's length, one past it, and three short of it (whose
+    greedy generation crosses it) with transformers' logits and tokens."""
+    ref = load_file(str(FIXTURES / case / "boundary.safetensors"))
+    lengths = [int(n) for n in ref["boundary_lengths"]]
+    config = read_hf_config(FIXTURES / case)
+    original = (config.get("rope_parameters") or {}).get(
+        "original_max_position_embeddings"
+    ) or config.get("original_max_position_embeddings", config["max_position_embeddings"])
+    assert {original - 3, original, original + 1} <= set(lengths)
+    return ref, lengths
+
+
+@pytest.mark.parametrize("case", BOUNDARY_CASES)
+def test_logits_at_and_past_the_original_context_match_transformers(case):
+    ref, lengths = _boundary(case)
+    model, _ = load_hf(FIXTURES / case, jnp.float32)
+    for length in lengths:
+        logits = model(jnp.asarray(ref["input_ids"][:, :length]))
+        assert rel_err(logits, ref[f"logits_{length}"]) < 1e-4, length
+
+
+@pytest.mark.parametrize("case", BOUNDARY_CASES)
+def test_generation_across_the_original_context_matches_transformers(case):
+    """Decoding rotates each token for the length it ends (and Phi-3 re-prefills with the long
+    factors at the crossing), as transformers' cached generation does."""
+    ref, lengths = _boundary(case)
+    model, _ = load_hf(FIXTURES / case, jnp.float32)
+    for length in lengths:
+        want = ref[f"greedy_tokens_{length}"]
+        tokens, result = generate(model, ref["input_ids"][:1, :length], want.shape[1])
+        np.testing.assert_array_equal(tokens, want, err_msg=f"prompt of {length}")
+        assert rel_err(result.last_logits, ref[f"logits_{length}"][:1, -1]) < 1e-4
+
+
+def test_decode_step_compiles_once_while_the_rope_scaling_changes():
+    ref, _ = _boundary("llama_dynamic_rope")
+    model, _ = load_hf(FIXTURES / "llama_dynamic_rope", jnp.float32)
+    compiled = generation._decode_step.jitted_fn._cache_size
+    before = compiled()
+    # Both cross the original context (32) with a cache of 36 positions: one program.
+    generate(model, ref["input_ids"][:1, :26], 10)
+    generate(model, ref["input_ids"][:1, :28], 8)
+    assert compiled() - before <= 1
 
 
 @pytest.mark.parametrize("case", ["llama", "phi3", "qwen2"])
