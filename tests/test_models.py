@@ -17,8 +17,9 @@ from convert.__main__ import main as convert_main
 from convert.checkpoint import CheckpointError, export_hf, load_hf, load_model
 from minference_jax import patterns as P
 from minference_jax.models import AttentionSpec, ModelConfigError, generation
-from minference_jax.models.config import read_hf_config
+from minference_jax.models.config import ModelConfig, read_hf_config
 from minference_jax.models.generation import generate, prefill
+from minference_jax.models.rope import decode_rope_tables, rope_tables
 from tests.oracles import rel_err
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
@@ -84,6 +85,18 @@ def test_prompts_at_past_and_across_the_original_context_match_transformers(case
         assert rel_err(result.last_logits, ref[f"logits_{length}"][:1, -1]) < 1e-4, length
         np.testing.assert_array_equal(tokens, want, err_msg=f"prompt of {length}")
     assert compiled() - before <= len(lengths)
+
+
+@pytest.mark.parametrize("case", BOUNDARY_CASES)
+def test_decode_rope_rows_use_the_length_each_token_ends(case):
+    config = ModelConfig.from_hf_folder(FIXTURES / case)
+    positions = [0, 31, 32, 40]
+    cos, sin = decode_rope_tables(config, positions)
+    for row, position in enumerate(positions):
+        want_cos, want_sin = rope_tables(config, jnp.array([position]), position + 1)
+        np.testing.assert_array_equal(cos[row], want_cos[0])
+        np.testing.assert_array_equal(sin[row], want_sin[0])
+    assert decode_rope_tables(config, [])[0].shape == (0, config.head_dim)
 
 
 @pytest.mark.parametrize("case", ["llama", "phi3", "qwen2"])

@@ -64,10 +64,11 @@ def decode_rope_tables(config: ModelConfig, positions) -> tuple[jax.Array, jax.A
     grows its base step by step, longrope switches to the long factors once past the original
     context. Keys already in the cache keep the rotation they were computed with.
     """
-    positions = np.asarray(positions, np.int64)
-    per_row = [inverse_frequencies(config, int(p) + 1) for p in positions]
-    inv_freq = np.stack([freqs for freqs, _ in per_row]).reshape(len(positions), -1)
-    scale = np.array([s for _, s in per_row], np.float64).reshape(-1, 1)
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    inv_freq = np.zeros((len(positions), config.head_dim // 2))
+    scale = np.ones((len(positions), 1))
+    for row, position in enumerate(positions):
+        inv_freq[row], scale[row] = inverse_frequencies(config, int(position) + 1)
     return _tables(jnp.asarray(positions, jnp.int32), inv_freq, scale)
 
 
