@@ -28,6 +28,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SENTINEL = 2**30
 
@@ -154,7 +155,8 @@ def finalize_index(
     diag_count = cumulative[..., ratio - 1 :: ratio]  # d <= (i+1)r-1 for block i
     diag_count = jnp.minimum(diag_count, max_diag)
     if CHECK_CAPACITY:
-        jax.debug.callback(_raise_if_dropped, cumulative[..., -1].max(), max_diag=max_diag)
+        check = functools.partial(_raise_if_dropped, max_diag=max_diag)  # bound: stays an int
+        jax.debug.callback(check, cumulative[..., -1].max())
 
     # Listed blocks: drop covered and non-causal ones.
     last_block = (jnp.arange(n_q_blocks, dtype=jnp.int32) + 1) * ratio - 1  # [n_q_blocks]
@@ -194,10 +196,12 @@ class IndexCapacityError(RuntimeError):
 
 
 def _raise_if_dropped(diag_size, *, max_diag: int) -> None:
-    if int(diag_size) > max_diag:
+    # Host-side numpy only: a JAX op dispatched from inside a callback can deadlock the runtime.
+    diag_size = int(np.asarray(diag_size))
+    if diag_size > max_diag:
         raise IndexCapacityError(
-            f"a head's diagonal set holds {int(diag_size)} offsets but the index keeps "
-            f"max_diag={max_diag}: {int(diag_size) - max_diag} would be dropped"
+            f"a head's diagonal set holds {diag_size} offsets but the index keeps "
+            f"max_diag={max_diag}: {diag_size - max_diag} would be dropped"
         )
 
 
