@@ -24,11 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SENTINEL = 2**30
+
+# MINFERENCE_JAX_CHECK_CAPACITY=1 (the test suite sets it) makes `finalize_index` raise when a
+# capacity bound would drop a diagonal offset of the set D: a buffer sized too small would
+# otherwise lose slashes silently. Off by default: it adds a host callback to every index build.
+# Read when a function is traced; set it before the first call.
+CHECK_CAPACITY = os.environ.get("MINFERENCE_JAX_CHECK_CAPACITY", "0") not in ("", "0")
 
 
 @jax.tree_util.register_dataclass
@@ -146,6 +154,9 @@ def finalize_index(
     cumulative = jnp.cumsum(diag_mask.astype(jnp.int32), axis=-1)
     diag_count = cumulative[..., ratio - 1 :: ratio]  # d <= (i+1)r-1 for block i
     diag_count = jnp.minimum(diag_count, max_diag)
+    if CHECK_CAPACITY:
+        check = functools.partial(_raise_if_dropped, max_diag=max_diag)  # bound: stays an int
+        jax.debug.callback(check, cumulative[..., -1].max())
 
     # Listed blocks: drop covered and non-causal ones.
     last_block = (jnp.arange(n_q_blocks, dtype=jnp.int32) + 1) * ratio - 1  # [n_q_blocks]
@@ -178,6 +189,20 @@ def finalize_index(
         block_q=block_q,
         block_kv=block_kv,
     )
+
+
+class IndexCapacityError(RuntimeError):
+    """An index buffer was sized too small for what was estimated (see CHECK_CAPACITY)."""
+
+
+def _raise_if_dropped(diag_size, *, max_diag: int) -> None:
+    # Host-side numpy only: a JAX op dispatched from inside a callback can deadlock the runtime.
+    diag_size = int(np.asarray(diag_size))
+    if diag_size > max_diag:
+        raise IndexCapacityError(
+            f"a head's diagonal set holds {diag_size} offsets but the index keeps "
+            f"max_diag={max_diag}: {diag_size - max_diag} would be dropped"
+        )
 
 
 def block_mask_from_index(index: SparseIndex) -> jax.Array:

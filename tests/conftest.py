@@ -1,5 +1,11 @@
-import jax
-import pytest
+import os
+
+# Every index build checks that no estimated diagonal offset is dropped by a capacity bound
+# (minference_jax.sparse_index.CHECK_CAPACITY); set before minference_jax is imported.
+os.environ.setdefault("MINFERENCE_JAX_CHECK_CAPACITY", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _has_gpu() -> bool:

@@ -16,9 +16,10 @@ from safetensors.numpy import load_file
 from convert.__main__ import main as convert_main
 from convert.checkpoint import CheckpointError, export_hf, load_hf, load_model
 from minference_jax import patterns as P
-from minference_jax.models import AttentionSpec, ModelConfigError
-from minference_jax.models.config import read_hf_config
+from minference_jax.models import AttentionSpec, ModelConfigError, generation
+from minference_jax.models.config import ModelConfig, read_hf_config
 from minference_jax.models.generation import generate, prefill
+from minference_jax.models.rope import decode_rope_tables, rope_tables
 from tests.oracles import rel_err
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
@@ -50,6 +51,52 @@ def test_greedy_generation_matches_transformers(case):
     tokens, result = generate(model, ref["input_ids"][:1], ref["greedy_tokens"].shape[1])
     np.testing.assert_array_equal(tokens, ref["greedy_tokens"])
     assert rel_err(result.last_logits, ref["logits"][:1, -1]) < 1e-4
+
+
+BOUNDARY_CASES = ["llama_dynamic_rope", "phi3_longrope"]
+
+
+def _boundary(case):
+    """Prompts of the original context's length, one past it, and three short of it (whose
+    greedy generation crosses it) with transformers' logits and tokens."""
+    ref = load_file(str(FIXTURES / case / "boundary.safetensors"))
+    lengths = [int(n) for n in ref["boundary_lengths"]]
+    config = read_hf_config(FIXTURES / case)
+    original = (config.get("rope_parameters") or {}).get(
+        "original_max_position_embeddings"
+    ) or config.get("original_max_position_embeddings", config["max_position_embeddings"])
+    assert {original - 3, original, original + 1} <= set(lengths)
+    return ref, lengths
+
+
+@pytest.mark.parametrize("case", BOUNDARY_CASES)
+def test_prompts_at_past_and_across_the_original_context_match_transformers(case):
+    """Last-token logits and greedy tokens of prompts at, one past and three short of the
+    original context. Decoding rotates each token for the length it ends (and Phi-3 LongRoPE
+    re-prefills with the long factors at the crossing), as transformers' cached generation does,
+    and the decode step compiles once per cache length although its RoPE rows change."""
+    ref, lengths = _boundary(case)
+    model, _ = load_hf(FIXTURES / case, jnp.float32)
+    compiled = generation._decode_step.jitted_fn._cache_size
+    before = compiled()
+    for length in lengths:
+        want = ref[f"greedy_tokens_{length}"]
+        tokens, result = generate(model, ref["input_ids"][:1, :length], want.shape[1])
+        assert rel_err(result.last_logits, ref[f"logits_{length}"][:1, -1]) < 1e-4, length
+        np.testing.assert_array_equal(tokens, want, err_msg=f"prompt of {length}")
+    assert compiled() - before <= len(lengths)
+
+
+@pytest.mark.parametrize("case", BOUNDARY_CASES)
+def test_decode_rope_rows_use_the_length_each_token_ends(case):
+    config = ModelConfig.from_hf_folder(FIXTURES / case)
+    positions = [0, 31, 32, 40]
+    cos, sin = decode_rope_tables(config, positions)
+    for row, position in enumerate(positions):
+        want_cos, want_sin = rope_tables(config, jnp.array([position]), position + 1)
+        np.testing.assert_array_equal(cos[row], want_cos[0])
+        np.testing.assert_array_equal(sin[row], want_sin[0])
+    assert decode_rope_tables(config, [])[0].shape == (0, config.head_dim)
 
 
 @pytest.mark.parametrize("case", ["llama", "phi3", "qwen2"])

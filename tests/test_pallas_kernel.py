@@ -19,6 +19,12 @@ from pallas_kernels import vs_estimate
 from pallas_kernels.sparse_flash import sparse_flash_attention
 from tests.oracles import random_qkv, rel_err
 
+# rel_err (norm-wise) against the f32 HIGHEST-precision reference. The f32 bound is what catches
+# a GPU kernel whose f32 dots run as TF32 (e.g. `Precision.HIGHEST` dropped: Triton then uses
+# TF32 tensor cores): TF32 keeps 10 mantissa bits, which gives 3.6e-4 (inputs rounded to
+# nearest) to 1.2e-3 (truncated) at the GPU cases' shapes (D 64-128, N 1000-4113; emulated in
+# float64 numpy), 36-120x this bound, while true f32 stays near 1e-6. Keep it at least 10x below
+# TF32's error: test_f32_tolerance_is_far_below_tf32_error checks that on CPU.
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
 
@@ -198,3 +204,26 @@ def test_vs_scores_kernel_gpu_one_million_tokens():
     assert float(jnp.abs(columns - want_columns).max()) < 1e-4
     assert float(jnp.abs(diagonals - want_diagonals).max()) < 5e-3
     np.testing.assert_allclose(np.asarray(diagonals.sum(-1)), 64.0, rtol=1e-2)
+
+
+def _round_to_tf32(x):
+    """float32 -> the nearest TF32 value (10 explicit mantissa bits), as float64."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64) + 0x1000
+    return (bits & ~np.uint64(0x1FFF)).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def test_f32_tolerance_is_far_below_tf32_error():
+    """The f32 tolerance must fail a kernel whose f32 dots run in TF32 (only visible on GPU)."""
+    rng = np.random.default_rng(7)
+    n, dim = 300, 128  # the error hardly depends on N; D as in GPU_CASES
+
+    def causal_attention(q, k, v, rounding):
+        s = rounding(q) @ rounding(k).T * dim**-0.5
+        s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return rounding(p) @ rounding(v) / p.sum(-1, keepdims=True)
+
+    q, k, v = (rng.standard_normal((n, dim)).astype(np.float32) for _ in range(3))
+    exact = causal_attention(q, k, v, lambda x: np.asarray(x, np.float64))
+    tf32 = causal_attention(q, k, v, _round_to_tf32)
+    assert rel_err(tf32, exact) > 10 * TOLERANCE[jnp.float32]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minference_jax import index_approx
+from minference_jax import index_approx, sparse_index
 from minference_jax import patterns as P
 from minference_jax.index_approx import (
     _top_per_head,
@@ -343,3 +343,98 @@ def test_default_estimator_choice():
     assert choose(jnp.float32, 131072, 64, 128, on_gpu=True) == "xla"  # slow f32 kernel build
     assert choose(jnp.bfloat16, 131072, 64, 96, on_gpu=True) == "xla"  # head_dim not pow2
     assert choose(jnp.bfloat16, 131072, 64, 128, on_gpu=False) == "xla"
+
+
+def _token_mask_of_selection(n, block_q, block_kv, verticals, slashes):
+    """[n, n] causal mask the selected key columns and slash offsets imply, in absolute key
+    blocks (independent of the index's relative-offset form): vectorised `block_rows_mask`."""
+    n_q_blocks = -(-n // block_q)
+    n_kv_blocks = n_q_blocks * block_q // block_kv
+    first = np.arange(n_q_blocks)[:, None] * block_q - np.asarray(slashes)[None, :]  # [nqb, S]
+    last = first + block_q - 1
+    reach = last >= 0
+    lo = np.where(reach, np.maximum(first, 0) // block_kv, n_kv_blocks)
+    hi = np.where(reach, last // block_kv + 1, n_kv_blocks)
+    starts = np.zeros((n_q_blocks, n_kv_blocks + 1), int)
+    rows = np.broadcast_to(np.arange(n_q_blocks)[:, None], lo.shape)
+    np.add.at(starts, (rows, lo), 1)
+    np.add.at(starts, (rows, hi), -1)
+    blocks = np.cumsum(starts, axis=-1)[:, :n_kv_blocks] > 0
+    blocks |= np.repeat(np.eye(n_q_blocks, dtype=bool), block_q // block_kv, axis=1)  # own
+    keys = np.repeat(blocks, block_kv, axis=1)[:, :n]
+    keys[:, np.asarray(verticals)] = True
+    return rows_mask(keys, block_q, n)
+
+
+def test_vertical_slash_index_keeps_every_selected_slash_when_block_q_is_twice_block_kv():
+    """Spread slashes each touch ratio + 1 = 3 relative key-block offsets (odd offsets with
+    block_kv 2), so the diagonal set outgrows `ratio * max_slash + ratio` entries: the index must
+    still hold every one. Checked against the mask the selected columns/offsets imply."""
+    block_q, block_kv, ratio = 4, 2, 2
+    n_vertical, n_slash = 64, 512
+    # Offsets 0..99 are always selected (slots 0..51); the 412 other slashes are planted at odd
+    # offsets whose 3-slot bands are disjoint, with one free slot between neighbours.
+    planted = 2 * (52 + 4 * np.arange(n_slash - P.N_LOCAL_SLASHES)) + 1
+    n = int(planted.max()) + 42  # 3435: not a multiple of block_q
+    # One query row (last_q=1) ranks slash offset o by its attention to key n-1-o: give the
+    # planted keys large, distinct logits and the others small random ones.
+    rng = np.random.default_rng(19)
+    logit = rng.normal(size=n) * 0.1
+    logit[n - 1 - planted] = 40 + rng.permutation(len(planted)) * 0.01
+    q = np.zeros((1, n, 1, 8), np.float32)
+    q[..., 0] = 1.0
+    k = np.zeros((1, n, 1, 8), np.float32)
+    k[0, :, 0, 0] = logit
+    # The selection, from the attention of the one query row (float64 numpy).
+    p = np.exp(logit - logit.max())
+    column_score = np.where(np.arange(n) < P.N_SINK_COLUMNS, np.inf, p)
+    slash_score = np.where(np.arange(n) < P.N_LOCAL_SLASHES, np.inf, p[::-1])  # offset n-1-j
+    verticals = np.argsort(-column_score, kind="stable")[:n_vertical]
+    slashes = np.argsort(-slash_score, kind="stable")[:n_slash]
+    assert set(planted) <= set(slashes)
+    slots = set()
+    for o in slashes:  # relative key-block offsets each slash's band covers
+        slots.update(range(o // block_kv, -(-o // block_kv) + ratio))
+    assert len(slots) > n_slash * ratio + ratio  # max_slash == n_slash here
+
+    index = build_sparse_index(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        P.VerticalSlash(n_vertical, n_slash),
+        softmax_scale=1.0,
+        block_q=block_q,
+        block_kv=block_kv,
+        last_q=1,
+    )
+    want = _token_mask_of_selection(n, block_q, block_kv, verticals, slashes)
+    np.testing.assert_array_equal(np.asarray(dense_mask_from_index(index))[0, 0], want)
+
+
+def test_token_mask_of_selection_equals_block_rows_oracle():
+    rng = np.random.default_rng(5)
+    n, block_q, block_kv = 75, 8, 4
+    verticals, slashes = rng.integers(0, n, 6), rng.integers(0, n, 9)
+    rows = block_rows_mask(n, block_q, block_kv, slashes=slashes, verticals=verticals)
+    np.testing.assert_array_equal(
+        _token_mask_of_selection(n, block_q, block_kv, verticals, slashes),
+        rows_mask(rows, block_q, n),
+    )
+
+
+def test_capacity_check_raises_instead_of_dropping_offsets(monkeypatch):
+    diag_mask = jnp.ones((1, 1, 8), bool)  # 8 offsets, room for 5
+    build = functools.partial(
+        sparse_index.finalize_index,
+        diag_mask,
+        jnp.full((1, 1, 4, 0), SENTINEL, jnp.int32),
+        jnp.full((1, 1, 0), SENTINEL, jnp.int32),
+        max_diag=5,
+        seq_len=32,
+        block_q=8,
+        block_kv=4,
+    )
+    monkeypatch.setattr(sparse_index, "CHECK_CAPACITY", True)
+    with pytest.raises(Exception, match="holds 8 offsets but the index keeps max_diag=5"):
+        jax.block_until_ready(jax.jit(lambda: build())())
+    monkeypatch.setattr(sparse_index, "CHECK_CAPACITY", False)  # the default: no host callback
+    assert int(jax.jit(lambda: build())().diag_count.max()) == 5

@@ -20,7 +20,7 @@ from flax import nnx
 
 from minference_jax.attention import layer_plan
 from minference_jax.models.modeling import DENSE_ATTENTION, AttentionSpec, CausalLM, layer_body
-from minference_jax.models.rope import rope_tables
+from minference_jax.models.rope import decode_rope_tables, rope_tables
 from minference_jax.models.sharding import TensorParallel
 
 
@@ -131,11 +131,14 @@ def prefill(
     return PrefillResult(logits, cache, seconds, layers)
 
 
-@functools.partial(nnx.jit, static_argnames=("seq_len",))
-def _decode_step(model, token, position, caches, *, seq_len):
-    """One greedy step: token [B] at `position` attends the cache [B, S, Hkv, D] (dense)."""
+@nnx.jit
+def _decode_step(model, token, position, caches, cos, sin):
+    """One greedy step: token [B] at `position` attends the cache [B, S, Hkv, D] (dense).
+
+    cos, sin [1, head_dim]: the token's RoPE rows (traced, so the step compiles once even when
+    the scaling changes with the length).
+    """
     config = model.config
-    cos, sin = rope_tables(config, position[None], seq_len)
     x = model.embed[...][token][:, None]  # [B, 1, hidden]
     new_caches = []
     for layer, (k_cache, v_cache) in zip(model.layers, caches, strict=True):
@@ -156,20 +159,22 @@ def _decode_step(model, token, position, caches, *, seq_len):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), new_caches
 
 
-def generate(
-    model: CausalLM,
-    input_ids,
-    max_new_tokens: int,
-    attention: AttentionSpec = DENSE_ATTENTION,
-    *,
-    chunk_size: int = 8192,
-    progress=None,
-    mesh=None,
-) -> tuple[np.ndarray, PrefillResult]:
-    """Greedy continuation: sparse (or dense) prefill, then dense decoding over the KV cache.
+def _recompute_position(config, prompt_len: int, max_new_tokens: int) -> int | None:
+    """Where Phi-3 LongRoPE decoding re-runs the whole sequence, as transformers does.
 
-    Returns (new tokens [B, max_new_tokens], the prefill result).
+    A prompt within the original context runs with the short factors; the first token past it
+    switches to the long factors, and transformers' Phi-3 then drops the KV cache and recomputes
+    every position with them. Returns that token's position, or None when no step crosses.
     """
+    rope = config.rope
+    original = rope.original_max_position_embeddings
+    if config.family != "phi3" or rope.rope_type != "longrope" or original is None:
+        return None
+    return original if prompt_len <= original < prompt_len + max_new_tokens - 1 else None
+
+
+def _prefill_cache(model, input_ids, attention, total: int, *, chunk_size, progress, mesh):
+    """Prefill `input_ids`: (its result, its KV cache padded to `total` positions, one device)."""
     result = prefill(
         model,
         input_ids,
@@ -182,16 +187,58 @@ def generate(
     if mesh is not None:  # decoding runs on one device: gather the head-sharded cache
         device = model.embed[...].devices().pop()
         result.cache = [jax.device_put(kv, device) for kv in result.cache]
-    seq_len = result.cache[0][0].shape[1]
-    total = seq_len + max_new_tokens
+    pad = total - input_ids.shape[1]
     caches = [
-        tuple(jnp.pad(c, ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))) for c in kv)
-        for kv in result.cache
+        tuple(jnp.pad(c, ((0, 0), (0, pad), (0, 0), (0, 0))) for c in kv) for kv in result.cache
     ]
     result.cache = None
+    return result, caches
+
+
+def generate(
+    model: CausalLM,
+    input_ids,
+    max_new_tokens: int,
+    attention: AttentionSpec = DENSE_ATTENTION,
+    *,
+    chunk_size: int = 8192,
+    progress=None,
+    mesh=None,
+) -> tuple[np.ndarray, PrefillResult]:
+    """Greedy continuation: sparse (or dense) prefill, then dense decoding over the KV cache.
+
+    RoPE scalings that depend on the length (dynamic NTK, LongRoPE) follow transformers: each
+    decoded token is rotated for the length it ends; a Phi-3 LongRoPE prompt within the original
+    context is prefilled again with the long factors when decoding first passes that context.
+    Returns (new tokens [B, max_new_tokens], the prefill result).
+    """
+    input_ids = np.asarray(input_ids)
+    seq_len = input_ids.shape[1]
+    total = seq_len + max_new_tokens
+    run_prefill = functools.partial(
+        _prefill_cache, model, attention=attention, total=total, chunk_size=chunk_size, mesh=mesh
+    )
+    result, caches = run_prefill(input_ids, progress=progress)
     token = jnp.argmax(result.last_logits, axis=-1).astype(jnp.int32)
     tokens = [token]
+    first = seq_len  # position of the first decoded token
+    cos, sin = decode_rope_tables(model.config, np.arange(first, total - 1))
+    recompute = _recompute_position(model.config, seq_len, max_new_tokens)
     for step in range(max_new_tokens - 1):
-        token, caches = _decode_step(model, token, jnp.int32(seq_len + step), caches, seq_len=total)
+        position = first + step
+        if position == recompute:
+            so_far = np.concatenate([input_ids, np.stack(tokens, axis=1)], axis=1)
+            again, caches = run_prefill(so_far, progress=None)
+            token = jnp.argmax(again.last_logits, axis=-1).astype(jnp.int32)
+        else:
+            row = jnp.int32(step)
+            token, caches = _decode_step(
+                model,
+                token,
+                jnp.int32(position),
+                caches,
+                jax.lax.dynamic_slice_in_dim(cos, row, 1),
+                jax.lax.dynamic_slice_in_dim(sin, row, 1),
+            )
         tokens.append(token)
     return np.stack([np.asarray(t) for t in tokens], axis=1), result

@@ -53,8 +53,30 @@ def inverse_frequencies(config: ModelConfig, seq_len: int) -> tuple[np.ndarray, 
 def rope_tables(config: ModelConfig, positions: jax.Array, seq_len: int):
     """cos, sin [T, head_dim] in f32 for integer positions [T] (exact up to 2^24 positions)."""
     inv_freq, scale = inverse_frequencies(config, seq_len)
-    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    return _tables(positions, inv_freq[None, :], np.full((1, 1), scale))
+
+
+def decode_rope_tables(config: ModelConfig, positions) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, head_dim] for tokens decoded one at a time at `positions` [T].
+
+    Each row uses the scaling in force when that token is the last of the sequence
+    (seq_len = position + 1), as transformers does at every cached decoding step: dynamic NTK
+    grows its base step by step, longrope switches to the long factors once past the original
+    context. Keys already in the cache keep the rotation they were computed with.
+    """
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    inv_freq = np.zeros((len(positions), config.head_dim // 2))
+    scale = np.ones((len(positions), 1))
+    for row, position in enumerate(positions):
+        inv_freq[row], scale[row] = inverse_frequencies(config, int(position) + 1)
+    return _tables(jnp.asarray(positions, jnp.int32), inv_freq, scale)
+
+
+def _tables(positions: jax.Array, inv_freq: np.ndarray, scale: np.ndarray):
+    """positions [T]; inv_freq [1 or T, head_dim/2]; scale [1 or T, 1] -> cos, sin [T, head_dim]."""
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)
+    scale = jnp.asarray(scale, jnp.float32)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
