@@ -5,11 +5,13 @@
 
 Panel 1: per layer and query head, the pattern of the searched config and the share of the
 dense attention mass it kept in the search (the config's score). Panels 2-4: on a held-out
-passkey prompt (needle at 40% depth, question at the end), the dense attention of the last 64
-queries (the question), split by key: the first 64 tokens (sink), the 256 tokens before each
-query (local), and the needle sentence (retrieval; a uniform head would put ~0.3% there at
-8K). Each head is named by its largest share: sink, local, retrieval (>= 20% on the needle) or
-diffuse (most of its mass elsewhere). Writes heads.png and heads.json.
+passkey prompt (needle at 40% depth, question at the end), where the dense attention goes: the
+share of the last 64 queries' mass on the 256 tokens before each query (local), on their 30
+most attended keys outside that window and the first 64 tokens (vertical: a few far keys), and
+the share of the last query's mass (it predicts the key's first digit) on the needle sentence
+(retrieval). A head is named retrieval (>= 20% on the needle), else by its largest share of
+sink (first 64 tokens), local and vertical when it is >= 50%, else diffuse.
+Writes heads.png and heads.json.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ OUT = pathlib.Path(__file__).parent / "results" / "pytext_12m"
 QUERIES = 64  # last queries scored, as the search scores them
 SINK, LOCAL = 64, 256
 RETRIEVAL_SHARE = 0.2
+TOP_FAR = 30  # the fewest vertical columns the search offers
 
 
 def short_name(pattern: P.Pattern) -> str:
@@ -50,7 +53,9 @@ def short_name(pattern: P.Pattern) -> str:
 
 
 def attention_shares(model, ids: np.ndarray, needle: tuple[int, int]) -> np.ndarray:
-    """[layers, heads, 3]: attention mass of the last QUERIES queries on sink, local, needle."""
+    """[layers, heads, 4] dense attention shares: of the last QUERIES queries on the sink, on
+    the local window, on their TOP_FAR most attended keys outside both; and of the last query
+    (the one that predicts the key's first digit) on the needle sentence."""
     config = model.config
     n = len(ids)
     cos, sin = rope_tables(config, jnp.arange(n), n)
@@ -58,13 +63,9 @@ def attention_shares(model, ids: np.ndarray, needle: tuple[int, int]) -> np.ndar
     keys = jnp.arange(n)
     rows = jnp.arange(n - QUERIES, n)
     causal = keys[None, :] <= rows[:, None]
-    masks = jnp.stack(
-        [
-            jnp.broadcast_to(keys < SINK, causal.shape),
-            causal & (rows[:, None] - keys[None, :] < LOCAL),
-            jnp.broadcast_to((keys >= needle[0]) & (keys < needle[1]), causal.shape),
-        ]
-    )  # [3, Q, N]
+    sink = jnp.broadcast_to(keys < SINK, causal.shape)
+    local = causal & (rows[:, None] - keys[None, :] < LOCAL)
+    on_needle = (keys >= needle[0]) & (keys < needle[1])
     shares = []
     for layer in model.layers:
         q, k, _ = layer.attn.qkv(layer.input_norm(x), cos, sin)
@@ -73,17 +74,33 @@ def attention_shares(model, ids: np.ndarray, needle: tuple[int, int]) -> np.ndar
         logits = jnp.einsum("qhd,nhd->hqn", q[0, n - QUERIES :].astype(jnp.float32), k[0])
         logits = jnp.where(causal, logits * config.head_dim**-0.5, -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1)  # [H, Q, N]
-        shares.append(np.asarray(jnp.einsum("hqn,cqn->hc", probs, masks) / QUERIES))
+        far = jnp.where(sink | local, 0.0, probs)
+        top_far = jax.lax.top_k(far, TOP_FAR)[0].sum(-1).mean(-1)
+        shares.append(
+            np.stack(
+                [
+                    np.asarray((probs * sink).sum(-1).mean(-1)),
+                    np.asarray((probs * local).sum(-1).mean(-1)),
+                    np.asarray(top_far),
+                    np.asarray((probs[:, -1] * on_needle).sum(-1)),
+                ],
+                axis=-1,
+            )
+        )
         x, _, _ = layer_body(layer, x, cos, sin, None, plan=None, implementation=None, chunk=n)
     return np.stack(shares)
 
 
+KINDS = ("sink", "local", "vertical", "retrieval", "diffuse")
+
+
 def head_kind(share: np.ndarray) -> str:
-    sink, local, needle = share
+    sink, local, far, needle = share
     if needle >= RETRIEVAL_SHARE:
         return "retrieval"
-    rest = 1.0 - sink - local - needle
-    return ("sink", "local", "diffuse")[int(np.argmax([sink, local, rest]))]
+    if max(sink, local, far) < 0.5:
+        return "diffuse"
+    return ("sink", "local", "vertical")[int(np.argmax([sink, local, far]))]
 
 
 def main(argv=None) -> dict:
@@ -114,11 +131,9 @@ def main(argv=None) -> dict:
         tokens=args.tokens,
         patterns=[[short_name(p) for p in layer] for layer in table.layers],
         recall=[list(r) for r in recall],
-        shares_sink_local_needle=np.round(shares, 4).tolist(),
+        shares_sink_local_far_needle=np.round(shares, 4).tolist(),
         kinds=kinds,
-        kind_counts={
-            k: sum(row.count(k) for row in kinds) for k in ("sink", "local", "retrieval", "diffuse")
-        },
+        kind_counts={k: sum(row.count(k) for row in kinds) for k in KINDS},
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "heads.json").write_text(json.dumps(result, indent=1))
@@ -137,9 +152,9 @@ def plot(result: dict, recall: np.ndarray, shares: np.ndarray, path: pathlib.Pat
     layers, heads = recall.shape
     panels = [
         ("searched pattern (colour: recall of the attention mass)", recall, 0.8, None),
-        (f"sink: first {SINK} tokens", shares[..., 0], 0, None),
-        (f"local: last {LOCAL} tokens", shares[..., 1], 0, None),
-        ("retrieval: the needle sentence", shares[..., 2], 0, result["kinds"]),
+        (f"local: the {LOCAL} tokens before each query", shares[..., 1], 0, None),
+        (f"vertical: its top {TOP_FAR} keys outside sink and local", shares[..., 2], 0, None),
+        ("retrieval: the needle, from the answer position", shares[..., 3], 0, result["kinds"]),
     ]
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.6), gridspec_kw=dict(width_ratios=[1.6, 1, 1, 1]))
     for ax, (title, grid, vmin, kinds) in zip(axes, panels, strict=True):
@@ -161,7 +176,8 @@ def plot(result: dict, recall: np.ndarray, shares: np.ndarray, path: pathlib.Pat
     counts = ", ".join(f"{n} {k}" for k, n in result["kind_counts"].items())
     fig.suptitle(
         f"{result['model']}: heads on a {result['tokens']}-token held-out passkey prompt "
-        f"(attention of the last {QUERIES} queries); {counts}",
+        f"(dense attention of the last {QUERIES} queries; on the first {SINK} tokens (sink) at "
+        f"most {shares[..., 0].max():.2f}); head kinds: {counts}",
         fontsize=10,
     )
     fig.tight_layout()
