@@ -46,7 +46,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--adaptive", nargs="*", default=[], help="extra mode specs")
-    parser.add_argument("--samples", type=int, default=4, help="prompts per length and depth")
+    parser.add_argument("--samples", type=int, default=8, help="prompts per length and depth")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="tokens")
     parser.add_argument(
         "--deadline", type=float, default=240, help="seconds: start no new length after this"

@@ -59,3 +59,14 @@ def test_answers_a_passkey_in_heldout_text_dense_and_searched(model):
         assert answers == stored["keys"], mode
         if mode == "searched":  # the sparse path ran and skipped tiles
             assert np.mean([layer.computed_fraction for layer in result.layers]) < 0.95
+
+
+def test_heads_figure_names_every_head(tmp_path):
+    from benchmarks import pytext_heads
+
+    result = pytext_heads.main(["--tokens", "1024", "--out", str(tmp_path)])
+    shares = np.asarray(result["shares_sink_local_far_needle"])
+    assert shares.shape == (8, 6, 4) and shares.min() >= 0 and shares.max() <= 1 + 1e-5
+    assert sum(result["kind_counts"].values()) == 48
+    assert result["kind_counts"]["local"] > 0  # a byte-level model of code has local heads
+    assert (tmp_path / "heads.png").stat().st_size > 10_000
