@@ -231,6 +231,17 @@ def _hopper() -> bool:
     return capability is not None and int(float(capability)) == 9
 
 
+def forced_sparse_implementation(dtype, head_dim: int) -> str:
+    """The backend long prompts' sparse layers use here, for runs that force the sparse path at
+    every length (benchmarks): "mosaic" on sm_90 for the shapes it takes, "pallas" (Triton) on
+    other GPUs, "xla" elsewhere."""
+    if not _on_gpu():
+        return "xla"
+    if _hopper() and sparse_flash_mgpu.supports(dtype, head_dim, 128, 128):
+        return "mosaic"
+    return "pallas"
+
+
 def default_sparse_kernel(dtype, head_dim: int, index: SparseIndex) -> str:
     """The GPU kernel the default path runs: "mosaic" on sm_90 for bf16/f16 indices of 128-row
     query blocks (two consumer warpgroups: 0.84-1.05 of cuDNN's tile rate on an H200, against

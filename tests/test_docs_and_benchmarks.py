@@ -180,13 +180,31 @@ def test_niah_benchmark_smoke(tmp_path):
     from benchmarks import niah
 
     argv = ["--lengths", "512", "--depths", "0", "1", "--samples", "2", "--ppl-docs", "1"]
-    rows = niah.main([*argv, "--modes", "dense", "minference", "--out", str(tmp_path)])
+    modes = ["dense", "minference", "ashape:16,64"]
+    rows = niah.main([*argv, "--modes", *modes, "--out", str(tmp_path)])
     cells = [r for r in rows if r["kind"] == "niah"]
-    assert len(cells) == 4 and all(r["correct"] == 2 for r in cells)  # the shipped model answers
-    ppl = {r["mode"]: r["ppl"] for r in rows if r["kind"] == "ppl"}
-    assert 1.0 < ppl["dense"] < 5.0 and abs(ppl["minference"] / ppl["dense"] - 1) < 0.1
-    assert "| dense accuracy | 100.0% |" in next(tmp_path.glob("*.md")).read_text()
+    assert len(cells) == 6 and all(r["samples"] == 2 for r in cells)
+    assert all(r["correct"] == 2 for r in cells if r["mode"] != "ashape:16,64")  # it answers
+    ppl = {r["mode"]: r for r in rows if r["kind"] == "ppl"}
+    assert (
+        1.0 < ppl["dense"]["ppl"] < 5.0
+        and abs(ppl["minference"]["ppl"] / ppl["dense"]["ppl"] - 1) < 0.1
+    )
+    # A-shape 16 + 64 of 512 tokens: the sink tile and two local tiles of 36 causal 64-tiles
+    assert ppl["dense"]["computed_fraction"] == 1.0
+    assert 0.1 < ppl["ashape:16,64"]["computed_fraction"] < 0.75
+    report = next(tmp_path.glob("*.md")).read_text()
+    assert "| dense | 100.0% | 100.0% | +0.0 |" in report and "AShape(16, 64)" in report
     assert next(tmp_path.glob("*.png")).stat().st_size > 1000
+
+
+def test_niah_tick_labels_and_bad_mode():
+    from benchmarks import niah
+
+    labels = [niah.tokens_label(n) for n in (128, 512, 1536, 2048, 32768)]
+    assert labels == ["128", "512", "1.5K", "2K", "32K"]
+    with pytest.raises(SystemExit, match="unknown mode 'vs:1'"):
+        niah.main(["--modes", "vs:1", "--lengths", "256"])
 
 
 def test_training_script_smoke(tmp_path):
