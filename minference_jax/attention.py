@@ -19,12 +19,26 @@ from minference_jax.reference import (
 from minference_jax.sparse_index import SparseIndex
 from pallas_kernels.sparse_flash import sparse_flash_attention
 
-# Up to this many tokens a GPU layer runs dense cuDNN attention: the sparse kernel (and the index
-# estimation) do not pay off there (H100 e2e at 32K: sparse 0.97-1.08x dense; see NOTES.md).
-DENSE_CROSSOVER_TOKENS = 32768
-# The sparse kernel computes a tile at ~60% of cuDNN's dense rate, so an estimated index denser
-# than this runs dense cuDNN instead (decided on device, per layer, no host round trip).
+# GPU dispatch (implementation=None), decided from the estimated index, not the prompt length:
+# - up to DENSE_CROSSOVER_TOKENS a layer runs dense cuDNN without estimating an index (the
+#   estimate would cost more than any sparse gain could return);
+# - longer, the index is estimated on device and the layer runs the sparse kernel only if it
+#   computes at most `dense_fallback_fraction(seq_len)` of the causal tiles, else cuDNN (per
+#   layer, no host round trip). The sparse kernel computes a tile at ~60-80% of cuDNN's dense
+#   rate, and up to SHORT_PROMPT_TOKENS the estimate weighs more against the quadratic part, so
+#   short prompts need a sparser index. Tune all three from an e2e GPU run at 8K-32K: a layer
+#   that estimates and then falls back costs the estimate (<= ~3% of the layer is the goal).
+DENSE_CROSSOVER_TOKENS = 8192
+SHORT_PROMPT_TOKENS = 32768
+SHORT_PROMPT_FALLBACK_FRACTION = 0.3
 DENSE_FALLBACK_FRACTION = 0.5
+
+
+def dense_fallback_fraction(seq_len: int) -> float:
+    """Largest computed-tile fraction at which a GPU layer of `seq_len` tokens runs sparse."""
+    if seq_len <= SHORT_PROMPT_TOKENS:
+        return SHORT_PROMPT_FALLBACK_FRACTION
+    return DENSE_FALLBACK_FRACTION
 
 
 def _on_gpu() -> bool:
@@ -87,7 +101,7 @@ def sparse_attention(
         memory, the oracle) or None: layers whose heads are all Dense, and on GPU prompts
         of at most DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN);
         on GPU the rest run "pallas" unless the estimated index computes more than
-        DENSE_FALLBACK_FRACTION of the causal tiles (then cuDNN); elsewhere "xla".
+        `dense_fallback_fraction(seq_len)` of the causal tiles (then cuDNN); elsewhere "xla".
       index: a precomputed SparseIndex (otherwise estimated from q and k here).
     Returns:
       [batch, seq, q_heads, head_dim] in q.dtype.
@@ -137,9 +151,10 @@ def planned_attention(q, k, v, budgets, *, plan: IndexPlan | None, scale: float,
 def attend_with_index(q, k, v, index: SparseIndex, *, scale: float, implementation):
     """Attention under a given index with the chosen backend (None: pallas-or-cuDNN / xla)."""
     if implementation is None:
+        n = q.shape[1]
         if not _on_gpu():
             return sparse_attention_xla(q, k, v, index, softmax_scale=scale)
-        return _sparse_or_dense(q, k, v, index, scale)
+        return _sparse_or_dense(q, k, v, index, scale, max_fraction=dense_fallback_fraction(n))
     if implementation == "reference":
         return sparse_attention_reference(q, k, v, index, softmax_scale=scale)
     if implementation == "pallas":
@@ -147,11 +162,13 @@ def attend_with_index(q, k, v, index: SparseIndex, *, scale: float, implementati
     return sparse_attention_xla(q, k, v, index, softmax_scale=scale)
 
 
-def _sparse_or_dense(q, k, v, index, scale, interpret=False):
-    """The Pallas kernel, or cuDNN when the index is too dense to pay off (decided on device:
-    the kernel computes a tile at ~60% of cuDNN's rate)."""
+def _sparse_or_dense(
+    q, k, v, index, scale, interpret=False, max_fraction: float = DENSE_FALLBACK_FRACTION
+):
+    """The Pallas kernel, or cuDNN when the index computes more than `max_fraction` of the
+    causal tiles (decided on device: the kernel computes a tile at ~60-80% of cuDNN's rate)."""
     return jax.lax.cond(
-        index.computed_fraction() > DENSE_FALLBACK_FRACTION,
+        index.computed_fraction() > max_fraction,
         lambda: _dense_causal(q, k, v, scale),
         lambda: sparse_flash_attention(q, k, v, index, softmax_scale=scale, interpret=interpret),
     )

@@ -14,20 +14,18 @@ import argparse
 import json
 import sys
 
-MODES = ("dense", "minference", "a-shape", "block-sparse")
+MODES = ("dense", "minference", "a-shape", "block-sparse", "anti-diagonal", "adaptive-vs")
 
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2, no traceback."""
 
 
-def _parse_budget(text: str) -> tuple[int, ...]:
+def _parse_budget(text: str) -> tuple[int | float, ...]:
     try:
-        return tuple(int(x) for x in text.split(","))
+        return tuple(float(x) if "." in x else int(x) for x in text.split(","))
     except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=_parse_budget,
         help="minference: 'n_vertical,n_slash' (default 1000,6096); a-shape: 'n_init,n_local' "
-        "(default 1024,4096); block-sparse: 'top_k' (default 100)",
+        "(default 1024,4096); block-sparse: 'top_k' (default 100); anti-diagonal: "
+        "'threshold,stride' (default 0.9,8); adaptive-vs: 'threshold,query_aware' "
+        "(default 0.9,0.0)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--chunk-size", type=int, default=8192)
@@ -94,13 +94,8 @@ def _patterns(args, config):
 
         path = shipped_configs()[SEARCHED_CONFIG]  # the embedded model's searched config
         return load_pattern_config(path, num_layers=config.num_layers), SEARCHED_CONFIG
-    kind, default = {
-        "minference": (P.VerticalSlash, (1000, 6096)),
-        "a-shape": (P.AShape, (1024, 4096)),
-        "block-sparse": (P.BlockSparse, (100,)),
-    }[args.mode]
     try:
-        pattern = kind(*(args.budget or default))
+        pattern = P.pattern_for_mode(args.mode, args.budget)
     except (TypeError, ValueError) as err:
         raise CliError(f"bad --budget for {args.mode}: {err}") from err
     return P.HeadPatterns.uniform(pattern, config.num_layers, config.num_heads), repr(pattern)
