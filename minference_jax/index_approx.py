@@ -355,24 +355,27 @@ def _compact(keep: jax.Array, capacity: int) -> jax.Array:
     return jnp.put_along_axis(out, slot, positions, axis=-1, inplace=False)[..., :capacity]
 
 
-def select_by_threshold(scores: jax.Array, threshold, capacity: int, rule: str) -> jax.Array:
+def select_by_threshold(
+    scores: jax.Array, threshold, capacity: int, rule: str, limit=None
+) -> jax.Array:
     """[..., capacity] ascending SENTINEL-padded indices of each row's `threshold_keep` set.
 
-    A row keeping more than `capacity` (static, <= M) entries keeps its `capacity` largest
-    instead (ties to the lower index); that branch only runs when some row overflows.
+    A row keeping more than `limit` entries (broadcastable to the leading shape, may be traced;
+    default and at most the static `capacity`, <= M) keeps its `limit` largest instead (ties to
+    the lower index); that branch only runs when some row overflows.
     """
-    return _capped(scores, threshold_keep(scores, threshold, rule), capacity)
+    return _capped(scores, threshold_keep(scores, threshold, rule), capacity, limit)
 
 
-def _capped(scores: jax.Array, keep: jax.Array, capacity: int) -> jax.Array:
+def _capped(scores: jax.Array, keep: jax.Array, capacity: int, limit=None) -> jax.Array:
     """`select_by_threshold` from the kept set."""
-    overflow = keep.sum(axis=-1, dtype=jnp.int32) > capacity
+    limit = jnp.minimum(capacity if limit is None else jnp.asarray(limit, jnp.int32), capacity)
+    limit = jnp.broadcast_to(limit, keep.shape[:-1])
+    overflow = keep.sum(axis=-1, dtype=jnp.int32) > limit
 
     def largest():
         x = jnp.where(scores > 0, scores, 0.0).astype(jnp.float32)
-        top = _largest_reaching(
-            x, jnp.ones_like(x), jnp.full(x.shape[:-1] + (1,), capacity, jnp.float32)
-        )
+        top = _largest_reaching(x, jnp.ones_like(x), limit[..., None].astype(jnp.float32))
         return _compact(jnp.where(overflow[..., None], top, keep), capacity)
 
     return jax.lax.cond(overflow.any(), largest, lambda: _compact(keep, capacity))
@@ -444,11 +447,12 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
 
 
 def select_key_blocks(
-    q, k, thresholds, *, scale, capacity, rule, stride, pooled_heads, block_q, block_kv
+    q, k, thresholds, limits, *, scale, capacity, rule, stride, pooled_heads, block_q, block_kv
 ) -> jax.Array:
     """[B, Hq, n_q_blocks, capacity] key blocks per query block, chosen by threshold.
 
-    thresholds [Hq] (traced); scores as `_block_scores_by_chunk`; capacity static."""
+    thresholds, limits [Hq] (traced: the rule's threshold and at most how many blocks);
+    scores as `_block_scores_by_chunk`; capacity static (>= every limit)."""
     score_fn, n_q_blocks, chunk = _block_scores_by_chunk(
         q,
         k,
@@ -460,9 +464,10 @@ def select_key_blocks(
     )
     capacity = min(capacity, num_blocks(q.shape[1], block_kv))
     t = jnp.asarray(thresholds, jnp.float32)[None, :, None]
+    limit = jnp.asarray(limits, jnp.int32)[None, :, None]
 
     def one_chunk(first):
-        return select_by_threshold(score_fn(first), t, capacity, rule)
+        return select_by_threshold(score_fn(first), t, capacity, rule, limit)
 
     n_chunks = num_blocks(n_q_blocks, chunk)
     if n_chunks == 1:
@@ -501,11 +506,13 @@ def _with_always_kept(selected: jax.Array, count: int, width: int) -> jax.Array:
 
 
 def estimate_adaptive_vertical_slash(
-    columns, diagonals, thresholds, *, max_vertical, max_slash, rule
+    columns, diagonals, thresholds, limits, *, max_vertical, max_slash, rule
 ) -> tuple[jax.Array, jax.Array]:
     """(verticals [B, H, max_vertical + 30], slashes [B, H, max_slash + 100]) chosen by
     threshold from column / diagonal scores [B, H, N] (`vertical_slash_scores`), plus the
-    always-kept first 30 columns and 100 most local offsets; ascending, SENTINEL-padded."""
+    always-kept first 30 columns and 100 most local offsets; ascending, SENTINEL-padded.
+    thresholds [H], limits [H, 2] (at most that many verticals, slashes; traced); max_vertical
+    and max_slash static, >= every limit."""
     n = columns.shape[-1]
     t = jnp.asarray(thresholds, jnp.float32)[None, :]
     # One threshold pass over both score kinds (half the reductions), capacities apart.
@@ -513,8 +520,9 @@ def estimate_adaptive_vertical_slash(
         jnp.concatenate([columns, diagonals], axis=1), jnp.concatenate([t, t], axis=1), rule
     )
     heads = columns.shape[1]
-    verticals = _capped(columns, keep[:, :heads], min(max_vertical, n))
-    slashes = _capped(diagonals, keep[:, heads:], min(max_slash, n))
+    limits = jnp.asarray(limits, jnp.int32)
+    verticals = _capped(columns, keep[:, :heads], min(max_vertical, n), limits[None, :, 0])
+    slashes = _capped(diagonals, keep[:, heads:], min(max_slash, n), limits[None, :, 1])
     sinks, local = min(P.N_SINK_COLUMNS, n), min(P.N_LOCAL_SLASHES, n)
     return (
         _with_always_kept(verticals, sinks, min(max_vertical + sinks, n)),
@@ -545,6 +553,9 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
         "is_avs": np.zeros(num_heads, np.int32),
         "threshold": np.zeros(num_heads, np.float32),
         "query_aware": np.zeros(num_heads, np.float32),
+        "max_vertical": np.zeros(num_heads, np.int32),
+        "max_slash": np.zeros(num_heads, np.int32),
+        "max_blocks": np.zeros(num_heads, np.int32),
     }
     rules = {p.rule for _, p in adaptive}
     strides = {p.stride for _, p in adaptive if isinstance(p, P.AntiDiagonalBlockSparse)}
@@ -560,6 +571,7 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
                 f"block_kv={block_kv}"
             )
         arrays["threshold"][h] = p.threshold
+        arrays["max_blocks"][h] = p.max_blocks
         if isinstance(p, P.AntiDiagonalBlockSparse):
             if block_kv % p.stride:
                 raise ValueError(f"head {h}: stride {p.stride} must divide block_kv={block_kv}")
@@ -567,6 +579,7 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
         else:
             arrays["is_avs"][h] = 1
             arrays["query_aware"][h] = p.query_aware
+            arrays["max_vertical"][h], arrays["max_slash"][h] = p.max_vertical, p.max_slash
     avs = [p for _, p in adaptive if isinstance(p, P.AdaptiveVerticalSlash)]
     block_heads = [
         p for _, p in adaptive if isinstance(p, P.AntiDiagonalBlockSparse) or p.query_aware > 0
@@ -608,6 +621,7 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
             column_scores,
             diagonal_scores,
             thresholds,
+            jnp.stack([budgets["max_vertical"], budgets["max_slash"]], axis=-1),
             max_vertical=adaptive.max_vertical,
             max_slash=adaptive.max_slash,
             rule=adaptive.rule,
@@ -630,6 +644,7 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
             q,
             k,
             thresholds,
+            budgets["max_blocks"],
             scale=scale,
             capacity=adaptive.max_blocks,
             rule=adaptive.rule,
