@@ -284,7 +284,9 @@ def main(argv=None):
             f"| {r['seq_len']} | {r['case']} | {r['kernel_ms']} | {r['dense_ms']}"
             f"{'*' if r['dense'] != 'measured' else ''} | {r['speedup']} | {r['ideal_ms']} | "
             f"{r['tflops']} | {r['computed_fraction']} | {r['spot_rel_err']} | "
-            f"{r['index_ms'] or '-'} | {r['speedup_with_index'] or '-'} | {r['err_vs_dense']} |"
+            f"{'-' if r['index_ms'] is None else r['index_ms']} | "
+            f"{'-' if r['speedup_with_index'] is None else r['speedup_with_index']} | "
+            f"{r['err_vs_dense']} |"
             for r in rows
         ]
         + ["", "\\* dense time extrapolated as t(N0) * (N/N0)^2 from the longest measured length."]

@@ -412,3 +412,16 @@ def test_gpu_dispatch_threshold_depends_on_length(monkeypatch):
     assert attention.layer_plan(pattern, attention.DENSE_CROSSOVER_TOKENS, 4, None)[0] is None
     plan, budgets = attention.layer_plan(pattern, attention.DENSE_CROSSOVER_TOKENS + 1, 4, None)
     assert plan.adaptive.stride == 8 and np.allclose(budgets["threshold"], 0.9)
+
+
+@pytest.mark.slow
+def test_recall_benchmark_smoke(tmp_path):
+    from benchmarks import recall
+
+    rows = recall.main(
+        ["--seq-lens", "256", "--rows", "4", "--families", "AdaptiveVS relative"]
+        + ["--out", str(tmp_path)]
+    )
+    assert {r["family"] for r in rows} == {"VerticalSlash", "AdaptiveVS relative"}
+    assert all(0 < r["recall_mean"] <= 1 + 1e-6 for r in rows)
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
