@@ -396,36 +396,42 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
     key-block attention mass per query block, rows summing to 1 (0 past the causal limit).
 
     Heads where `pooled_heads` [Hq] is True score from mean-pooled q and k (softmax over key
-    blocks); the others from strided anti-diagonals (`stride`; 0: no anti-diagonal head)."""
-    batch, n, num_heads, head_dim = q.shape
+    blocks; None: no such head); the others from strided anti-diagonals (`stride`; 0: no
+    anti-diagonal head)."""
+    batch, n, num_heads, _ = q.shape
     num_kv = k.shape[2]
     ratio = block_q // block_kv
     n_q_blocks, n_kv_blocks = num_blocks(n, block_q), num_blocks(n, block_kv)
     kv_blocks = jnp.arange(n_kv_blocks)
     strided_cols = n_kv_blocks * block_kv // stride if stride else 0
-    per_q_block = batch * num_heads * 4 * (n_kv_blocks + block_q // max(stride, 1) * strided_cols)
+    pooled_cols = 0 if pooled_heads is None else n_kv_blocks
+    per_q_block = batch * num_heads * 4 * (pooled_cols + block_q // max(stride, 1) * strided_cols)
     chunk = max(1, min(n_q_blocks, _SCORE_BYTES_PER_STEP // per_q_block))
     n_chunks = num_blocks(n_q_blocks, chunk)
     padded_rows = n_chunks * chunk * block_q
 
-    pooled_q = _grouped(_pool_blocks(q, block_q), num_kv)  # [B, nqb, Hkv, G, D]
-    pooled_q = jnp.pad(pooled_q, ((0, 0), (0, n_chunks * chunk - n_q_blocks)) + ((0, 0),) * 3)
-    pooled_k = _pool_blocks(k, block_kv)  # [B, nkb, Hkv, D]
+    if pooled_heads is not None:
+        pooled_q = _grouped(_pool_blocks(q, block_q), num_kv)  # [B, nqb, Hkv, G, D]
+        pooled_q = jnp.pad(pooled_q, ((0, 0), (0, n_chunks * chunk - n_q_blocks)) + ((0, 0),) * 3)
+        pooled_k = _pool_blocks(k, block_kv)  # [B, nkb, Hkv, D]
     if stride:
         pad_q = ((0, 0), (0, padded_rows - n), (0, 0), (0, 0))
         pad_k = ((0, 0), (0, n_kv_blocks * block_kv - n), (0, 0), (0, 0))
         q_strided = _grouped(_strided_rows(jnp.pad(q, pad_q), stride, reverse=True), num_kv)
         k_strided = _strided_rows(jnp.pad(k, pad_k), stride, reverse=False)
 
-    def scores(first):
+    def pooled_scores(first):
         q_blocks = first + jnp.arange(chunk)
         causal = kv_blocks[None, :] <= ((q_blocks + 1) * ratio - 1)[:, None]  # [C, nkb]
         chunk_q = jax.lax.dynamic_slice_in_dim(pooled_q, first, chunk, axis=1)
         s = jnp.einsum("bckgd,bmkd->bkgcm", chunk_q, pooled_k) * scale
         pooled = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
-        pooled = pooled.reshape(batch, num_heads, chunk, n_kv_blocks)
+        return pooled.reshape(batch, num_heads, chunk, n_kv_blocks)
+
+    def scores(first):
         if not stride:
-            return pooled
+            return pooled_scores(first)
+        q_blocks = first + jnp.arange(chunk)
         rows_per_block = block_q // stride
         chunk_q = jax.lax.dynamic_slice_in_dim(
             q_strided, first * rows_per_block, chunk * rows_per_block, axis=1
@@ -441,7 +447,9 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
         ).sum(axis=(4, 6))
         real_rows = jnp.clip(n - q_blocks * block_q, 1, block_q) / stride
         anti = (sums / jnp.ceil(real_rows)[:, None]).reshape(batch, num_heads, chunk, n_kv_blocks)
-        return jnp.where(pooled_heads[None, :, None, None], pooled, anti)
+        if pooled_heads is None:
+            return anti
+        return jnp.where(pooled_heads[None, :, None, None], pooled_scores(first), anti)
 
     return scores, n_q_blocks, chunk
 
@@ -607,7 +615,8 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
     thresholds = budgets["threshold"]
     is_adb = jnp.broadcast_to(budgets["is_adb"] != 0, (batch, num_heads))
     block_heads = is_adb
-    pooled_heads = budgets["is_avs"] != 0  # [H]: block scores from pooled q, k
+    # [H]: heads whose block scores come from pooled q, k (the query-aware switch's blocks)
+    pooled_heads = (budgets["is_avs"] != 0) if adaptive.query_aware else None
 
     def pad_last(x, width):
         pad = [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])]
