@@ -391,9 +391,16 @@ def _strided_rows(x: jax.Array, stride: int, *, reverse: bool) -> jax.Array:
     return jnp.moveaxis(x, 2, 3).reshape(b, n // stride, h, stride * d)
 
 
+# Query-block chunks are scored in this many groups, each against only the key blocks its last
+# query block can see (a static width per group): 37.5% fewer score FLOPs than scoring every
+# chunk against every key, at the price of one compiled loop body per group.
+_CAUSAL_GROUPS = 4
+
+
 def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_kv):
-    """(score_fn, n_q_blocks, chunk): score_fn(first_q_block) -> [B, Hq, chunk, n_kv_blocks]
-    key-block attention mass per query block, rows summing to 1 (0 past the causal limit).
+    """(score_fn, n_q_blocks, chunk): score_fn(first_q_block, width) -> [B, Hq, chunk, width]
+    attention mass of each query block on key blocks 0..width-1 (static; at least every key
+    block the chunk's query blocks can see), rows summing to 1 (0 past the causal limit).
 
     Heads where `pooled_heads` [Hq] is True score from mean-pooled q and k (softmax over key
     blocks; None: no such head); the others from strided anti-diagonals (`stride`; 0: no
@@ -402,7 +409,6 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
     num_kv = k.shape[2]
     ratio = block_q // block_kv
     n_q_blocks, n_kv_blocks = num_blocks(n, block_q), num_blocks(n, block_kv)
-    kv_blocks = jnp.arange(n_kv_blocks)
     strided_cols = n_kv_blocks * block_kv // stride if stride else 0
     pooled_cols = 0 if pooled_heads is None else n_kv_blocks
     per_q_block = batch * num_heads * 4 * (pooled_cols + block_q // max(stride, 1) * strided_cols)
@@ -420,36 +426,37 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
         q_strided = _grouped(_strided_rows(jnp.pad(q, pad_q), stride, reverse=True), num_kv)
         k_strided = _strided_rows(jnp.pad(k, pad_k), stride, reverse=False)
 
-    def pooled_scores(first):
+    def pooled_scores(first, width):
         q_blocks = first + jnp.arange(chunk)
-        causal = kv_blocks[None, :] <= ((q_blocks + 1) * ratio - 1)[:, None]  # [C, nkb]
+        causal = jnp.arange(width)[None, :] <= ((q_blocks + 1) * ratio - 1)[:, None]  # [C, W]
         chunk_q = jax.lax.dynamic_slice_in_dim(pooled_q, first, chunk, axis=1)
-        s = jnp.einsum("bckgd,bmkd->bkgcm", chunk_q, pooled_k) * scale
+        s = jnp.einsum("bckgd,bmkd->bkgcm", chunk_q, pooled_k[:, :width]) * scale
         pooled = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
-        return pooled.reshape(batch, num_heads, chunk, n_kv_blocks)
+        return pooled.reshape(batch, num_heads, chunk, width)
 
-    def scores(first):
+    def scores(first, width):
         if not stride:
-            return pooled_scores(first)
+            return pooled_scores(first, width)
         q_blocks = first + jnp.arange(chunk)
-        rows_per_block = block_q // stride
+        rows_per_block, cols_per_block = block_q // stride, block_kv // stride
         chunk_q = jax.lax.dynamic_slice_in_dim(
             q_strided, first * rows_per_block, chunk * rows_per_block, axis=1
         )
-        s = jnp.einsum("brkgd,bckd->bkgrc", chunk_q, k_strided, preferred_element_type=jnp.float32)
+        k_cols = k_strided[:, : width * cols_per_block]
+        s = jnp.einsum("brkgd,bckd->bkgrc", chunk_q, k_cols, preferred_element_type=jnp.float32)
         row = first * rows_per_block + jnp.arange(chunk * rows_per_block)  # strided query rows
-        col = jnp.arange(strided_cols)
+        col = jnp.arange(width * cols_per_block)
         allowed = (col[None, :] <= row[:, None]) & (col[None, :] * stride < n)
         probs = jax.nn.softmax(jnp.where(allowed, s * (scale / stride), -jnp.inf), axis=-1)
         probs = jnp.where((row * stride < n)[:, None], probs, 0.0)
-        sums = probs.reshape(
-            batch, num_kv, -1, chunk, rows_per_block, n_kv_blocks, block_kv // stride
-        ).sum(axis=(4, 6))
+        sums = probs.reshape(batch, num_kv, -1, chunk, rows_per_block, width, cols_per_block).sum(
+            axis=(4, 6)
+        )
         real_rows = jnp.clip(n - q_blocks * block_q, 1, block_q) / stride
-        anti = (sums / jnp.ceil(real_rows)[:, None]).reshape(batch, num_heads, chunk, n_kv_blocks)
+        anti = (sums / jnp.ceil(real_rows)[:, None]).reshape(batch, num_heads, chunk, width)
         if pooled_heads is None:
             return anti
-        return jnp.where(pooled_heads[None, :, None, None], pooled_scores(first), anti)
+        return jnp.where(pooled_heads[None, :, None, None], pooled_scores(first, width), anti)
 
     return scores, n_q_blocks, chunk
 
@@ -470,17 +477,28 @@ def select_key_blocks(
         block_q=block_q,
         block_kv=block_kv,
     )
-    capacity = min(capacity, num_blocks(q.shape[1], block_kv))
+    n_kv_blocks = num_blocks(q.shape[1], block_kv)
+    ratio = block_q // block_kv
+    capacity = min(capacity, n_kv_blocks)
     t = jnp.asarray(thresholds, jnp.float32)[None, :, None]
     limit = jnp.asarray(limits, jnp.int32)[None, :, None]
 
-    def one_chunk(first):
-        return select_by_threshold(score_fn(first), t, capacity, rule, limit)
+    def one_chunk(first, width):
+        s = score_fn(first, width)
+        s = jnp.pad(s, ((0, 0),) * 3 + ((0, max(capacity - width, 0)),))  # zeros: never kept
+        return select_by_threshold(s, t, capacity, rule, limit)
 
     n_chunks = num_blocks(n_q_blocks, chunk)
-    if n_chunks == 1:
-        return one_chunk(0)[:, :, :n_q_blocks]
-    idx = jax.lax.map(one_chunk, jnp.arange(n_chunks) * chunk)  # [chunks, B, Hq, C, cap]
+    bounds = np.unique(np.linspace(0, n_chunks, min(n_chunks, _CAUSAL_GROUPS) + 1).round())
+    parts = []
+    for lo, hi in zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True):
+        width = min(n_kv_blocks, hi * chunk * ratio)  # what the group's last query block sees
+        if hi - lo == 1:
+            parts.append(one_chunk(lo * chunk, width)[None])
+        else:
+            firsts = jnp.arange(lo, hi) * chunk
+            parts.append(jax.lax.map(functools.partial(one_chunk, width=width), firsts))
+    idx = jnp.concatenate(parts, axis=0)  # [chunks, B, Hq, C, cap]
     idx = jnp.moveaxis(idx, 0, 2).reshape(q.shape[0], q.shape[2], -1, capacity)
     return idx[:, :, :n_q_blocks]
 

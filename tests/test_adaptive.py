@@ -198,6 +198,30 @@ def test_anti_diagonal_index_matches_oracle(qkv):
         np.testing.assert_array_equal(got[b, h, i, :nb], want, err_msg=f"{rule} {b} {h} {i}")
 
 
+def test_chunked_block_scores_select_the_same_blocks(qkv, monkeypatch):
+    """Chunks of query blocks, scored in groups against only the keys they can see (what bounds
+    memory and skips non-causal work at long N), give the blocks of the one-chunk pass."""
+    from minference_jax import index_approx
+
+    q, k, _ = (jnp.asarray(x, jnp.float32) for x in qkv)
+    kwargs = dict(
+        scale=16**-0.5,
+        capacity=4,
+        rule="cumulative",
+        stride=4,
+        pooled_heads=jnp.array([False, True, False, True]),
+        block_q=BLOCK,
+        block_kv=BLOCK,
+    )
+    thresholds, limits = jnp.array([0.3, 0.6, 0.9, 1.0]), jnp.array([4, 2, 3, 4])
+    whole = index_approx.select_key_blocks(q, k, thresholds, limits, **kwargs)
+    monkeypatch.setattr(index_approx, "_SCORE_BYTES_PER_STEP", 1)  # one query block a chunk
+    chunked = index_approx.select_key_blocks(q, k, thresholds, limits, **kwargs)
+    np.testing.assert_array_equal(chunked, whole)
+    counts = (np.asarray(whole) < SENTINEL).sum(-1)
+    assert counts.max() == 4 and (counts[:, 1] <= 2).all() and counts.min() >= 1
+
+
 def test_adaptive_vertical_slash_index_matches_oracle(qkv):
     q, k, _ = qkv
     heads = tuple(
