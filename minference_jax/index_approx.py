@@ -741,7 +741,8 @@ def plan_index(
     block_kv: int = 64,
     last_q: int = P.LAST_Q,
 ) -> tuple[IndexPlan, dict[str, np.ndarray]]:
-    """Split a layer's patterns into a static IndexPlan and per-head int32 budget arrays."""
+    """Split a layer's patterns into a static IndexPlan and per-head budget arrays (int32
+    counts and flags; float32 thresholds of the adaptive heads)."""
     check_block_sizes(block_q, block_kv)
     patterns = P.normalize_layer_patterns(patterns, num_heads)
     ratio = block_q // block_kv
