@@ -569,7 +569,7 @@ class AdaptivePlan:
 
 
 def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
-    """(AdaptivePlan or None, per-head arrays is_adb, is_avs, threshold, query_aware)."""
+    """(AdaptivePlan or None, the adaptive heads' per-head budget arrays)."""
     adaptive = [(h, p) for h, p in enumerate(patterns) if isinstance(p, P.ADAPTIVE_TYPES)]
     if not adaptive:
         return None, {}
