@@ -449,3 +449,31 @@ def test_recall_benchmark_smoke(tmp_path):
     assert {r["family"] for r in rows} == {"VerticalSlash", "AdaptiveVS relative"}
     assert all(0 < r["recall_mean"] <= 1 + 1e-6 for r in rows)
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+
+
+@pytest.mark.slow
+def test_kernel_benchmark_runs_adaptive_cases(tmp_path):
+    from benchmarks import kernels
+
+    cases = ["anti_diagonal:0.8", "adaptive_vs_relative:0.01"]
+    kernels.main(
+        ["--seq-lens", "128", "--interpret", "--repeats", "1", "--cases", *cases]
+        + ["--out", str(tmp_path)]
+    )
+    (result,) = tmp_path.glob("*.json")
+    rows = json.loads(result.read_text())
+    assert [r["case"] for r in rows] == cases
+    assert all(r["spot_rel_err"] < 1e-2 and r["index_ms"] > 0 for r in rows)
+
+
+def test_e2e_benchmark_modes():
+    import argparse
+
+    from benchmarks import e2e_prefill
+
+    assert e2e_prefill.parse_mode("anti-diagonal:0.8") == "anti-diagonal:0.8"
+    spec = e2e_prefill.attention_spec("adaptive-vs:0.95", e2e_prefill.TINY)
+    assert spec.patterns[0][0] == P.AdaptiveVerticalSlash(0.95)
+    for bad in ("adaptive-vs:1.5", "anti-diagonal:x", "sparse"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            e2e_prefill.parse_mode(bad)
