@@ -8,7 +8,9 @@
 
 Shape: 32 layers, hidden 4096, 32 q / 8 kv heads, head_dim 128, MLP 14336, vocab 128256, llama3 RoPE
 (theta 500000), bf16. Modes: dense (cuDNN via jax.nn.dot_product_attention), vs (every head
-VerticalSlash(1000, 6096)) and config (the shipped Llama-3-8B-262k per-head config). Reports prefill
+VerticalSlash(1000, 6096)), config (the shipped Llama-3-8B-262k per-head config) and the
+adaptive anti-diagonal[:THRESHOLD] / adaptive-vs[:THRESHOLD] (every head
+AntiDiagonalBlockSparse / AdaptiveVerticalSlash, threshold default 0.9). Reports prefill
 latency (median of --repeats calls after a compiling warm-up call), tokens/s, peak device memory
 (the process's high-water mark so far: exact for the first mode run at each length, an upper bound
 for later ones) and, for sparse modes, the fraction of causal tiles that layer 0's estimated index
@@ -105,7 +107,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument(
-        "--modes", nargs="+", default=["dense", "config"], choices=["dense", "vs", "config"]
+        "--modes",
+        nargs="+",
+        default=["dense", "config"],
+        type=parse_mode,
+        help="dense, vs, config, or an adaptive mode anti-diagonal[:THRESHOLD], "
+        "adaptive-vs[:THRESHOLD] (every head that pattern; default threshold 0.9)",
     )
     parser.add_argument("--layers", type=int, default=None, help="truncate the stack to K layers")
     parser.add_argument(
@@ -333,9 +340,32 @@ def layer0_breakdown(model, ids, spec: AttentionSpec, chunk: int, repeats: int) 
     )
 
 
+ADAPTIVE_MODES = ("anti-diagonal", "adaptive-vs")
+
+
+def parse_mode(text: str) -> str:
+    """argparse type of --modes: a fixed mode, or an adaptive one with an optional threshold."""
+    name, colon, threshold = text.partition(":")
+    try:
+        if name in ADAPTIVE_MODES:
+            P.pattern_for_mode(name, (float(threshold),) if colon else None)
+            return text
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"bad mode {text!r}: {err}") from err
+    if text in ("dense", "vs", "config"):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown mode {text!r}: dense, vs, config, {', '.join(ADAPTIVE_MODES)}[:THRESHOLD]"
+    )
+
+
 def attention_spec(mode: str, config: ModelConfig) -> AttentionSpec:
     if mode == "dense":
         return AttentionSpec()
+    name, colon, threshold = mode.partition(":")
+    if name in ADAPTIVE_MODES:
+        pattern = P.pattern_for_mode(name, (float(threshold),) if colon else None)
+        return AttentionSpec(P.HeadPatterns.uniform(pattern, config.num_layers, config.num_heads))
     if mode == "vs":
         pattern = P.VerticalSlash(1000, 6096)
         return AttentionSpec(P.HeadPatterns.uniform(pattern, config.num_layers, config.num_heads))

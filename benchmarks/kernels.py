@@ -11,16 +11,23 @@ PyTorch original's published measurements):
                (benchmarks/synthetic.py: sinks, local decay, heavy tokens).
   block_sparse BlockSparse(top_k=100) estimated from the same synthetic q/k.
   a_shape      A-shape, 1024 sink tokens + 4096 local window.
+  Adaptive cases, NAME or NAME:THRESHOLD (default 0.9), estimated from the same synthetic q/k:
+  anti_diagonal[_relative]  AntiDiagonalBlockSparse (stride 8; cumulative / max-relative rule)
+  adaptive_vs[_relative]    AdaptiveVerticalSlash (cumulative / max-relative rule)
+  adaptive_vs_query_aware   AdaptiveVerticalSlash with the query-aware switch (JS distance 0.3)
 For each: kernel time (index given; index time is benchmarks/index_approx.py), computed tiles,
 achieved TFLOP/s on computed tiles, and the "ideal" time = computed-tile FLOPs at the dense
 kernel's measured rate. Dense cuDNN beyond --dense-max tokens is extrapolated as t * (N/N0)^2
 from the longest measured length, and marked so. A spot check of the kernel against the XLA
-sparse path (f32 math) on a few query blocks runs at every length.
+sparse path (f32 math) on a few query blocks runs at every length. Estimated cases also report
+the index estimation time, the speedup with it included, and the error vs dense attention on the
+same query blocks (the accuracy to match when comparing patterns).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -38,6 +45,32 @@ from pallas_kernels.sparse_flash import sparse_flash_attention
 from pallas_kernels.sparse_flash_mgpu import sparse_flash_attention_mgpu
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+ADAPTIVE_CASES = {
+    "anti_diagonal": lambda t, bk: P.AntiDiagonalBlockSparse(t, block_size=bk),
+    "anti_diagonal_relative": lambda t, bk: P.AntiDiagonalBlockSparse(
+        t, rule="relative", block_size=bk
+    ),
+    "adaptive_vs": lambda t, bk: P.AdaptiveVerticalSlash(t, block_size=bk),
+    "adaptive_vs_relative": lambda t, bk: P.AdaptiveVerticalSlash(
+        t, rule="relative", block_size=bk
+    ),
+    "adaptive_vs_query_aware": lambda t, bk: P.AdaptiveVerticalSlash(
+        t, query_aware=0.3, block_size=bk
+    ),
+}
+
+
+def case_pattern(case: str, block_kv: int) -> P.Pattern:
+    """The pattern of an estimated case: vs_estimated, block_sparse, a_shape or an adaptive
+    NAME[:THRESHOLD]."""
+    name, _, threshold = case.partition(":")
+    if name in ADAPTIVE_CASES:
+        return ADAPTIVE_CASES[name](float(threshold or 0.9), block_kv)
+    return {
+        "vs_estimated": P.VerticalSlash(1000, 6096),
+        "block_sparse": P.BlockSparse(100, block_kv),
+        "a_shape": P.AShape(1024, 4096),
+    }[case]
 
 
 def causal_flops(n: int) -> float:
@@ -96,6 +129,26 @@ def spot_check(q, k, v, index, out) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+def dense_error(q, k, v, index, out) -> float:
+    """Rel. error of `out` vs dense causal attention (f32) on the spot-check query blocks of the
+    first kv group's heads: what the index's sparsity costs in accuracy."""
+    group = HEADS // KV_HEADS
+    blocks = np.unique([0, index.num_q_blocks // 3, index.num_q_blocks - 1])
+    rows = (blocks[:, None] * index.block_q + np.arange(index.block_q)).reshape(-1)
+    rows = rows[rows < q.shape[1]]
+    q_rows = q[:, rows, :group].astype(jnp.float32)
+    logits = (
+        jnp.einsum("brhd,bnd->bhrn", q_rows, k[:, :, 0].astype(jnp.float32), precision="highest")
+        * HEAD_DIM**-0.5
+    )
+    causal = jnp.arange(q.shape[1])[None, :] <= jnp.asarray(rows)[:, None]
+    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+    want = jnp.einsum("bhrn,bnd->brhd", probs, v[:, :, 0].astype(jnp.float32), precision="highest")
+    got = np.asarray(out[:, rows, :group], np.float64)
+    want = np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768])
@@ -146,25 +199,16 @@ def main(argv=None):
         )
     )
     build = {
-        "vs_estimated": jax.jit(
-            lambda q, k: build_sparse_index(
-                q, k, P.VerticalSlash(1000, 6096), block_q=args.block_q, block_kv=args.block_kv
-            )
-        ),
-        "block_sparse": jax.jit(
-            lambda q, k: build_sparse_index(
-                q,
-                k,
-                P.BlockSparse(100, args.block_kv),
+        case: jax.jit(
+            functools.partial(
+                build_sparse_index,
+                patterns=case_pattern(case, args.block_kv),
                 block_q=args.block_q,
                 block_kv=args.block_kv,
             )
-        ),
-        "a_shape": jax.jit(
-            lambda q, k: build_sparse_index(
-                q, k, P.AShape(1024, 4096), block_q=args.block_q, block_kv=args.block_kv
-            )
-        ),
+        )
+        for case in args.cases
+        if case != "vs_fixed"
     }
     rows, dense_ref = [], None
     for n in args.seq_lens:
@@ -190,8 +234,12 @@ def main(argv=None):
                 else build[case](q, k)
             )
             ms = time_fn(kernel, q, k, v, index, warmup=1, repeats=args.repeats)
+            index_ms = None
+            if case in build:
+                index_ms = time_fn(build[case], q, k, warmup=1, repeats=args.repeats)
             out = kernel(q, k, v, index)
             err = spot_check(q, k, v, index, out)
+            err_dense = dense_error(q, k, v, index, out)
             flops = tile_flops(index)
             row = dict(
                 device=device,
@@ -214,12 +262,19 @@ def main(argv=None):
                 ideal_ms=round(flops / dense_rate * 1e3, 3),
                 tflops=round(flops / (ms * 1e-3) / 1e12, 1),
                 spot_rel_err=float(f"{err:.2e}"),
+                index_ms=None if index_ms is None else round(index_ms, 3),
+                speedup_with_index=None
+                if index_ms is None
+                else round(dense_ms / (ms + index_ms), 2),
+                err_vs_dense=float(f"{err_dense:.2e}"),
             )
             rows.append(row)
             print(
                 f"  {case:13s} {args.backend:6s} {ms:9.2f} ms  x{row['speedup']:<6} "
                 f"ideal {row['ideal_ms']:8.2f} ms  {row['tflops']:6.1f} TFLOP/s  "
-                f"computed {row['computed_fraction']:.4f}  err {err:.1e}",
+                f"computed {row['computed_fraction']:.4f}  err {err:.1e}  "
+                f"index {row['index_ms']} ms  x{row['speedup_with_index']} with index  "
+                f"err vs dense {err_dense:.1e}",
                 flush=True,
             )
             del index, out
@@ -240,13 +295,17 @@ def main(argv=None):
             f"median of {args.repeats}.",
             "",
             "| N | case | backend | kernel ms | dense ms | speedup | ideal ms "
-            "| TFLOP/s (computed tiles) | computed / causal | spot rel err |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| TFLOP/s (computed tiles) | computed / causal | spot rel err | index ms "
+            "| speedup with index | err vs dense |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         + [
             f"| {r['seq_len']} | {r['case']} | {r['backend']} | {r['kernel_ms']} | {r['dense_ms']}"
             f"{'*' if r['dense'] != 'measured' else ''} | {r['speedup']} | {r['ideal_ms']} | "
-            f"{r['tflops']} | {r['computed_fraction']} | {r['spot_rel_err']} |"
+            f"{r['tflops']} | {r['computed_fraction']} | {r['spot_rel_err']} | "
+            f"{'-' if r['index_ms'] is None else r['index_ms']} | "
+            f"{'-' if r['speedup_with_index'] is None else r['speedup_with_index']} | "
+            f"{r['err_vs_dense']} |"
             for r in rows
         ]
         + ["", "\\* dense time extrapolated as t(N0) * (N/N0)^2 from the longest measured length."]

@@ -21,16 +21,30 @@ from minference_jax.sparse_index import SparseIndex
 from pallas_kernels import sparse_flash_mgpu
 from pallas_kernels.sparse_flash import sparse_flash_attention
 
-# Up to this many tokens a GPU layer runs dense cuDNN attention: the sparse kernel (and the index
-# estimation) do not pay off there (H100 e2e at 32K: sparse 0.97-1.08x dense; see NOTES.md).
-DENSE_CROSSOVER_TOKENS = 32768
-# The sparse kernel computes a tile at ~60% of cuDNN's dense rate, so an estimated index denser
-# than this runs dense cuDNN instead (decided on device, per layer, no host round trip).
+# GPU dispatch (implementation=None), decided from the estimated index, not the prompt length:
+# - up to DENSE_CROSSOVER_TOKENS a layer runs dense cuDNN without estimating an index (the
+#   estimate would cost more than any sparse gain could return);
+# - longer, the index is estimated on device and the layer runs the sparse kernel only if it
+#   computes at most `dense_fallback_fraction(seq_len)` of the causal tiles, else cuDNN (per
+#   layer, no host round trip). The Triton kernel computes a tile at ~60-80% of cuDNN's dense
+#   rate, and up to SHORT_PROMPT_TOKENS the estimate weighs more against the quadratic part, so
+#   short prompts need a sparser index. Tune all three from an e2e GPU run at 8K-32K: a layer
+#   that estimates and then falls back costs the estimate (<= ~3% of the layer is the goal).
+DENSE_CROSSOVER_TOKENS = 8192
+SHORT_PROMPT_TOKENS = 32768
+SHORT_PROMPT_FALLBACK_FRACTION = 0.3
 DENSE_FALLBACK_FRACTION = 0.5
 # The Mosaic kernel computes its tiles at about cuDNN's rate: sparse pays off until the index is
 # nearly dense (the index estimation and the kernel's per-tile index reads cost the rest; a
 # bound from the tile rate, not yet tuned on an e2e run).
 MOSAIC_DENSE_FALLBACK_FRACTION = 0.85
+
+
+def dense_fallback_fraction(seq_len: int, kernel: str = "pallas") -> float:
+    """Largest computed-tile fraction at which a GPU layer of `seq_len` tokens runs `kernel`."""
+    if seq_len <= SHORT_PROMPT_TOKENS:
+        return SHORT_PROMPT_FALLBACK_FRACTION
+    return MOSAIC_DENSE_FALLBACK_FRACTION if kernel == "mosaic" else DENSE_FALLBACK_FRACTION
 
 
 def _on_gpu() -> bool:
@@ -95,7 +109,8 @@ def sparse_attention(
         oracle) or None: layers whose heads are all Dense, and on GPU prompts of at most
         DENSE_CROSSOVER_TOKENS, go to `jax.nn.dot_product_attention` (cuDNN); on GPU the rest
         run `default_sparse_kernel` unless the estimated index computes more than
-        DENSE_FALLBACK_FRACTION of the causal tiles (then cuDNN); elsewhere "xla".
+        `dense_fallback_fraction(seq_len, kernel)` of the causal tiles (then cuDNN);
+        elsewhere "xla".
       block_q, block_kv: the index's query / key block sizes; by default `default_blocks`:
         128 x 128 (128 x 64 when a head is block-sparse) where the Mosaic kernel runs, else
         64 x 64.
@@ -264,8 +279,8 @@ def _sparse_kernel(q, k, v, index, scale, implementation, interpret):
 
 
 def _sparse_or_dense(q, k, v, index, scale, interpret=False):
-    """The sparse kernel, or cuDNN when the index is too dense to pay off (decided on device:
-    the Triton kernel computes a tile at ~60% of cuDNN's rate)."""
+    """The sparse kernel, or cuDNN when the index is too dense to pay off (decided on device,
+    `dense_fallback_fraction`)."""
     kernel = default_sparse_kernel(q.dtype, q.shape[-1], index)
     return jax.lax.cond(
         _too_dense_for_kernel(index, kernel),
@@ -275,8 +290,7 @@ def _sparse_or_dense(q, k, v, index, scale, interpret=False):
 
 
 def _too_dense_for_kernel(index: SparseIndex, kernel: str = "pallas") -> jax.Array:
-    limit = MOSAIC_DENSE_FALLBACK_FRACTION if kernel == "mosaic" else DENSE_FALLBACK_FRACTION
-    return index.computed_fraction() > limit
+    return index.computed_fraction() > dense_fallback_fraction(index.seq_len, kernel)
 
 
 def _dense_causal(q, k, v, scale):

@@ -4,6 +4,7 @@ and reading a prompt file as UTF-8 text."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 EXIT_USAGE = 2
@@ -62,6 +63,26 @@ def parse_sizes(text: str) -> tuple[int, ...]:
         if not 0 <= size <= INT32_MAX:
             raise argparse.ArgumentTypeError(f"sizes must be in [0, {INT32_MAX}], got {size}")
     return sizes
+
+
+def parse_budget(text: str) -> tuple[int | float, ...]:
+    """'1000,6096' -> (1000, 6096), '0.9,8' -> (0.9, 8): comma-separated sizes in
+    [0, 2**31) or finite non-negative fractions (argparse type)."""
+    values = []
+    for item in text.split(","):
+        if "." not in item and "e" not in item.lower():
+            values.extend(parse_sizes(item))
+            continue
+        try:
+            value = float(item)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers, got {text!r}"
+            ) from err
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"budget values must be finite and >= 0, got {item}")
+        values.append(value)
+    return tuple(values)
 
 
 def decode_prompt(data: bytes, source: str) -> str:

@@ -8,12 +8,16 @@ The file is a list with one object per layer, mapping the query-head number (a s
 - `"block_sparse"`: `BlockSparse(top_k=v_size)`; the reference tool ignores both sizes and uses
   100 blocks, so a `v_size` of 0 reads as 100.
 - `"dense"` (our extension; the reference tool does not know it): full causal attention.
+- `"anti_diagonal_block_sparse"`, `"adaptive_vertical_and_slash"` (our extensions): the
+  adaptive patterns, as `[type, {field: value, ...}, 0, score]` with the pattern's fields
+  (`AntiDiagonalBlockSparse`, `AdaptiveVerticalSlash`; omitted fields take their defaults).
 
 `score` is what the offline search measured for the chosen pattern; it is kept, never used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -23,7 +27,16 @@ import re
 import uuid
 from collections.abc import Sequence
 
-from minference_jax.patterns import AShape, BlockSparse, Dense, HeadPatterns, Pattern, VerticalSlash
+from minference_jax.patterns import (
+    AdaptiveVerticalSlash,
+    AntiDiagonalBlockSparse,
+    AShape,
+    BlockSparse,
+    Dense,
+    HeadPatterns,
+    Pattern,
+    VerticalSlash,
+)
 
 REFERENCE_BLOCK_SPARSE_TOP_K = 100
 MAX_SIZE = 2**31 - 1  # sizes become int32 budgets of the index
@@ -36,9 +49,29 @@ class PatternConfigError(ValueError):
     """A pattern config file is malformed or does not fit the model."""
 
 
+ADAPTIVE_TYPE_NAMES = {
+    "anti_diagonal_block_sparse": AntiDiagonalBlockSparse,
+    "adaptive_vertical_and_slash": AdaptiveVerticalSlash,
+}
+
+
+def _adaptive_from_entry(entry, where: str) -> tuple[Pattern, float]:
+    kind, fields, unused, score = entry
+    if not isinstance(fields, dict) or unused != 0:
+        raise PatternConfigError(f"{where}: expected [{kind!r}, {{field: value}}, 0, score]")
+    if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
+        raise PatternConfigError(f"{where}: score must be a finite number, got {score!r}")
+    try:
+        return ADAPTIVE_TYPE_NAMES[kind](**fields), float(score)
+    except (TypeError, ValueError) as err:
+        raise PatternConfigError(f"{where}: bad {kind} fields {fields!r}: {err}") from err
+
+
 def _pattern_from_entry(entry, where: str) -> tuple[Pattern, float]:
     if not isinstance(entry, list | tuple) or len(entry) != 4:
         raise PatternConfigError(f"{where}: expected [type, v_size, s_size, score], got {entry!r}")
+    if isinstance(entry[0], str) and entry[0] in ADAPTIVE_TYPE_NAMES:
+        return _adaptive_from_entry(entry, where)
     kind, v_size, s_size, score = entry
     for name, size in (("v_size", v_size), ("s_size", s_size)):
         if not isinstance(size, int) or isinstance(size, bool):
@@ -60,7 +93,8 @@ def _pattern_from_entry(entry, where: str) -> tuple[Pattern, float]:
     else:
         raise PatternConfigError(
             f"{where}: unknown pattern type {kind!r}; expected one of "
-            "'vertical_and_slash', 'stream_llm', 'block_sparse', 'dense'"
+            "'vertical_and_slash', 'stream_llm', 'block_sparse', 'dense', "
+            + ", ".join(repr(name) for name in ADAPTIVE_TYPE_NAMES)
         )
     return pattern, float(score)
 
@@ -144,6 +178,9 @@ def _entry_from_pattern(pattern: Pattern, score: float) -> list:
         return ["block_sparse", pattern.top_k, 0, score]
     if isinstance(pattern, Dense):
         return ["dense", 0, 0, score]
+    for name, kind in ADAPTIVE_TYPE_NAMES.items():
+        if isinstance(pattern, kind):
+            return [name, dataclasses.asdict(pattern), 0, score]
     raise TypeError(f"not a pattern: {pattern!r}")
 
 

@@ -23,9 +23,11 @@ from minference_jax.sparse_index import (
     SENTINEL,
     SparseIndex,
     check_block_sizes,
+    compact_ascending,
     diag_mask_from_slashes,
     finalize_index,
     num_blocks,
+    unique_ascending,
 )
 from pallas_kernels import vs_estimate
 
@@ -140,24 +142,18 @@ def default_estimator(dtype, seq_len: int, rows: int, head_dim: int, *, on_gpu: 
     return "pallas" if on_gpu and sixteen_bit and supported else "xla"
 
 
-def estimate_vertical_slash(
+def vertical_slash_scores(
     q: jax.Array,
     k: jax.Array,
-    budgets,
     *,
     scale: float,
     last_q: int = P.LAST_Q,
-    max_budgets: tuple[int, int] | None = None,
     estimator: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Estimate verticals and slashes for every query head.
+    """Column and diagonal sums [B, Hq, N] of the last `last_q` queries' causal softmax.
 
-    q [B, N, Hq, D], k [B, N, Hkv, D]; budgets [Hq, 2] = (n_vertical, n_slash) per head, may be
-    traced when `max_budgets` (static top-k widths, >= every budget) is given.
-    `estimator`: "pallas" (the fused kernel of pallas_kernels/vs_estimate.py; interpreted off
-    GPU), "xla", or None (`default_estimator`).
-    Returns (verticals [B, Hq, max_v] key positions, slashes [B, Hq, max_s] offsets i - j), both
-    ascending and SENTINEL-padded. The first 30 columns and the 100 most local offsets always win.
+    Each head's columns (and diagonals) sum to the number of rows used. `estimator`: see
+    `estimate_vertical_slash`.
     """
     n = q.shape[1]
     rows = min(last_q, n)
@@ -187,6 +183,32 @@ def estimate_vertical_slash(
         )
     else:
         raise ValueError(f"unknown estimator {estimator!r}; choose 'pallas', 'xla' or None")
+    return columns, diagonals
+
+
+def estimate_vertical_slash(
+    q: jax.Array,
+    k: jax.Array,
+    budgets,
+    *,
+    scale: float,
+    last_q: int = P.LAST_Q,
+    max_budgets: tuple[int, int] | None = None,
+    estimator: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Estimate verticals and slashes for every query head.
+
+    q [B, N, Hq, D], k [B, N, Hkv, D]; budgets [Hq, 2] = (n_vertical, n_slash) per head, may be
+    traced when `max_budgets` (static top-k widths, >= every budget) is given.
+    `estimator`: "pallas" (the fused kernel of pallas_kernels/vs_estimate.py; interpreted off
+    GPU), "xla", or None (`default_estimator`).
+    Returns (verticals [B, Hq, max_v] key positions, slashes [B, Hq, max_s] offsets i - j), both
+    ascending and SENTINEL-padded. The first 30 columns and the 100 most local offsets always win.
+    """
+    n = q.shape[1]
+    columns, diagonals = vertical_slash_scores(
+        q, k, scale=scale, last_q=last_q, estimator=estimator
+    )
     positions = jnp.arange(n)
     columns = jnp.where(positions < P.N_SINK_COLUMNS, jnp.inf, columns)
     diagonals = jnp.where(positions < P.N_LOCAL_SLASHES, jnp.inf, diagonals)
@@ -285,7 +307,420 @@ def _order_key(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31 != 0, ~bits, bits | jnp.uint32(1 << 31))
 
 
-KINDS = {P.Dense: "dense", P.AShape: "ashape", P.VerticalSlash: "vs", P.BlockSparse: "bs"}
+# --- Budgets that follow the attention: threshold selection and the adaptive patterns ----------
+
+# Relative slack on a cumulative target, so that f32 summation order never asks for one entry
+# more than the exact mass needs (e.g. 5 of 10 equal scores at threshold 0.5).
+_MASS_SLACK = 2.0**-16
+# Per-head budgets that are fractions (the rest are int32 counts and flags).
+_FLOAT_BUDGETS = ("threshold", "query_aware")
+
+
+def _largest_reaching(x: jax.Array, weight: jax.Array, target: jax.Array) -> jax.Array:
+    """bool [..., M]: the fewest largest entries of x >= 0 (ties to the lower index) whose
+    weights sum to at least target [..., 1] (none when target <= 0).
+
+    Sort-free: a radix search over the f32 bit patterns (which order like the values) for the
+    largest cut c with weight(x >= c) >= target, 2 bits a step (16 steps of 3 masked sums), then
+    the ties at the cut in index order. weight = x: cumulative mass; weight = 1: top-k.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+    def radix_step(step, cut):
+        shift = (30 - 2 * step).astype(jnp.uint32)
+        digit = sum(
+            (
+                jnp.where(bits >= cut + (jnp.uint32(d) << shift), weight, 0.0).sum(
+                    -1, keepdims=True
+                )
+                >= target
+            )
+            for d in (1, 2, 3)
+        )
+        return cut + (digit.astype(jnp.uint32) << shift)
+
+    # A loop, not unrolled: unrolled steps made each selection's CPU compile take seconds.
+    cut = jax.lax.fori_loop(0, 16, radix_step, jnp.zeros(target.shape, jnp.uint32))
+    above = bits > cut
+    missing = target - jnp.where(above, weight, 0.0).sum(axis=-1, keepdims=True)
+    tie_weight = jnp.where(bits == cut, weight, 0.0)
+    before = jnp.cumsum(tie_weight, axis=-1) - tie_weight  # tie weight earlier in the row
+    return above | ((bits == cut) & (before < missing))
+
+
+def threshold_keep(scores: jax.Array, threshold, rule: str) -> jax.Array:
+    """bool [..., M]: each row's entries kept by a selection rule, before any capacity.
+
+    scores [..., M] (entries <= 0 or NaN count as 0 and are never kept); `threshold`
+    broadcastable to the leading shape [...], may be traced.
+    - "cumulative": the fewest entries whose sum reaches `threshold` x the row total (largest
+      first, ties to the lower index), up to a 2^-16 relative slack; 0 keeps none, 1 keeps every
+      positive entry. Sort-free (`_largest_reaching`): 16 steps of 3 masked row sums.
+    - "relative": every positive entry >= `threshold` x the row maximum (one max, one compare).
+    """
+    x = jnp.where(scores > 0, scores, 0.0).astype(jnp.float32)
+    t = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), x.shape[:-1])[..., None]
+    positive = x > 0
+    if rule == "relative":
+        return positive & (x >= t * x.max(axis=-1, keepdims=True))
+    if rule != "cumulative":
+        raise ValueError(f"unknown selection rule {rule!r}; choose from {P.SELECTION_RULES}")
+    target = t * x.sum(axis=-1, keepdims=True) * (1.0 - _MASS_SLACK)
+    return jnp.where(t >= 1, positive, _largest_reaching(x, x, target) & positive)
+
+
+def _compact(keep: jax.Array, capacity: int) -> jax.Array:
+    """Indices of the first `capacity` True entries of each row, ascending, SENTINEL-padded."""
+    rank = jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1
+    slot = jnp.where(keep & (rank < capacity), rank, capacity)  # the rest land in a spare slot
+    out = jnp.full(keep.shape[:-1] + (capacity + 1,), SENTINEL, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(keep.shape[-1], dtype=jnp.int32), keep.shape)
+    return jnp.put_along_axis(out, slot, positions, axis=-1, inplace=False)[..., :capacity]
+
+
+def select_by_threshold(
+    scores: jax.Array, threshold, capacity: int, rule: str, limit=None
+) -> jax.Array:
+    """[..., capacity] ascending SENTINEL-padded indices of each row's `threshold_keep` set.
+
+    A row keeping more than `limit` entries (broadcastable to the leading shape, may be traced;
+    default and at most the static `capacity`, <= M) keeps its `limit` largest instead (ties to
+    the lower index); that branch only runs when some row overflows.
+    """
+    return _capped(scores, threshold_keep(scores, threshold, rule), capacity, limit)
+
+
+def _capped(scores: jax.Array, keep: jax.Array, capacity: int, limit=None) -> jax.Array:
+    """`select_by_threshold` from the kept set."""
+    limit = jnp.minimum(capacity if limit is None else jnp.asarray(limit, jnp.int32), capacity)
+    limit = jnp.broadcast_to(limit, keep.shape[:-1])
+    overflow = keep.sum(axis=-1, dtype=jnp.int32) > limit
+
+    def largest():
+        x = jnp.where(scores > 0, scores, 0.0).astype(jnp.float32)
+        top = _largest_reaching(x, jnp.ones_like(x), limit[..., None].astype(jnp.float32))
+        return _compact(jnp.where(overflow[..., None], top, keep), capacity)
+
+    return jax.lax.cond(overflow.any(), largest, lambda: _compact(keep, capacity))
+
+
+def _strided_rows(x: jax.Array, stride: int, *, reverse: bool) -> jax.Array:
+    """[B, N, H, D] (N a multiple of stride) -> [B, N / stride, H, stride * D]: each group of
+    `stride` rows side by side (reversed within the group for queries: anti-diagonals)."""
+    b, n, h, d = x.shape
+    x = x.reshape(b, n // stride, stride, h, d)
+    if reverse:
+        x = x[:, :, ::-1]
+    return jnp.moveaxis(x, 2, 3).reshape(b, n // stride, h, stride * d)
+
+
+# Query-block chunks are scored in this many groups, each against only the key blocks its last
+# query block can see (a static width per group): 37.5% fewer score FLOPs than scoring every
+# chunk against every key, at the price of one compiled loop body per group.
+_CAUSAL_GROUPS = 4
+
+
+def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_kv):
+    """(score_fn, n_q_blocks, chunk): score_fn(first_q_block, width) -> [B, Hq, chunk, width]
+    attention mass of each query block on key blocks 0..width-1 (static; at least every key
+    block the chunk's query blocks can see), rows summing to 1 (0 past the causal limit).
+
+    Heads where `pooled_heads` [Hq] is True score from mean-pooled q and k (softmax over key
+    blocks; None: no such head); the others from strided anti-diagonals (`stride`; 0: no
+    anti-diagonal head)."""
+    batch, n, num_heads, _ = q.shape
+    num_kv = k.shape[2]
+    ratio = block_q // block_kv
+    n_q_blocks, n_kv_blocks = num_blocks(n, block_q), num_blocks(n, block_kv)
+    strided_cols = n_kv_blocks * block_kv // stride if stride else 0
+    pooled_cols = 0 if pooled_heads is None else n_kv_blocks
+    per_q_block = batch * num_heads * 4 * (pooled_cols + block_q // max(stride, 1) * strided_cols)
+    chunk = max(1, min(n_q_blocks, _SCORE_BYTES_PER_STEP // per_q_block))
+    n_chunks = num_blocks(n_q_blocks, chunk)
+    padded_rows = n_chunks * chunk * block_q
+
+    if pooled_heads is not None:
+        pooled_q = _grouped(_pool_blocks(q, block_q), num_kv)  # [B, nqb, Hkv, G, D]
+        pooled_q = jnp.pad(pooled_q, ((0, 0), (0, n_chunks * chunk - n_q_blocks)) + ((0, 0),) * 3)
+        pooled_k = _pool_blocks(k, block_kv)  # [B, nkb, Hkv, D]
+    if stride:
+        pad_q = ((0, 0), (0, padded_rows - n), (0, 0), (0, 0))
+        pad_k = ((0, 0), (0, n_kv_blocks * block_kv - n), (0, 0), (0, 0))
+        q_strided = _grouped(_strided_rows(jnp.pad(q, pad_q), stride, reverse=True), num_kv)
+        k_strided = _strided_rows(jnp.pad(k, pad_k), stride, reverse=False)
+
+    def pooled_scores(first, width):
+        q_blocks = first + jnp.arange(chunk)
+        causal = jnp.arange(width)[None, :] <= ((q_blocks + 1) * ratio - 1)[:, None]  # [C, W]
+        chunk_q = jax.lax.dynamic_slice_in_dim(pooled_q, first, chunk, axis=1)
+        s = jnp.einsum("bckgd,bmkd->bkgcm", chunk_q, pooled_k[:, :width]) * scale
+        pooled = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+        return pooled.reshape(batch, num_heads, chunk, width)
+
+    def scores(first, width):
+        if not stride:
+            return pooled_scores(first, width)
+        q_blocks = first + jnp.arange(chunk)
+        rows_per_block, cols_per_block = block_q // stride, block_kv // stride
+        chunk_q = jax.lax.dynamic_slice_in_dim(
+            q_strided, first * rows_per_block, chunk * rows_per_block, axis=1
+        )
+        k_cols = k_strided[:, : width * cols_per_block]
+        s = jnp.einsum("brkgd,bckd->bkgrc", chunk_q, k_cols, preferred_element_type=jnp.float32)
+        row = first * rows_per_block + jnp.arange(chunk * rows_per_block)  # strided query rows
+        col = jnp.arange(width * cols_per_block)
+        allowed = (col[None, :] <= row[:, None]) & (col[None, :] * stride < n)
+        probs = jax.nn.softmax(jnp.where(allowed, s * (scale / stride), -jnp.inf), axis=-1)
+        probs = jnp.where((row * stride < n)[:, None], probs, 0.0)
+        sums = probs.reshape(batch, num_kv, -1, chunk, rows_per_block, width, cols_per_block).sum(
+            axis=(4, 6)
+        )
+        real_rows = jnp.clip(n - q_blocks * block_q, 1, block_q) / stride
+        anti = (sums / jnp.ceil(real_rows)[:, None]).reshape(batch, num_heads, chunk, width)
+        if pooled_heads is None:
+            return anti
+        return jnp.where(pooled_heads[None, :, None, None], pooled_scores(first, width), anti)
+
+    return scores, n_q_blocks, chunk
+
+
+def select_key_blocks(
+    q, k, thresholds, limits, *, scale, capacity, rule, stride, pooled_heads, block_q, block_kv
+) -> jax.Array:
+    """[B, Hq, n_q_blocks, capacity] key blocks per query block, chosen by threshold.
+
+    thresholds, limits [Hq] (traced: the rule's threshold and at most how many blocks);
+    scores as `_block_scores_by_chunk`; capacity static (>= every limit)."""
+    score_fn, n_q_blocks, chunk = _block_scores_by_chunk(
+        q,
+        k,
+        scale=scale,
+        stride=stride,
+        pooled_heads=pooled_heads,
+        block_q=block_q,
+        block_kv=block_kv,
+    )
+    n_kv_blocks = num_blocks(q.shape[1], block_kv)
+    ratio = block_q // block_kv
+    capacity = min(capacity, n_kv_blocks)
+    t = jnp.asarray(thresholds, jnp.float32)[None, :, None]
+    limit = jnp.asarray(limits, jnp.int32)[None, :, None]
+
+    def one_chunk(first, width):
+        s = score_fn(first, width)
+        s = jnp.pad(s, ((0, 0),) * 3 + ((0, max(capacity - width, 0)),))  # zeros: never kept
+        return select_by_threshold(s, t, capacity, rule, limit)
+
+    n_chunks = num_blocks(n_q_blocks, chunk)
+    bounds = np.unique(np.linspace(0, n_chunks, min(n_chunks, _CAUSAL_GROUPS) + 1).round())
+    parts = []
+    for lo, hi in zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True):
+        width = min(n_kv_blocks, hi * chunk * ratio)  # what the group's last query block sees
+        if hi - lo == 1:
+            parts.append(one_chunk(lo * chunk, width)[None])
+        else:
+            firsts = jnp.arange(lo, hi) * chunk
+            parts.append(jax.lax.map(functools.partial(one_chunk, width=width), firsts))
+    idx = jnp.concatenate(parts, axis=0)  # [chunks, B, Hq, C, cap]
+    idx = jnp.moveaxis(idx, 0, 2).reshape(q.shape[0], q.shape[2], -1, capacity)
+    return idx[:, :, :n_q_blocks]
+
+
+def query_aware_distance(q, k, columns, *, scale, last_q, block_kv) -> jax.Array:
+    """[B, Hq] Jensen-Shannon distance (sqrt of the base-2 divergence, in [0, 1]) between the
+    last `last_q` queries' key-block attention (from their column sums `columns` [B, Hq, N]) and
+    the same distribution estimated from mean-pooled q and k."""
+    n = q.shape[1]
+    rows = min(last_q, n)
+    n_kv_blocks = num_blocks(n, block_kv)
+    true = jnp.pad(columns, ((0, 0), (0, 0), (0, n_kv_blocks * block_kv - n)))
+    true = true.reshape(*columns.shape[:2], n_kv_blocks, block_kv).sum(-1)
+    true = true / jnp.maximum(true.sum(-1, keepdims=True), 1e-30)
+    q_mean = _grouped(q[:, n - rows :].astype(jnp.float32).mean(axis=1, keepdims=True), k.shape[2])
+    pooled_k = _pool_blocks(k, block_kv)
+    logits = jnp.einsum("bqkgd,bmkd->bkgm", q_mean, pooled_k) * scale
+    estimate = jax.nn.softmax(logits, axis=-1).reshape(true.shape)
+    middle = (true + estimate) / 2
+
+    def kl(p):  # KL(p || middle) in bits, 0 log 0 = 0
+        return jnp.where(p > 0, p * jnp.log2(jnp.where(p > 0, p, 1.0) / middle), 0.0).sum(-1)
+
+    return jnp.sqrt(jnp.clip((kl(true) + kl(estimate)) / 2, 0.0, 1.0))
+
+
+def _with_always_kept(selected: jax.Array, count: int, width: int) -> jax.Array:
+    """Union of selected indices [B, H, S] and 0..count-1, unique ascending, `width` wide."""
+    kept = jnp.broadcast_to(jnp.arange(count, dtype=jnp.int32), selected.shape[:-1] + (count,))
+    return compact_ascending(unique_ascending(jnp.concatenate([selected, kept], -1)), width)
+
+
+def estimate_adaptive_vertical_slash(
+    columns, diagonals, thresholds, limits, *, max_vertical, max_slash, rule
+) -> tuple[jax.Array, jax.Array]:
+    """(verticals [B, H, max_vertical + 30], slashes [B, H, max_slash + 100]) chosen by
+    threshold from column / diagonal scores [B, H, N] (`vertical_slash_scores`), plus the
+    always-kept first 30 columns and 100 most local offsets; ascending, SENTINEL-padded.
+    thresholds [H], limits [H, 2] (at most that many verticals, slashes; traced); max_vertical
+    and max_slash static, >= every limit."""
+    n = columns.shape[-1]
+    t = jnp.asarray(thresholds, jnp.float32)[None, :]
+    # One threshold pass over both score kinds (half the reductions), capacities apart.
+    keep = threshold_keep(
+        jnp.concatenate([columns, diagonals], axis=1), jnp.concatenate([t, t], axis=1), rule
+    )
+    heads = columns.shape[1]
+    limits = jnp.asarray(limits, jnp.int32)
+    verticals = _capped(columns, keep[:, :heads], min(max_vertical, n), limits[None, :, 0])
+    slashes = _capped(diagonals, keep[:, heads:], min(max_slash, n), limits[None, :, 1])
+    sinks, local = min(P.N_SINK_COLUMNS, n), min(P.N_LOCAL_SLASHES, n)
+    return (
+        _with_always_kept(verticals, sinks, min(max_vertical + sinks, n)),
+        _with_always_kept(slashes, local, min(max_slash + local, n)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptivePlan:
+    """Static part of a layer's adaptive heads: one rule and stride per layer, capacities."""
+
+    rule: str
+    stride: int  # anti-diagonal stride (0: no AntiDiagonalBlockSparse head)
+    max_blocks: int  # key-block capacity per query block (0: no head selects blocks)
+    max_vertical: int
+    max_slash: int
+    query_aware: bool  # some AdaptiveVerticalSlash head may switch to blocks
+
+
+def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
+    """(AdaptivePlan or None, the adaptive heads' per-head budget arrays)."""
+    adaptive = [(h, p) for h, p in enumerate(patterns) if isinstance(p, P.ADAPTIVE_TYPES)]
+    if not adaptive:
+        return None, {}
+    num_heads = len(patterns)
+    arrays = {
+        "is_adb": np.zeros(num_heads, np.int32),
+        "is_avs": np.zeros(num_heads, np.int32),
+        "threshold": np.zeros(num_heads, np.float32),
+        "query_aware": np.zeros(num_heads, np.float32),
+        "max_vertical": np.zeros(num_heads, np.int32),
+        "max_slash": np.zeros(num_heads, np.int32),
+        "max_blocks": np.zeros(num_heads, np.int32),
+    }
+    rules = {p.rule for _, p in adaptive}
+    strides = {p.stride for _, p in adaptive if isinstance(p, P.AntiDiagonalBlockSparse)}
+    if len(rules) > 1 or len(strides) > 1:
+        raise ValueError(
+            f"adaptive heads of one layer must share the rule and the stride; got rules "
+            f"{sorted(rules)}, strides {sorted(strides)}"
+        )
+    for h, p in adaptive:
+        if p.block_size != block_kv:
+            raise ValueError(
+                f"head {h}: {type(p).__name__}.block_size={p.block_size} must equal "
+                f"block_kv={block_kv}"
+            )
+        arrays["threshold"][h] = p.threshold
+        arrays["max_blocks"][h] = p.max_blocks
+        if isinstance(p, P.AntiDiagonalBlockSparse):
+            if block_kv % p.stride:
+                raise ValueError(f"head {h}: stride {p.stride} must divide block_kv={block_kv}")
+            arrays["is_adb"][h] = 1
+        else:
+            arrays["is_avs"][h] = 1
+            arrays["query_aware"][h] = p.query_aware
+            arrays["max_vertical"][h], arrays["max_slash"][h] = p.max_vertical, p.max_slash
+    avs = [p for _, p in adaptive if isinstance(p, P.AdaptiveVerticalSlash)]
+    block_heads = [
+        p for _, p in adaptive if isinstance(p, P.AntiDiagonalBlockSparse) or p.query_aware > 0
+    ]
+    n_kv_blocks = num_blocks(seq_len, block_kv)
+    plan = AdaptivePlan(
+        rule=rules.pop(),
+        stride=strides.pop() if strides else 0,
+        max_blocks=min(
+            _round_up_pow2(max((p.max_blocks for p in block_heads), default=0)), n_kv_blocks
+        ),
+        max_vertical=min(_round_up_pow2(max((p.max_vertical for p in avs), default=0)), seq_len),
+        max_slash=min(_round_up_pow2(max((p.max_slash for p in avs), default=0)), seq_len),
+        query_aware=any(p.query_aware > 0 for p in avs),
+    )
+    return plan, arrays
+
+
+def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candidates, columns):
+    """The layer's (diag_mask, candidates, columns) with its adaptive heads' parts filled in."""
+    adaptive = plan.adaptive
+    batch, n, num_heads, _ = q.shape
+    block_q, block_kv = plan.block_q, plan.block_kv
+    ratio = block_q // block_kv
+    thresholds = budgets["threshold"]
+    is_adb = jnp.broadcast_to(budgets["is_adb"] != 0, (batch, num_heads))
+    block_heads = is_adb
+    # [H]: heads whose block scores come from pooled q, k (the query-aware switch's blocks)
+    pooled_heads = (budgets["is_avs"] != 0) if adaptive.query_aware else None
+
+    def pad_last(x, width):
+        pad = [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])]
+        return jnp.pad(x, pad, constant_values=SENTINEL)
+
+    if "avs" in plan.families:
+        column_scores, diagonal_scores = vertical_slash_scores(
+            q, k, scale=scale, last_q=plan.last_q, estimator=estimator
+        )
+        verticals, slashes = estimate_adaptive_vertical_slash(
+            column_scores,
+            diagonal_scores,
+            thresholds,
+            jnp.stack([budgets["max_vertical"], budgets["max_slash"]], axis=-1),
+            max_vertical=adaptive.max_vertical,
+            max_slash=adaptive.max_slash,
+            rule=adaptive.rule,
+        )
+        use_vs = jnp.broadcast_to(budgets["is_avs"] != 0, (batch, num_heads))
+        if adaptive.query_aware:
+            distance = query_aware_distance(
+                q, k, column_scores, scale=scale, last_q=plan.last_q, block_kv=block_kv
+            )
+            use_blocks = use_vs & (distance < budgets["query_aware"][None, :])
+            use_vs = use_vs & ~use_blocks
+            block_heads = block_heads | use_blocks
+        vs_mask = diag_mask_from_slashes(slashes, diag_mask.shape[-1], block_kv, ratio)
+        diag_mask = jnp.where(use_vs[..., None], vs_mask, diag_mask)
+        width = max(columns.shape[-1], verticals.shape[-1])
+        columns = jnp.where(use_vs[..., None], pad_last(verticals, width), pad_last(columns, width))
+
+    if adaptive.max_blocks:
+        blocks = select_key_blocks(
+            q,
+            k,
+            thresholds,
+            budgets["max_blocks"],
+            scale=scale,
+            capacity=adaptive.max_blocks,
+            rule=adaptive.rule,
+            stride=adaptive.stride,
+            pooled_heads=pooled_heads,
+            block_q=block_q,
+            block_kv=block_kv,
+        )
+        # Key block 0 (the sink) always; blocks are ascending, so blocks[..., 0] tells if it is in.
+        sink = jnp.where(blocks[..., :1] == 0, SENTINEL, 0).astype(jnp.int32)
+        blocks = jnp.concatenate([blocks, sink], axis=-1)
+        width = max(candidates.shape[-1], blocks.shape[-1])
+        candidates = jnp.where(
+            block_heads[..., None, None], pad_last(blocks, width), pad_last(candidates, width)
+        )
+    return diag_mask, candidates, columns
+
+
+KINDS = {
+    P.Dense: "dense",
+    P.AShape: "ashape",
+    P.VerticalSlash: "vs",
+    P.BlockSparse: "bs",
+    P.AntiDiagonalBlockSparse: "adb",
+    P.AdaptiveVerticalSlash: "avs",
+}
 
 
 def _round_up_pow2(x: int, floor: int = 1) -> int:
@@ -303,7 +738,7 @@ class IndexPlan:
     devices holding different heads run one program under `shard_map`.
     """
 
-    families: tuple[str, ...]  # sorted subset of "ashape", "bs", "dense", "vs" present
+    families: tuple[str, ...]  # sorted subset of "adb", "ashape", "avs", "bs", "dense", "vs"
     num_heads: int
     seq_len: int
     block_q: int
@@ -315,6 +750,9 @@ class IndexPlan:
     max_sink_blocks: int
     max_sink_columns: int
     max_diag: int
+    adaptive: AdaptivePlan | None = (
+        None  # the AntiDiagonalBlockSparse / AdaptiveVerticalSlash heads
+    )
 
 
 def plan_index(
@@ -326,7 +764,8 @@ def plan_index(
     block_kv: int = 64,
     last_q: int = P.LAST_Q,
 ) -> tuple[IndexPlan, dict[str, np.ndarray]]:
-    """Split a layer's patterns into a static IndexPlan and per-head int32 budget arrays."""
+    """Split a layer's patterns into a static IndexPlan and per-head budget arrays (int32
+    counts and flags; float32 thresholds of the adaptive heads)."""
     check_block_sizes(block_q, block_kv)
     patterns = P.normalize_layer_patterns(patterns, num_heads)
     ratio = block_q // block_kv
@@ -358,18 +797,24 @@ def plan_index(
                 )
             budgets["is_bs"][h] = 1
             budgets["top_k"][h] = p.top_k
+        elif isinstance(p, P.ADAPTIVE_TYPES):
+            continue  # planned by _plan_adaptive
         else:  # A-shape: sinks as full key blocks + leftover columns, window as diagonals
             n_init, n_local = min(p.n_init, seq_len), min(p.n_local, seq_len)
             budgets["sink_blocks"][h] = n_init // block_kv
             budgets["sink_lo"][h], budgets["sink_hi"][h] = n_init // block_kv * block_kv, n_init
             budgets["last_diag"][h] = num_blocks(max(n_local - 1, 0), block_kv) + ratio - 1
     kinds = tuple(KINDS[type(p)] for p in patterns)
+    adaptive, adaptive_budgets = _plan_adaptive(patterns, seq_len, block_q, block_kv)
+    budgets.update(adaptive_budgets)
     max_slash = min(_round_up_pow2(int(budgets["n_slash"].max()), 64), seq_len)
     diag_bounds = [ratio]
     if "dense" in kinds:
         diag_bounds.append(n_slots)
     if "vs" in kinds:
         diag_bounds.append(max_slash * (ratio + 1) + ratio)
+    if "avs" in kinds:
+        diag_bounds.append((adaptive.max_slash + P.N_LOCAL_SLASHES) * (ratio + 1) + ratio)
     if "ashape" in kinds:
         diag_bounds.append(
             _round_up_pow2(int(budgets["last_diag"][np.array(kinds) == "ashape"].max()) + 1)
@@ -387,6 +832,7 @@ def plan_index(
         max_sink_blocks=_round_up_pow2(int(budgets["sink_blocks"].max())),
         max_sink_columns=_round_up_pow2(int((budgets["sink_hi"] - budgets["sink_lo"]).max())),
         max_diag=min(n_slots, max(diag_bounds)),
+        adaptive=adaptive,
     )
     return plan, budgets
 
@@ -426,7 +872,10 @@ def build_planned_index(
     ratio = block_q // block_kv
     n_q_blocks = num_blocks(n, block_q)
     n_slots = n_q_blocks * ratio
-    budgets = {name: jnp.asarray(value, jnp.int32) for name, value in budgets.items()}
+    budgets = {
+        name: jnp.asarray(value, jnp.float32 if name in _FLOAT_BUDGETS else jnp.int32)
+        for name, value in budgets.items()
+    }
 
     def per_head(flag, ndim):  # traced [H] 0/1 -> bool broadcastable over [B, H, ...]
         return (budgets[flag] != 0).reshape((1, num_heads) + (1,) * (ndim - 2))
@@ -477,6 +926,18 @@ def build_planned_index(
         sink_columns = jnp.broadcast_to(sink_columns[None], (batch, *sink_columns.shape))
         columns = jnp.sort(jnp.concatenate([columns, sink_columns], axis=-1), axis=-1)
 
+    if plan.adaptive is not None:
+        diag_mask, candidates, columns = _adaptive_parts(
+            q,
+            k,
+            budgets,
+            plan=plan,
+            scale=scale,
+            estimator=estimator,
+            diag_mask=diag_mask,
+            candidates=candidates,
+            columns=columns,
+        )
     return finalize_index(
         diag_mask,
         candidates,

@@ -87,8 +87,111 @@ class BlockSparse:
             raise ValueError(f"BlockSparse.block_size must be >= 1, got {self.block_size}")
 
 
-Pattern = Dense | AShape | VerticalSlash | BlockSparse
-PATTERN_TYPES = (Dense, AShape, VerticalSlash, BlockSparse)
+SELECTION_RULES = ("cumulative", "relative")
+
+
+def _check_threshold(name: str, threshold, rule: str) -> None:
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"{name}.rule must be one of {SELECTION_RULES}, got {rule!r}")
+    if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+        raise TypeError(f"{name}.threshold must be a number, got {type(threshold).__name__}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"{name}.threshold must be in [0, 1], got {threshold}")
+
+
+def _check_positive(name: str, **sizes: int) -> None:
+    _check_non_negative(name, **sizes)
+    for key, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name}.{key} must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AntiDiagonalBlockSparse:
+    """Per query block, the key blocks that hold `threshold` of its estimated attention.
+
+    Block importance comes from strided anti-diagonal sums of Q K^T (XAttention): in every
+    `stride` x `stride` sub-block, the anti-diagonal's mean logit, softmaxed per strided query
+    row and summed per (query block, key block). How many key blocks each query block keeps
+    follows from the scores, per head and per input (`rule`: see `AdaptiveVerticalSlash`), at
+    most `max_blocks` (a static capacity). The first key block (attention sink) and the causal
+    diagonal blocks are always kept.
+    """
+
+    threshold: float = 0.9
+    stride: int = 8
+    max_blocks: int = 512
+    rule: str = "cumulative"
+    block_size: int = 64
+
+    def __post_init__(self):
+        _check_threshold("AntiDiagonalBlockSparse", self.threshold, self.rule)
+        _check_positive(
+            "AntiDiagonalBlockSparse",
+            stride=self.stride,
+            max_blocks=self.max_blocks,
+            block_size=self.block_size,
+        )
+        if self.block_size % self.stride:
+            raise ValueError(
+                f"AntiDiagonalBlockSparse.stride ({self.stride}) must divide block_size "
+                f"({self.block_size})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveVerticalSlash:
+    """Vertical-Slash whose counts follow the attention (FlexPrefill), per head and per input.
+
+    From the last `LAST_Q` queries' softmax (the Vertical-Slash estimator's), the fewest key
+    columns and the fewest diagonals whose estimated mass reaches `threshold` of the total, at
+    most `max_vertical` / `max_slash` (static capacities); the first 30 columns and the 100 most
+    local diagonals are always kept. Selection `rule`:
+    - "cumulative": the fewest entries whose summed score reaches `threshold` of the row's total
+      (top-p; a sort-free radix search over the f32 bit patterns, 16 passes of 3 masked sums);
+    - "relative": every entry >= `threshold` x the row's maximum (one max, one count: cheaper,
+      but its count follows the peak, not the mass).
+    Query-aware switch: with `query_aware > 0`, a head whose last queries' key-block
+    distribution is within `query_aware` (Jensen-Shannon distance, sqrt of the divergence, in
+    [0, 1]) of the distribution estimated from mean-pooled q and k uses a block pattern instead:
+    per query block, the key blocks (from pooled q . k softmax) selected by the same rule and
+    threshold, at most `max_blocks`, plus the sink block and the causal diagonal.
+    """
+
+    threshold: float = 0.9
+    max_vertical: int = 4096
+    max_slash: int = 8192
+    query_aware: float = 0.0
+    max_blocks: int = 512
+    rule: str = "cumulative"
+    block_size: int = 64
+
+    def __post_init__(self):
+        _check_threshold("AdaptiveVerticalSlash", self.threshold, self.rule)
+        _check_positive(
+            "AdaptiveVerticalSlash",
+            max_vertical=self.max_vertical,
+            max_slash=self.max_slash,
+            max_blocks=self.max_blocks,
+            block_size=self.block_size,
+        )
+        q = self.query_aware
+        if not isinstance(q, int | float) or isinstance(q, bool) or not 0.0 <= q <= 1.0:
+            raise ValueError(f"AdaptiveVerticalSlash.query_aware must be in [0, 1], got {q!r}")
+
+
+Pattern = (
+    Dense | AShape | VerticalSlash | BlockSparse | AntiDiagonalBlockSparse | AdaptiveVerticalSlash
+)
+PATTERN_TYPES = (
+    Dense,
+    AShape,
+    VerticalSlash,
+    BlockSparse,
+    AntiDiagonalBlockSparse,
+    AdaptiveVerticalSlash,
+)
+ADAPTIVE_TYPES = (AntiDiagonalBlockSparse, AdaptiveVerticalSlash)
 
 
 def normalize_layer_patterns(patterns: Pattern | Sequence[Pattern], num_heads: int) -> tuple:
@@ -141,3 +244,26 @@ class HeadPatterns:
                 f"pattern config has {self.num_layers} layers x {self.num_heads} heads, "
                 f"the model has {num_layers} layers x {num_heads} query heads"
             )
+
+
+# Command-line modes (python -m minference_jax.prefill --mode): pattern type, budget fields, and
+# the default budget.
+MODE_PATTERNS = {
+    "minference": (VerticalSlash, ("n_vertical", "n_slash"), (1000, 6096)),
+    "a-shape": (AShape, ("n_init", "n_local"), (1024, 4096)),
+    "block-sparse": (BlockSparse, ("top_k",), (100,)),
+    "anti-diagonal": (AntiDiagonalBlockSparse, ("threshold", "stride"), (0.9, 8)),
+    "adaptive-vs": (AdaptiveVerticalSlash, ("threshold", "query_aware"), (0.9, 0.0)),
+}
+
+
+def pattern_for_mode(mode: str, budget: Sequence[float] | None = None) -> Pattern:
+    """The pattern of a command-line mode; `budget` overrides the leading fields (see
+    MODE_PATTERNS). Raises ValueError / TypeError on a bad mode or budget."""
+    if mode not in MODE_PATTERNS:
+        raise ValueError(f"unknown mode {mode!r}; choose from {tuple(MODE_PATTERNS)}")
+    kind, fields, default = MODE_PATTERNS[mode]
+    values = default if budget is None else tuple(budget)
+    if not 1 <= len(values) <= len(fields):
+        raise ValueError(f"{mode} takes 1 to {len(fields)} values ({', '.join(fields)})")
+    return kind(**dict(zip(fields, values, strict=False)))

@@ -29,7 +29,7 @@ from minference_jax.cli import (
     check_at_least,
     check_text,
     fail,
-    parse_sizes,
+    parse_budget,
     read_prompt_file,
     warn,
 )
@@ -38,14 +38,15 @@ from minference_jax.models import AttentionSpec
 from minference_jax.models.generation import generate, prefill
 from minference_jax.passkey import needle
 
-MODES = ("dense", "minference", "a-shape", "block-sparse")
-# mode -> (pattern, what --budget holds, default budget)
-BUDGETS = {
-    "minference": (P.VerticalSlash, "n_vertical,n_slash", (1000, 6096)),
-    "a-shape": (P.AShape, "n_init,n_local", (1024, 4096)),
-    "block-sparse": (P.BlockSparse, "top_k", (100,)),
+MODES = ("dense", *P.MODE_PATTERNS)
+FAMILY_NAMES = {
+    "vs": "vertical-slash",
+    "ashape": "a-shape",
+    "bs": "block-sparse",
+    "adb": "anti-diagonal",
+    "avs": "adaptive-vs",
+    "dense": "dense",
 }
-FAMILY_NAMES = {"vs": "vertical-slash", "ashape": "a-shape", "bs": "block-sparse", "dense": "dense"}
 # "The pass key is 71432. Remember it. 71432 is the pass key." -> 71432
 PASSKEY_NEEDLE = re.compile(
     re.escape(needle("@").strip()).replace("@", r"(\d+)", 1).replace("@", r"\1")
@@ -84,10 +85,11 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--budget",
-        type=parse_sizes,
-        help="the same budget for every head (default: minference 1000,6096; a-shape "
-        "1024,4096; block-sparse 100). minference: 'n_vertical,n_slash'; a-shape: "
-        "'n_init,n_local'; block-sparse: 'top_k' (64-token key blocks)",
+        type=parse_budget,
+        help="the same budget for every head; minference: 'n_vertical,n_slash' (default "
+        "1000,6096); a-shape: 'n_init,n_local' (default 1024,4096); block-sparse: 'top_k' "
+        "(default 100; 64-token key blocks); anti-diagonal: 'threshold,stride' (default 0.9,8); "
+        "adaptive-vs: 'threshold,query_aware' (default 0.9,0.0)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=8, help="greedy tokens to decode after the prompt"
@@ -148,10 +150,10 @@ def _check_args(args) -> None:
         raise CliError("--budget does not apply to --mode dense")
     if args.pattern_config is not None:
         raise CliError("pass --budget or --pattern-config, not both: the config sets every budget")
-    _, fields, default = BUDGETS[args.mode]
-    if len(args.budget) != len(default):
+    _, fields, _ = P.MODE_PATTERNS[args.mode]
+    if len(args.budget) != len(fields):
         raise CliError(
-            f"bad --budget for --mode {args.mode}: expected {fields}, "
+            f"bad --budget for --mode {args.mode}: expected {','.join(fields)}, "
             f"got {','.join(map(str, args.budget))}"
         )
 
@@ -175,9 +177,8 @@ def _patterns(args, config) -> tuple[P.HeadPatterns | None, str, str]:
         path = shipped_configs()[SEARCHED_CONFIG]  # the embedded model's searched config
         table = load_pattern_config(path, num_layers=config.num_layers)
         return table, SEARCHED_CONFIG, f"per-head patterns from {SEARCHED_CONFIG} (searched)"
-    kind, _, default = BUDGETS[args.mode]
     try:
-        pattern = kind(*(args.budget or default))
+        pattern = P.pattern_for_mode(args.mode, args.budget)
     except (TypeError, ValueError) as err:
         raise CliError(f"bad --budget for {args.mode}: {err}") from err
     table = P.HeadPatterns.uniform(pattern, config.num_layers, config.num_heads)
