@@ -183,13 +183,14 @@ def default_blocks(patterns, implementation, dtype, head_dim) -> tuple[int, int]
     consumer warpgroups at cuDNN's tile rate (128 x 128 on an H200 at 128K: 1.01-1.05), while
     64-row blocks run no faster than the Triton kernel (0.63 vs 0.64): so where it runs, the
     index is built for 128-row query blocks: 128 x 128 tiles, or 128 x `block_size` when heads
-    are block-sparse (their top-k picks key blocks of that size: 64 by default, as in the
-    original). Elsewhere 64 x 64 (Triton, XLA, CPU).
+    pick key blocks (block-sparse and adaptive patterns: 64 by default, as in the original).
+    Elsewhere 64 x 64 (Triton, XLA, CPU).
     """
     mosaic_here = implementation == "mosaic" or (implementation is None and _hopper())
     if not (mosaic_here and dtype is not None and head_dim is not None):
         return 64, 64
-    block_sizes = {p.block_size for p in patterns if isinstance(p, P.BlockSparse)}
+    # Block-sparse and adaptive heads pick key blocks of their own `block_size`.
+    block_sizes = {p.block_size for p in patterns if hasattr(p, "block_size")}
     if len(block_sizes) > 1:
         return 64, 64  # no one block_kv fits them all: plan_index names the mismatch
     block_kv = block_sizes.pop() if block_sizes else 128

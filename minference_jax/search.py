@@ -33,7 +33,7 @@ from minference_jax.cli import (
     CliError,
     check_at_least,
     fail,
-    parse_sizes,
+    parse_budget,
     read_prompt_file,
     warn,
 )
@@ -163,19 +163,36 @@ def search_patterns(
     )
 
 
+# Candidate kinds: pattern, its leading fields (the values after the colon), fixed fields.
+CANDIDATE_KINDS = {
+    "vs": (P.VerticalSlash, ("n_vertical", "n_slash"), {}),
+    "ashape": (P.AShape, ("n_init", "n_local"), {}),
+    "block": (P.BlockSparse, ("top_k",), {}),
+    "adb": (P.AntiDiagonalBlockSparse, ("threshold", "stride"), {}),
+    "adbr": (P.AntiDiagonalBlockSparse, ("threshold", "stride"), {"rule": "relative"}),
+    "avs": (P.AdaptiveVerticalSlash, ("threshold", "query_aware"), {}),
+    "avsr": (P.AdaptiveVerticalSlash, ("threshold", "query_aware"), {"rule": "relative"}),
+}
+CANDIDATE_USAGE = (
+    "use vs:V,S  ashape:INIT,LOCAL  block:TOP_K  adb:MASS[,STRIDE]  adbr:ALPHA[,STRIDE]  "
+    "avs:MASS[,QUERY_AWARE]  avsr:ALPHA[,QUERY_AWARE]"
+)
+
+
 def parse_candidate(text: str) -> P.Pattern:
-    """'vs:1000,6096' / 'ashape:128,4096' / 'block:100' -> a pattern (argparse type)."""
-    kinds = {"vs": (P.VerticalSlash, 2), "ashape": (P.AShape, 2), "block": (P.BlockSparse, 1)}
-    usage = "use vs:V,S  ashape:INIT,LOCAL  block:TOP_K"
+    """'vs:1000,6096' / 'ashape:128,4096' / 'block:100' / 'adb:0.9,8' (anti-diagonal block
+    scores, cumulative mass 0.9) / 'avsr:0.01' (adaptive Vertical-Slash, entries >= 0.01 x the
+    row max) -> a pattern (argparse type). Adaptive kinds may leave out trailing fields."""
     name, _, sizes = text.partition(":")
-    if name not in kinds:
-        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {usage}")
-    kind, count = kinds[name]
-    values = parse_sizes(sizes)
-    if len(values) != count:
-        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {usage}")
+    if name not in CANDIDATE_KINDS:
+        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {CANDIDATE_USAGE}")
+    kind, fields, fixed = CANDIDATE_KINDS[name]
+    values = parse_budget(sizes)
+    adaptive = bool(fixed) or name in ("adb", "avs")
+    if not (1 <= len(values) <= len(fields) if adaptive else len(values) == len(fields)):
+        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {CANDIDATE_USAGE}")
     try:
-        return kind(*values)
+        return kind(**dict(zip(fields, values, strict=False)), **fixed)
     except (TypeError, ValueError) as err:
         raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {err}") from err
 

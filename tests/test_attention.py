@@ -178,15 +178,17 @@ def test_estimated_index_is_jittable_without_recompiling_for_new_data():
     assert not np.isnan(np.asarray(out)).any()
 
 
-@pytest.mark.parametrize("n_local, dense_expected", [(32, False), (400, True)])
+@pytest.mark.parametrize("n_local, dense_expected", [(32, False), (700, True)])
 def test_density_guard_runs_dense_only_for_dense_indices(n_local, dense_expected):
-    from minference_jax.attention import DENSE_FALLBACK_FRACTION, _sparse_or_dense
+    from minference_jax.attention import _sparse_or_dense, dense_fallback_fraction
 
-    q, k, v = random_qkv(2, 1, 512, 2, 1, 16, jnp.float32)
+    n = 1024
+    q, k, v = random_qkv(2, 1, n, 2, 1, 16, jnp.float32)
     index = build_sparse_index(q, k, P.AShape(16, n_local), block_q=32, block_kv=32)
-    assert (float(index.computed_fraction()) > DENSE_FALLBACK_FRACTION) == dense_expected
+    limit = dense_fallback_fraction(n, "pallas")
+    assert (float(index.computed_fraction()) > limit) == dense_expected
     out = _sparse_or_dense(q, k, v, index, 16**-0.5, interpret=True)
-    dense = masked_attention_f64(q, k, v, np.tril(np.ones((512, 512), bool)))
+    dense = masked_attention_f64(q, k, v, np.tril(np.ones((n, n), bool)))
     sparse = masked_attention_f64(q, k, v, np.asarray(dense_mask_from_index(index)))
     assert rel_err(sparse, dense) > 1e-3  # the two answers differ, so the branch is observable
     assert rel_err(out, dense if dense_expected else sparse) < 1e-5

@@ -1,15 +1,17 @@
 """Offline pattern search on a tiny checkpoint (CPU)."""
 
+import argparse
 import collections
 import pathlib
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from convert.checkpoint import load_hf
 from minference_jax import patterns as P
 from minference_jax.config_io import load_pattern_config
-from minference_jax.search import main, search_patterns
+from minference_jax.search import main, parse_candidate, search_patterns
 
 LLAMA = pathlib.Path(__file__).parent / "fixtures" / "hf" / "llama"
 CANDIDATES = (
@@ -75,3 +77,25 @@ def test_min_recall_upgrades_only_the_heads_below_it():
                 assert lifted.patterns[layer][head] == plain.patterns[layer][head]
             elif lifted.patterns[layer][head] == P.Dense():
                 assert lifted.cost[layer, head] == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("vs:1000,6096", P.VerticalSlash(1000, 6096)),
+        ("ashape:64,256", P.AShape(64, 256)),
+        ("block:8", P.BlockSparse(8)),
+        ("adb:0.9", P.AntiDiagonalBlockSparse(0.9)),
+        ("adbr:0.1,16", P.AntiDiagonalBlockSparse(0.1, 16, rule="relative")),
+        ("avs:0.95", P.AdaptiveVerticalSlash(0.95)),
+        ("avsr:0.01,0.2", P.AdaptiveVerticalSlash(0.01, query_aware=0.2, rule="relative")),
+    ],
+)
+def test_parse_candidate_kinds(text, expected):
+    assert parse_candidate(text) == expected
+
+
+@pytest.mark.parametrize("text", ["block:4,32", "vs:1000", "adb:", "avs:0.9,0,1", "vs:1.5,3"])
+def test_parse_candidate_refuses(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_candidate(text)
