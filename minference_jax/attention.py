@@ -189,6 +189,8 @@ def default_blocks(patterns, implementation, dtype, head_dim) -> tuple[int, int]
     mosaic_here = implementation == "mosaic" or (implementation is None and _hopper())
     if not (mosaic_here and dtype is not None and head_dim is not None):
         return 64, 64
+    if not isinstance(patterns, (tuple, list)):
+        patterns = (patterns,)  # one pattern for every head
     # Block-sparse and adaptive heads pick key blocks of their own `block_size`.
     block_sizes = {p.block_size for p in patterns if hasattr(p, "block_size")}
     if len(block_sizes) > 1:
