@@ -45,8 +45,8 @@ MUTANTS = (
     Mutant(
         "cli_always_dense",
         "minference_jax/prefill.py",
-        "spec = AttentionSpec(table)",
-        "spec = AttentionSpec()",
+        "ids[None], AttentionSpec(table), args",
+        "ids[None], AttentionSpec(), args",
         ("tests/test_prefill_cli.py",),
     ),
     Mutant(
