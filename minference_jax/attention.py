@@ -12,12 +12,8 @@ import jax.numpy as jnp
 
 from minference_jax import patterns as P
 from minference_jax.index_approx import IndexPlan, build_planned_index, plan_index
-from minference_jax.reference import (
-    check_index_matches_inputs,
-    sparse_attention_reference,
-    sparse_attention_xla,
-)
-from minference_jax.sparse_index import SparseIndex
+from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
+from minference_jax.sparse_index import SparseIndex, check_index_matches_inputs
 from pallas_kernels import sparse_flash_mgpu
 from pallas_kernels.sparse_flash import sparse_flash_attention
 

@@ -11,51 +11,13 @@ import jax.numpy as jnp
 
 from minference_jax.sparse_index import (
     SparseIndex,
-    check_block_sizes,
+    check_index_matches_inputs,
     column_is_covered,
     dense_mask_from_index,
-    num_blocks,
 )
 
 # Finite so that a fully masked row would give a uniform row, never NaN (none should exist).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def check_index_matches_inputs(index: SparseIndex, q: jax.Array) -> None:
-    """Raise ValueError unless `index` was built for inputs shaped like q [B, N, Hq, D].
-
-    Every implementation relies on this: an index of another batch size, head count, length or
-    block size would otherwise be applied to the wrong rows without a word.
-    """
-    batch, n, heads, _ = q.shape
-    index_batch, index_heads = index.diag_count.shape[:2]
-    if (index_batch, index_heads, index.seq_len) != (batch, heads, n):
-        raise ValueError(
-            f"index is for seq {index.seq_len} x {index_heads} heads x batch {index_batch}; "
-            f"inputs have seq {n} x {heads} heads x batch {batch}"
-        )
-    check_block_sizes(index.block_q, index.block_kv)
-    n_q_blocks = num_blocks(n, index.block_q)
-    expected = {
-        "diag_offset": (batch, heads, None),
-        "diag_count": (batch, heads, n_q_blocks),
-        "diag_mask": (batch, heads, n_q_blocks * index.ratio),
-        "block_index": (batch, heads, n_q_blocks, None),
-        "block_count": (batch, heads, n_q_blocks),
-        "column_index": (batch, heads, None),
-        "column_count": (batch, heads, n_q_blocks),
-    }
-    for field, dims in expected.items():
-        shape = getattr(index, field).shape
-        fits = len(shape) == len(dims) and all(
-            e is None or e == s for e, s in zip(dims, shape, strict=True)
-        )
-        if not fits:
-            want = "[" + ", ".join("*" if e is None else str(e) for e in dims) + "]"
-            raise ValueError(
-                f"index.{field} has shape {tuple(shape)}, expected {want} for block_q "
-                f"{index.block_q} / block_kv {index.block_kv} at seq {n}"
-            )
 
 
 def _grouped_masked_attention(q, k, v, mask, scale):

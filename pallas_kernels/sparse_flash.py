@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from minference_jax.sparse_index import SENTINEL, SparseIndex
+from minference_jax.sparse_index import SENTINEL, SparseIndex, check_index_matches_inputs
 from pallas_kernels.constants import LOG2E, MASK_VALUE
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -165,11 +165,7 @@ def sparse_flash_attention(
         )
     if num_heads % num_kv_heads:
         raise ValueError(f"kv heads ({num_kv_heads}) must divide query heads ({num_heads})")
-    if index.diag_count.shape[:2] != (batch, num_heads) or index.seq_len != n:
-        raise ValueError(
-            f"index is for batch x heads {index.diag_count.shape[:2]}, seq {index.seq_len}; "
-            f"inputs have {(batch, num_heads)}, seq {n}"
-        )
+    check_index_matches_inputs(index, q)
     block_q, block_kv = index.block_q, index.block_kv
     for name, size in (("block_q", block_q), ("block_kv", block_kv)):
         if size < 16 or size & (size - 1):

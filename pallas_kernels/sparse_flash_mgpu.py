@@ -29,7 +29,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from minference_jax.sparse_index import SENTINEL, SparseIndex, column_is_covered
+from minference_jax.sparse_index import (
+    SENTINEL,
+    SparseIndex,
+    check_index_matches_inputs,
+    column_is_covered,
+)
 from pallas_kernels.constants import LOG2E, MASK_VALUE
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -318,11 +323,7 @@ def sparse_flash_attention_mgpu(
         )
     if num_heads % num_kv_heads:
         raise ValueError(f"kv heads ({num_kv_heads}) must divide query heads ({num_heads})")
-    if index.diag_count.shape[:2] != (batch, num_heads) or index.seq_len != n:
-        raise ValueError(
-            f"index is for batch x heads {index.diag_count.shape[:2]}, seq {index.seq_len}; "
-            f"inputs have {(batch, num_heads)}, seq {n}"
-        )
+    check_index_matches_inputs(index, q)
     if in_place is None:
         in_place = not interpret
     n_q_blocks = index.num_q_blocks

@@ -124,7 +124,7 @@ def test_kernel_rejects_bad_inputs():
     index = build_sparse_index(q, k, P.Dense(), block_q=128, block_kv=64)
     with pytest.raises(ValueError, match="takes bf16/f16"):
         sparse_flash_attention_mgpu(q.astype(jnp.float32), k, v, index, interpret=True)
-    with pytest.raises(ValueError, match="index is for batch x heads"):
+    with pytest.raises(ValueError, match="index is for"):
         sparse_flash_attention_mgpu(q[:, :64], k[:, :64], v[:, :64], index, interpret=True)
     small = build_sparse_index(q, k, P.Dense(), block_q=32, block_kv=32)
     with pytest.raises(ValueError, match="block_q in"):
