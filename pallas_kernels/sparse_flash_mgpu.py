@@ -22,6 +22,7 @@ token indices (< 2^30), so 1M tokens x 32 heads (8.6 GB of q) is safe.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,32 @@ from pallas_kernels.constants import LOG2E, MASK_VALUE
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 ROWS_PER_WARPGROUP = 64  # one wgmma M tile
+
+# The interpreter runs each warpgroup as its own XLA CPU program, blocking inside callbacks at the
+# barriers, so all of them (and the calling program) must hold a thread of XLA's CPU client pool at
+# once. That pool is sized when JAX starts: PJRT_NPROC, else NPROC, else the usable CPUs.
+INTERPRETER_THREADS_ENV = "PJRT_NPROC"
+
+
+def cpu_client_threads() -> int:
+    for name in (INTERPRETER_THREADS_ENV, "NPROC"):
+        if os.environ.get(name, "").strip().isdigit():
+            return int(os.environ[name])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_interpreter_threads(num_threads: int) -> None:
+    """Refuse up front what would deadlock: fewer CPU client threads than simulated ones + 1."""
+    needed = num_threads + 1
+    have = cpu_client_threads()
+    if have < needed:
+        raise RuntimeError(
+            f"the Mosaic GPU interpreter runs {num_threads} warpgroup threads at once and XLA's "
+            f"CPU thread pool has {have}: it would deadlock. Start Python with "
+            f"{INTERPRETER_THREADS_ENV}={max(8, needed)} in the environment."
+        )
+
+
 BITS = 32  # columns per mask word
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 
@@ -337,6 +364,8 @@ def sparse_flash_attention_mgpu(
     column_tiles = -(-index.column_count // block_kv)
     block_index = _pad_axis(index.block_index, 3, max(1, index.block_index.shape[3]), SENTINEL)
     compute_wgs = block_q // ROWS_PER_WARPGROUP
+    if interpret:
+        check_interpreter_threads(compute_wgs + 1)
 
     tile = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = (

@@ -131,6 +131,20 @@ def test_kernel_rejects_bad_inputs():
         sparse_flash_attention_mgpu(q, k, v, small, interpret=True)
 
 
+def test_interpreter_refuses_a_thread_pool_that_would_deadlock(monkeypatch):
+    from pallas_kernels import sparse_flash_mgpu
+
+    q, k, v = random_qkv(0, 1, 128, 2, 1, 64, jnp.bfloat16)
+    index = build_sparse_index(q, k, P.Dense(), block_q=128, block_kv=64)
+    monkeypatch.setenv("PJRT_NPROC", "3")  # 2 consumer + 1 producer warpgroups + the caller: 4
+    assert sparse_flash_mgpu.cpu_client_threads() == 3
+    with pytest.raises(RuntimeError, match="PJRT_NPROC=8"):
+        sparse_flash_attention_mgpu(q, k, v, index, interpret=True)
+    monkeypatch.setenv("PJRT_NPROC", "")
+    monkeypatch.setenv("NPROC", "5")
+    assert sparse_flash_mgpu.cpu_client_threads() == 5
+
+
 GPU_CASES = [
     (2, 1000, 32, 8, 128, MIXED * 8, 128, 64),
     (1, 4096 + 17, 32, 8, 128, MIXED * 8, 128, 64),
