@@ -204,7 +204,7 @@ def test_vs_scores_kernel_rejects_unsupported_shapes():
 @pytest.mark.parametrize("ties", [False, True])
 def test_top_per_head_equals_lax_top_k(ties):
     rng = np.random.default_rng(int(ties))
-    for _ in range(10):
+    for _ in range(4):  # each new (n, k_max) compiles: 4 draws, 8 over both cases
         n = int(rng.integers(1, 300))
         scores = rng.random((2, 3, n)).astype(np.float32)
         if ties:  # many equal values, zeros and forced +inf entries
