@@ -226,6 +226,29 @@ def estimate_vertical_slash(
     return top[:, :num_heads, : widths[0]], top[:, num_heads:, : widths[1]]
 
 
+# Query-block chunks are scored in this many groups, each against only the key blocks its last
+# query block can see (a static width per group): 37.5% fewer score FLOPs than scoring every
+# chunk against every key, at the price of one compiled loop body per group.
+_CAUSAL_GROUPS = 4
+
+
+def _in_causal_groups(one_chunk, n_chunks: int, chunk: int, ratio: int, n_kv_blocks: int):
+    """one_chunk(first_q_block, width) -> [B, H, chunk, ...] over every chunk of query blocks,
+    in `_CAUSAL_GROUPS` groups whose static key width is what the group's last block sees.
+    Returns [B, H, n_chunks * chunk, ...]."""
+    bounds = np.unique(np.linspace(0, n_chunks, min(n_chunks, _CAUSAL_GROUPS) + 1).round())
+    parts = []
+    for lo, hi in zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True):
+        width = min(n_kv_blocks, hi * chunk * ratio)
+        if hi - lo == 1:
+            parts.append(one_chunk(lo * chunk, width)[None])
+        else:
+            firsts = jnp.arange(lo, hi) * chunk
+            parts.append(jax.lax.map(functools.partial(one_chunk, width=width), firsts))
+    out = jnp.moveaxis(jnp.concatenate(parts, axis=0), 0, 2)  # [B, H, chunks, chunk, ...]
+    return out.reshape(*out.shape[:2], n_chunks * chunk, *out.shape[4:])
+
+
 def _pool_blocks(x: jax.Array, block: int) -> jax.Array:
     """[B, N, H, D] -> [B, nb, H, D] mean over each block's real rows (a partial tail block too)."""
     b, n, h, d = x.shape
@@ -265,14 +288,16 @@ def estimate_block_sparse(
     pooled_q = _grouped(_pool_blocks(q, block_q), k.shape[2])  # [B, nqb, Hkv, G, D]
     pooled_k = _pool_blocks(k, block_kv)  # [B, nkb, Hkv, D]
     n_kv_blocks = pooled_k.shape[1]
-    kv_blocks = jnp.arange(n_kv_blocks)
 
-    def top_blocks(q_chunk, first_q_block):  # q_chunk [B, C, Hkv, G, D]
-        s = jnp.einsum("bckgd,bmkd->bkgcm", q_chunk, pooled_k, preferred_element_type=jnp.float32)
-        s = s.reshape(s.shape[0], -1, *s.shape[3:]) * scale  # [B, Hq, C, nkb]
-        q_blocks = first_q_block + jnp.arange(q_chunk.shape[1])
+    def top_blocks(first, width):
+        chunk_q = jax.lax.dynamic_slice_in_dim(padded_q, first, chunk, axis=1)
+        s = jnp.einsum(
+            "bckgd,bmkd->bkgcm", chunk_q, pooled_k[:, :width], preferred_element_type=jnp.float32
+        )
+        s = s.reshape(s.shape[0], -1, *s.shape[3:]) * scale  # [B, Hq, C, width]
+        q_blocks = first + jnp.arange(chunk)
         n_allowed = jnp.minimum(q_blocks * ratio, n_kv_blocks)  # strictly before the diagonal
-        allowed = kv_blocks[None, :] < n_allowed[:, None]
+        allowed = jnp.arange(width)[None, :] < n_allowed[:, None]
         # Allowed scores map to keys >= 1 (order kept), the rest to 0; k never exceeds the
         # allowed count, so a 0 key is never chosen.
         keys = jnp.where(allowed, _order_key(s), jnp.uint32(0))
@@ -287,15 +312,7 @@ def estimate_block_sparse(
     padded_q = jnp.pad(
         pooled_q, ((0, 0), (0, n_chunks * chunk - n_q_blocks), (0, 0), (0, 0), (0, 0))
     )
-    if n_chunks == 1:
-        idx = top_blocks(padded_q, 0)
-    else:
-        chunks = jnp.moveaxis(
-            padded_q.reshape(q.shape[0], n_chunks, chunk, *pooled_q.shape[2:]), 1, 0
-        )
-        idx = jax.lax.map(lambda a: top_blocks(a[0], a[1] * chunk), (chunks, jnp.arange(n_chunks)))
-        idx = jnp.moveaxis(idx, 0, 2).reshape(q.shape[0], q.shape[2], -1, k_max)
-    return idx[:, :, :n_q_blocks]
+    return _in_causal_groups(top_blocks, n_chunks, chunk, ratio, n_kv_blocks)[:, :, :n_q_blocks]
 
 
 def _order_key(x: jax.Array) -> jax.Array:
@@ -414,12 +431,6 @@ def _strided_rows(x: jax.Array, stride: int, *, reverse: bool) -> jax.Array:
     return jnp.moveaxis(x, 2, 3).reshape(b, n // stride, h, stride * d)
 
 
-# Query-block chunks are scored in this many groups, each against only the key blocks its last
-# query block can see (a static width per group): 37.5% fewer score FLOPs than scoring every
-# chunk against every key, at the price of one compiled loop body per group.
-_CAUSAL_GROUPS = 4
-
-
 def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_kv):
     """(score_fn, n_q_blocks, chunk): score_fn(first_q_block, width) -> [B, Hq, chunk, width]
     attention mass of each query block on key blocks 0..width-1 (static; at least every key
@@ -512,18 +523,7 @@ def select_key_blocks(
         return select_by_threshold(s, t, capacity, rule, limit)
 
     n_chunks = num_blocks(n_q_blocks, chunk)
-    bounds = np.unique(np.linspace(0, n_chunks, min(n_chunks, _CAUSAL_GROUPS) + 1).round())
-    parts = []
-    for lo, hi in zip(bounds[:-1].astype(int), bounds[1:].astype(int), strict=True):
-        width = min(n_kv_blocks, hi * chunk * ratio)  # what the group's last query block sees
-        if hi - lo == 1:
-            parts.append(one_chunk(lo * chunk, width)[None])
-        else:
-            firsts = jnp.arange(lo, hi) * chunk
-            parts.append(jax.lax.map(functools.partial(one_chunk, width=width), firsts))
-    idx = jnp.concatenate(parts, axis=0)  # [chunks, B, Hq, C, cap]
-    idx = jnp.moveaxis(idx, 0, 2).reshape(q.shape[0], q.shape[2], -1, capacity)
-    return idx[:, :, :n_q_blocks]
+    return _in_causal_groups(one_chunk, n_chunks, chunk, ratio, n_kv_blocks)[:, :, :n_q_blocks]
 
 
 def query_aware_distance(q, k, columns, *, scale, last_q, block_kv) -> jax.Array:

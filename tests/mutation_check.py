@@ -79,7 +79,7 @@ MUTANTS = (
         "precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,",
         "precision=None,",
         ("tests/test_pallas_kernel.py",),
-        focus="gpu_matches_reference",
+        focus="gpu_matches_reference and f32",
         gpu_only=True,
     ),
 )

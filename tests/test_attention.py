@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minference_jax import patterns as P
-from minference_jax.attention import sparse_attention
+from minference_jax.attention import default_blocks, sparse_attention
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.reference import dense_attention_reference
 from minference_jax.sparse_index import dense_mask_from_index, vertical_slash_index
@@ -198,7 +198,11 @@ def test_density_guard_runs_dense_only_for_dense_indices(n_local, dense_expected
 def test_auto_dispatch_on_gpu_long_prompt():
     q, k, v = random_qkv(3, 1, 40000, 4, 2, 64, jnp.bfloat16)
     out = sparse_attention(q, k, v, P.AShape(64, 1024))
-    ref = sparse_attention(q, k, v, P.AShape(64, 1024), implementation="xla")
+    # The same index on the XLA path: A-shape windows are whole blocks of the kernel's size.
+    block_q, block_kv = default_blocks(P.AShape(64, 1024), None, q.dtype, q.shape[-1])
+    ref = sparse_attention(
+        q, k, v, P.AShape(64, 1024), implementation="xla", block_q=block_q, block_kv=block_kv
+    )
     assert rel_err(out, ref) < 1e-2
 
 

@@ -3,14 +3,13 @@ GPU interpreter (CPU), and the GPU suite (marked)."""
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index
-from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
+from minference_jax.reference import sparse_attention_reference
 from minference_jax.sparse_index import SENTINEL, block_mask_from_index, vertical_slash_index
 from pallas_kernels.sparse_flash_mgpu import (
     column_valid_words,
@@ -18,6 +17,7 @@ from pallas_kernels.sparse_flash_mgpu import (
     sparse_flash_attention_mgpu,
     supports,
 )
+from tests.million_tokens import check_one_million_tokens
 from tests.oracles import random_qkv, rel_err
 
 MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
@@ -170,39 +170,7 @@ def test_kernel_gpu_matches_reference(
 
 @pytest.mark.gpu
 def test_kernel_gpu_one_million_tokens_32_heads():
-    """64-bit addressing: 1M tokens x 32 heads x 128 in one launch; spot-checked query blocks of
-    the first kv group (f32 copies of every head would not fit beside the inputs)."""
-    n, heads, kv_heads, block_q = 1 << 20, 32, 8, 128
-    q, k, v = random_qkv(1, 1, n, heads, kv_heads, 128, jnp.bfloat16)
-    rng = np.random.default_rng(0)
-    verticals = np.concatenate(
-        [np.broadcast_to(np.arange(30), (1, heads, 30)), rng.integers(30, n, (1, heads, 970))],
-        axis=-1,
-    )
-    slashes = np.broadcast_to(np.arange(6096), (1, heads, 6096))
-    index = vertical_slash_index(
-        jnp.asarray(verticals, jnp.int32),
-        jnp.asarray(slashes, jnp.int32),
-        seq_len=n,
-        block_q=block_q,
-        block_kv=64,
-    )
-    out = sparse_flash_attention_mgpu(q, k, v, index)
-    group = heads // kv_heads
-    blocks = np.array([0, 1, 777, index.num_q_blocks // 2, index.num_q_blocks - 1])
-    ref = sparse_attention_xla(
-        q[:, :, :group].astype(jnp.float32),
-        k[:, :, :1].astype(jnp.float32),
-        v[:, :, :1].astype(jnp.float32),
-        jax.tree.map(lambda a: a[:, :group], index),
-        query_blocks=blocks,
-    )
-    rows = (blocks[:, None] * block_q + np.arange(block_q)).reshape(-1)
-    got = out[:, rows, :group]
-    assert not np.isnan(np.asarray(got, np.float32)).any()
-    assert rel_err(got, ref) < 1e-2
-    # The last kv group too (the far end of every address).
-    assert not np.isnan(np.asarray(out[:, -block_q:], np.float32)).any()
+    check_one_million_tokens(sparse_flash_attention_mgpu, block_q=128)
 
 
 def test_default_kernel_is_mosaic_only_on_hopper_for_measured_shapes(monkeypatch):

@@ -13,10 +13,11 @@ from minference_jax.index_approx import (
     _vertical_slash_scores,
     build_sparse_index,
 )
-from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
+from minference_jax.reference import sparse_attention_reference
 from minference_jax.sparse_index import SENTINEL, vertical_slash_index
 from pallas_kernels import vs_estimate
 from pallas_kernels.sparse_flash import sparse_flash_attention
+from tests.million_tokens import check_one_million_tokens
 from tests.oracles import random_qkv, rel_err
 
 # rel_err (norm-wise) against the f32 HIGHEST-precision reference. The f32 bound is what catches
@@ -161,31 +162,7 @@ def test_kernel_gpu_matches_reference(
 
 @pytest.mark.gpu
 def test_kernel_gpu_one_million_tokens_32_heads():
-    """64-bit addressing: 1M tokens x 32 heads x 128 in one launch; spot-checked query blocks."""
-    n, heads, kv_heads = 1 << 20, 32, 8
-    q, k, v = random_qkv(1, 1, n, heads, kv_heads, 128, jnp.bfloat16)
-    rng = np.random.default_rng(0)
-    verticals = np.concatenate(
-        [np.broadcast_to(np.arange(30), (1, heads, 30)), rng.integers(30, n, (1, heads, 970))],
-        axis=-1,
-    )
-    slashes = np.broadcast_to(np.arange(6096), (1, heads, 6096))
-    index = vertical_slash_index(
-        jnp.asarray(verticals, jnp.int32), jnp.asarray(slashes, jnp.int32), seq_len=n
-    )
-    out = sparse_flash_attention(q, k, v, index)
-    blocks = np.array([0, 1, 777, index.num_q_blocks // 2, index.num_q_blocks - 1])
-    ref = sparse_attention_xla(
-        q.astype(jnp.float32),
-        k.astype(jnp.float32),
-        v.astype(jnp.float32),
-        index,
-        query_blocks=blocks,
-    )
-    rows = (blocks[:, None] * 64 + np.arange(64)).reshape(-1)
-    got = out[:, rows]
-    assert not np.isnan(np.asarray(got, np.float32)).any()
-    assert rel_err(got, ref) < 1e-2
+    check_one_million_tokens(sparse_flash_attention, block_q=64)
 
 
 @pytest.mark.gpu
