@@ -69,6 +69,17 @@ def prompt_text(ids: np.ndarray) -> str:
     return data.decode("utf-8", errors="ignore")
 
 
+def passkey_prompt_file(tokens: int, depth: float, key: str, seed: int) -> str:
+    """A UTF-8 prompt-file text of about `tokens` tokens: a held-out window with the passkey
+    needle (`key`) at `depth` and the question at the end. The CLI's default prompt
+    (minference_jax/checkpoints/pytext-12m/default_prompt.txt) is
+    passkey_prompt_file(2048, 0.4, "71432", seed=0)."""
+    rng = np.random.default_rng(seed)
+    text = prompt_text(window(rng, tokens))
+    prompt, _ = passkey.passkey_prompt(rng, len(text), depth, key=key, pool=text)
+    return prompt
+
+
 def write_prompt_files(out: pathlib.Path, tokens: int, seed: int = 0) -> list[pathlib.Path]:
     """Two search prompts of ~`tokens` tokens: plain held-out text, and held-out text with a
     passkey needle at 40% depth and the question at the end (so retrieval heads attend far)."""

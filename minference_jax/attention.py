@@ -261,12 +261,35 @@ def default_sparse_kernel(dtype, head_dim: int, index: SparseIndex) -> str:
     query blocks (two consumer warpgroups: 0.84-1.05 of cuDNN's tile rate on an H200, against
     0.64 for the Triton kernel; NOTES.md), else "pallas" (Triton: A100, f32, other shapes; with
     64-row blocks the Mosaic kernel measured no faster)."""
+    return _kernel_for_blocks(dtype, head_dim, index.block_q, index.block_kv)
+
+
+def _kernel_for_blocks(dtype, head_dim: int, block_q: int, block_kv: int) -> str:
     mosaic = (
         _hopper()
-        and index.block_q == 128
-        and sparse_flash_mgpu.supports(dtype, head_dim, index.block_q, index.block_kv)
+        and block_q == 128
+        and sparse_flash_mgpu.supports(dtype, head_dim, block_q, block_kv)
     )
     return "mosaic" if mosaic else "pallas"
+
+
+BACKEND_NAMES = {"mosaic": "mosaic", "pallas": "triton", "xla": "xla", "reference": "reference"}
+
+
+def layer_backend(plan, implementation, dtype, head_dim: int, seq_len: int, fraction: float):
+    """What ran one layer's attention, in words: "mosaic" (Mosaic GPU kernel), "triton" (Pallas
+    Triton kernel), "xla" (the XLA sparse path), "reference", or dense: "cudnn" on GPU for
+    16-bit inputs, else "xla-dense". `fraction` is the layer's reported computed fraction
+    (1.0 where the default GPU path fell back to cuDNN on device)."""
+    dense = "cudnn" if _on_gpu() and jnp.dtype(dtype).itemsize == 2 else "xla-dense"
+    if plan is None or (implementation is None and _short_gpu_prompt(seq_len)):
+        return dense
+    if implementation is not None:
+        return BACKEND_NAMES[implementation]
+    if not _on_gpu():
+        return "xla"
+    kernel = _kernel_for_blocks(dtype, head_dim, plan.block_q, plan.block_kv)
+    return dense if fraction >= 1.0 else BACKEND_NAMES[kernel]
 
 
 def _sparse_kernel(q, k, v, index, scale, implementation, interpret):

@@ -56,11 +56,12 @@ PASSKEY_NEEDLE = re.compile(
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m minference_jax.prefill", description=__doc__)
     parser.add_argument(
-        "--model", help="converted or HF checkpoint folder (default: embedded passkey-tiny)"
+        "--model", help="converted or HF checkpoint folder (default: embedded pytext-12m)"
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--prompt", help="prompt text (default: a 2048-token haystack hiding a pass key)"
+        "--prompt",
+        help="prompt text (default: 2048 tokens of held-out Python text hiding a pass key)",
     )
     source.add_argument(
         "--prompt-file",
@@ -214,10 +215,10 @@ def _load(args):
 
     dtype = None if args.dtype is None else getattr(jnp, args.dtype)
     if args.model is None:
-        from minference_jax.models.defaults import default_model
+        from minference_jax.models.defaults import DESCRIPTION, default_model
 
         model, config, tokenizer = default_model(dtype or jnp.float32)
-        return model, config, tokenizer, "embedded passkey-tiny (trained 2-layer Llama, bytes)"
+        return model, config, tokenizer, DESCRIPTION
     import pathlib
 
     from minference_jax.models.checkpoint import CheckpointError, load_model
@@ -323,6 +324,7 @@ def _timed_runs(model, ids, spec, args, mesh, label: str) -> dict:
             {
                 "families": [FAMILY_NAMES[f] for f in layer.families],
                 "computed_fraction": round(layer.computed_fraction, 4),
+                "backend": layer.backend,
             }
             for layer in result.layers
         ],
@@ -433,7 +435,7 @@ def describe(report: dict) -> str:
         families = "+".join(layer["families"])
         lines.append(
             f"  layer {i + 1}: {families}, computed {100 * layer['computed_fraction']:.1f}% "
-            "of the causal key tiles"
+            f"of the causal key tiles, on {layer['backend']}"
         )
     if report["compile_seconds"] is not None:
         lines.append(f"compile:   {report['compile_seconds']:.3g} s (first run, not timed)")

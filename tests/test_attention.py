@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,6 +206,26 @@ def test_auto_dispatch_on_gpu_long_prompt():
         q, k, v, P.AShape(64, 1024), implementation="xla", block_q=block_q, block_kv=block_kv
     )
     assert rel_err(out, ref) < 1e-2
+
+
+def test_layer_backend_names_what_ran(monkeypatch):
+    from minference_jax import attention
+
+    plan = lambda block_q: SimpleNamespace(block_q=block_q, block_kv=64)  # noqa: E731
+    bf16, n = jnp.bfloat16, 4 * attention.DENSE_CROSSOVER_TOKENS
+    assert attention.layer_backend(None, None, bf16, 128, n, 1.0) == "xla-dense"  # CPU
+    assert attention.layer_backend(plan(64), None, bf16, 128, n, 0.2) == "xla"
+    assert attention.layer_backend(plan(64), "pallas", bf16, 128, n, 0.2) == "triton"
+    monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+    monkeypatch.setattr(attention, "_hopper", lambda: True)
+    assert attention.layer_backend(None, None, bf16, 128, n, 1.0) == "cudnn"
+    assert attention.layer_backend(None, None, jnp.float32, 128, n, 1.0) == "xla-dense"
+    assert attention.layer_backend(plan(128), None, bf16, 128, 2048, 0.2) == "cudnn"  # short
+    assert attention.layer_backend(plan(128), None, bf16, 128, n, 0.2) == "mosaic"
+    assert attention.layer_backend(plan(64), None, bf16, 128, n, 0.2) == "triton"
+    assert attention.layer_backend(plan(128), None, jnp.float32, 128, n, 0.2) == "triton"
+    assert attention.layer_backend(plan(128), None, bf16, 128, n, 1.0) == "cudnn"  # fell back
+    assert attention.layer_backend(plan(128), "xla", bf16, 128, n, 0.2) == "xla"
 
 
 def test_short_gpu_prompts_skip_index_planning(monkeypatch):

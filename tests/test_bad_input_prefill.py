@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from minference_jax.config_io import shipped_configs
-from minference_jax.models.defaults import CHECKPOINT
+from minference_jax.models.defaults import PASSKEY_TINY as CHECKPOINT
 from minference_jax.prefill import main
 
 ROOT = pathlib.Path(__file__).parent.parent

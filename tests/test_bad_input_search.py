@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from minference_jax.models.defaults import CHECKPOINT
+from minference_jax.models.defaults import PASSKEY_TINY as CHECKPOINT
 from minference_jax.search import main
 
 ROOT = pathlib.Path(__file__).parent.parent

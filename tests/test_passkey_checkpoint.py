@@ -12,7 +12,7 @@ from minference_jax import passkey
 from minference_jax import patterns as P
 from minference_jax.config_io import load_pattern_config, save_pattern_config, shipped_configs
 from minference_jax.models import AttentionSpec
-from minference_jax.models.defaults import SEARCH_CANDIDATES
+from minference_jax.models.defaults import PASSKEY_TINY_SEARCH_CANDIDATES as SEARCH_CANDIDATES
 from minference_jax.models.generation import generate
 from minference_jax.search import search_patterns
 from minference_jax.tokenization import load_tokenizer
@@ -33,8 +33,8 @@ def _prompts(length, depths, seed):
     return [passkey.passkey_prompt(rng, length, d) for d in depths]
 
 
-@pytest.mark.parametrize("length", [1024, 4096])
-def test_converted_checkpoint_answers_the_passkey_dense_and_sparse(converted, length):
+def test_converted_checkpoint_answers_the_passkey_dense_and_sparse(converted):
+    length = 4096  # budgets far below the prompt: the sparse modes skip most tiles
     model, config = converted
     tokenizer = load_tokenizer(CHECKPOINT)
     searched = load_pattern_config(

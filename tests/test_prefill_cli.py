@@ -11,7 +11,7 @@ import pytest
 
 from minference_jax import patterns as P
 from minference_jax.config_io import save_pattern_config
-from minference_jax.models.defaults import default_prompt
+from minference_jax.models.defaults import PASSKEY_TINY, default_prompt
 from minference_jax.prefill import _answer, _passkey, build_parser, describe, main
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -19,7 +19,8 @@ LLAMA = str(ROOT / "tests" / "fixtures" / "hf" / "llama")
 # A GPU prefill of at most DENSE_CROSSOVER_TOKENS runs dense cuDNN whatever the patterns: there
 # the report must say so; elsewhere these short prompts run the sparse path.
 SHORT_PROMPTS_RUN_DENSE = jax.default_backend() == "gpu"
-DENSE_LAYER = {"families": ["dense"], "computed_fraction": 1.0}
+# The tests' checkpoints are float32: dense layers run XLA (cuDNN takes 16-bit inputs only).
+DENSE_LAYER = {"families": ["dense"], "computed_fraction": 1.0, "backend": "xla-dense"}
 
 
 def _json_run(capsys, *argv):
@@ -40,7 +41,7 @@ def test_every_mode_runs_on_a_checkpoint(capsys, mode, budget):
 
 
 def _tiny_config(path):
-    """A mixed per-head config for the embedded model (2 layers x 4 heads), tiny budgets."""
+    """A mixed per-head config for passkey-tiny (2 layers x 4 heads), tiny budgets."""
     layer = (P.VerticalSlash(30, 50), P.AShape(16, 64), P.BlockSparse(2), P.VerticalSlash(0, 0))
     save_pattern_config(P.HeadPatterns((layer, layer[::-1])), path)
     return str(path)
@@ -59,8 +60,8 @@ def test_tiny_budget_is_sparse_and_changes_the_logits(capsys, tmp_path, mode_arg
     """The report comes from the index each layer built: a CLI running dense whatever --mode
     says would show 100% of the tiles and the dense logits."""
     mode_args = [_tiny_config(tmp_path / "c.json") if a == "CONFIG" else a for a in mode_args]
-    argv = ["--synthetic-tokens", "500", "--max-new-tokens", "0", "--repeats", "0"]
-    report = _json_run(capsys, *argv, *mode_args, "--compare-dense")
+    argv = ["--model", str(PASSKEY_TINY), "--synthetic-tokens", "500", "--max-new-tokens", "0"]
+    report = _json_run(capsys, *argv, "--repeats", "0", *mode_args, "--compare-dense")
     assert len(report["layers"]) == 2
     if SHORT_PROMPTS_RUN_DENSE:
         assert report["layers"] == [DENSE_LAYER] * 2
@@ -68,6 +69,7 @@ def test_tiny_budget_is_sparse_and_changes_the_logits(capsys, tmp_path, mode_arg
     for layer in report["layers"]:
         assert set(layer["families"]) == families
         assert 0 < layer["computed_fraction"] < 0.9
+        assert layer["backend"] == "xla"  # the CPU's sparse path
     assert report["dense"]["last_logits_max_abs_diff"] > 1e-3
     assert report["continuation_tokens"] == [] and report["includes_compile"] is True
 
@@ -84,7 +86,8 @@ def test_embedded_default_explains_itself(capsys):
     assert main(argv) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
-    assert report["prompt_tokens"] == 2048 and report["patterns"] == "passkey_tiny_searched"
+    assert report["prompt_tokens"] == 2048 and report["patterns"] == "pytext_12m_searched"
+    assert report["model"].startswith("embedded pytext-12m")
     assert report["continuation"] == "71432"
     assert report["passkey"] == {"expected": "71432", "retrieved": True}
     assert report["dense"]["passkey"] == {"expected": "71432", "retrieved": True}
@@ -94,11 +97,12 @@ def test_embedded_default_explains_itself(capsys):
     progress = captured.err.splitlines()
     assert progress[0] == "minference: compiling for 2048 tokens (first run, not timed)"
     assert "minference: timed run 2/2" in progress and "dense: timed run 2/2" in progress
-    compile_layer_times = [float(line.split()[-2]) for line in progress[1:3]]
-    assert compile_layer_times[1] < compile_layer_times[0]  # layer 2 reuses layer 1's program
+    # Layers 2 and 3 have the same budget widths in the searched config (layer 1 wider slashes).
+    compile_layer_times = [float(line.split()[-2]) for line in progress[2:4]]
+    assert compile_layer_times[1] < compile_layer_times[0]  # layer 3 reuses layer 2's program
     text = describe(report)
     assert "pass key 71432 retrieved" in text and "median of 2 timed runs" in text
-    assert re.search(r"layer 1: [a-z-]+, computed \d+\.\d% of the causal key tiles", text)
+    assert re.search(r"layer 1: [a-z-]+, computed \d+\.\d% of the causal key tiles, on \w", text)
     assert "first run, not timed" in text and re.search(r"\dx (faster|slower) than dense", text)
 
 

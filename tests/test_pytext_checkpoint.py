@@ -70,3 +70,11 @@ def test_heads_figure_names_every_head(tmp_path):
     assert sum(result["kind_counts"].values()) == 48
     assert result["kind_counts"]["local"] > 0  # a byte-level model of code has local heads
     assert (tmp_path / "heads.png").stat().st_size > 10_000
+
+
+def test_default_prompt_is_the_heldout_prompt_it_says():
+    from minference_jax.models.defaults import DEFAULT_KEY, default_prompt
+
+    text = default_prompt()
+    assert text == heldout.passkey_prompt_file(2048, 0.4, DEFAULT_KEY, seed=0)
+    assert len(text.encode()) == 2048 and text.endswith("The pass key is")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minference_jax.attention import layer_plan
+from minference_jax.attention import layer_backend, layer_plan
 from minference_jax.models.modeling import DENSE_ATTENTION, AttentionSpec, CausalLM, layer_body
 from minference_jax.models.rope import decode_rope_tables, rope_tables
 from minference_jax.models.sharding import TensorParallel
@@ -30,6 +30,7 @@ class LayerAttention:
 
     families: tuple[str, ...]  # pattern families of its index ("dense": no index, dense ran)
     computed_fraction: float  # key tiles computed / a dense causal kernel's (1.0: dense ran)
+    backend: str = ""  # what ran it: mosaic, triton, xla, reference, cudnn or xla-dense
 
 
 @dataclasses.dataclass
@@ -87,7 +88,7 @@ def prefill(
     cos, sin = rope_tables(config, jnp.arange(seq_len), seq_len)
     x = _embed(model, input_ids)
     cache = [] if return_cache else None
-    families, fractions = [], []
+    families, fractions, plans = [], [], []
     sharded = mesh
     if mesh is not None and not isinstance(mesh, TensorParallel):
         sharded = TensorParallel(model, mesh, attention.patterns, seq_len=seq_len)
@@ -113,6 +114,7 @@ def prefill(
             with_fraction=True,
         )
         families.append(("dense",) if plan is None else plan.families)
+        plans.append(plan)
         fractions.append(fraction if sharded is None else fraction.addressable_shards[0].data)
         if cache is not None:
             if sharded is not None:
@@ -125,9 +127,14 @@ def prefill(
         x = sharded.last_token(x, seq_len, chunk_size)
     logits = jax.block_until_ready(_last_logits(model, x))
     seconds = time.perf_counter() - start
-    layers = tuple(
-        LayerAttention(f, float(fraction)) for f, fraction in zip(families, fractions, strict=True)
-    )
+    layers = []
+    for f, fraction, plan in zip(families, fractions, plans, strict=True):
+        fraction = float(fraction)
+        backend = layer_backend(
+            plan, attention.implementation, x.dtype, config.head_dim, seq_len, fraction
+        )
+        layers.append(LayerAttention(f, fraction, backend))
+    layers = tuple(layers)
     return PrefillResult(logits, cache, seconds, layers)
 
 
