@@ -13,7 +13,7 @@ passkey prompt, the dense prefill's q/k of every layer give, per query head:
 - needle loss = share x (1 - kept): the needle mass the head loses, averaged over prompts;
 - recall: the share of the dense mass the index keeps over 64 query rows of the prompt
   (`minference_jax.recall.row_recall`), the number the perplexity depends on.
-The --restore heads with the largest needle loss (then the lowest recall) are the mode's
+The --restore heads with the largest needle loss (>= 1%; then the lowest recall) are the mode's
 suspects; NIAH accuracy and held-out bits/byte are then measured for dense, the mode, and the
 mode with only those heads dense (`benchmarks.niah.run_length`, same prompts). Writes
 shortfall.{json,md,png} to --out.
@@ -101,10 +101,15 @@ def head_losses(model, prompts, pattern: P.Pattern, impl: str) -> dict:
     )
 
 
+NEEDLE_LOSS_FLOOR = 0.01  # needle mass below which a head's loss cannot cost the answer
+
+
 def suspects(loss: np.ndarray, recall: np.ndarray, count: int) -> list[tuple[int, int]]:
-    """The `count` (layer, head) pairs with the largest needle loss, largest first; equal
-    losses (a mode that keeps every needle loses none) by the lowest recall."""
-    order = np.lexsort((recall.ravel(), -loss.ravel()))[:count]
+    """The `count` (layer, head) pairs with the largest needle loss, largest first; losses
+    under NEEDLE_LOSS_FLOOR count as none, and equal losses go by the lowest recall (so a mode
+    that keeps every needle is judged by the mass it drops elsewhere)."""
+    material = np.where(loss >= NEEDLE_LOSS_FLOOR, loss, 0.0)
+    order = np.lexsort((recall.ravel(), -material.ravel()))[:count]
     return [tuple(int(i) for i in np.unravel_index(j, loss.shape)) for j in order]
 
 
@@ -200,8 +205,8 @@ def write_report(result: dict, stem: pathlib.Path) -> None:
         f"Sparse-mode shortfall by head: {result['model']}, {result['tokens']} tokens, "
         f"{result['prompts']} held-out passkey prompts, {result['device']}, {result['dtype']}. "
         f"Suspects: the {result['restore']} heads with the largest needle loss (the last "
-        "query's dense mass on the needle sentence that the index drops; equal losses: the "
-        "lowest recall), made dense.",
+        "query's dense mass on the needle sentence that the index drops, counted from 1%; "
+        "equal losses: the lowest recall), made dense.",
         "",
         "| run | NIAH | bits/byte (vs dense) | tiles computed |",
         "|---|---|---|---|",

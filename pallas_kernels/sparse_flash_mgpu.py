@@ -316,7 +316,9 @@ def _pad_axis(x, axis, size, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("softmax_scale", "stages", "interpret", "in_place"))
+@functools.partial(
+    jax.jit, static_argnames=("softmax_scale", "stages", "interpret", "in_place", "poison")
+)
 def sparse_flash_attention_mgpu(
     q: jax.Array,
     k: jax.Array,
@@ -327,6 +329,7 @@ def sparse_flash_attention_mgpu(
     stages: int = 2,
     interpret: bool = False,
     in_place: bool | None = None,
+    poison: bool = False,
 ) -> jax.Array:
     """Sparse causal prefill attention. q [B, N, Hq, D], k/v [B, N, Hkv, D] -> [B, N, Hq, D].
 
@@ -335,6 +338,8 @@ def sparse_flash_attention_mgpu(
     (default: not interpret) accumulates PV into the running accumulator on the tensor cores with
     P from registers; the interpreter has neither form (`pl.run_state`, a wgmma operand in
     registers), so `in_place=False` stages P in shared memory and adds a fresh product.
+    `poison=True` writes into a NaN-filled buffer (a mutable ref) instead of a fresh one: tests
+    use it to prove every element is written.
     """
     batch, n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -403,16 +408,7 @@ def sparse_flash_attention_mgpu(
             collective_axes="wg",
         )
 
-    out = plgpu.kernel(
-        entry,
-        out_type=jax.ShapeDtypeStruct(q_p.shape, q.dtype),
-        grid=(n_q_blocks, batch, num_heads),
-        grid_names=("q", "batch", "heads"),
-        num_threads=compute_wgs + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(
+    inputs = (
         index.diag_offset,
         index.diag_count,
         block_index,
@@ -425,4 +421,20 @@ def sparse_flash_attention_mgpu(
         k_col,
         v_col,
     )
+    launch = functools.partial(
+        plgpu.kernel,
+        entry,
+        grid=(n_q_blocks, batch, num_heads),
+        grid_names=("q", "batch", "heads"),
+        num_threads=compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    if poison:  # the output ref comes last either way: an input ref here, the output otherwise
+        out_ref = jax.new_ref(jnp.full(q_p.shape, jnp.nan, q.dtype))
+        launch(out_type=())(*inputs, out_ref)
+        out = out_ref[...]
+    else:
+        out = launch(out_type=jax.ShapeDtypeStruct(q_p.shape, q.dtype))(*inputs)
     return out[:, :n]

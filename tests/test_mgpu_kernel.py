@@ -3,6 +3,7 @@ GPU interpreter (CPU), and the GPU suite (marked)."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -112,11 +113,32 @@ def test_kernel_interpret_matches_reference(
     (P goes through shared memory there: the interpreter has no register-operand wgmma)."""
     q, k, v = random_qkv(n + bq, batch, n, heads, kv_heads, dim, dtype)
     index = build_sparse_index(q, k, patterns, block_q=bq, block_kv=bk)
-    out = sparse_flash_attention_mgpu(q, k, v, index, interpret=True)
+    out = sparse_flash_attention_mgpu(q, k, v, index, interpret=True, poison=True)
     ref = sparse_attention_reference(q, k, v, index)
     assert out.shape == q.shape and out.dtype == q.dtype
-    assert not np.isnan(np.asarray(out, np.float32)).any()
+    assert not np.isnan(np.asarray(out, np.float32)).any(), "unwritten (NaN-poisoned) elements"
     assert rel_err(out, ref) < 1e-2
+
+
+def test_poisoned_output_shows_elements_the_kernel_did_not_write(monkeypatch):
+    """The NaN-poisoned buffer is what the kernel writes into: a kernel body that writes
+    nothing leaves every element NaN (so the checks above would catch a skipped tile)."""
+    from pallas_kernels import sparse_flash_mgpu
+
+    monkeypatch.setattr(sparse_flash_mgpu, "_kernel", lambda *refs, **params: None)
+    q, k, v = random_qkv(7, 1, 136, 2, 1, 64, jnp.bfloat16)  # a shape no other test traces
+    index = build_sparse_index(q, k, P.Dense(), block_q=128, block_kv=64)
+    out = sparse_flash_attention_mgpu(q, k, v, index, interpret=True, poison=True)
+    assert np.isnan(np.asarray(out, np.float32)).all()
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_kernel_lowers_for_cuda_without_a_gpu(poison):
+    """Layouts and the Mosaic GPU lowering are checked on a CPU-only jaxlib (no compile)."""
+    q, k, v = random_qkv(0, 1, 256, 2, 1, 64, jnp.bfloat16)
+    index = build_sparse_index(q, k, P.VerticalSlash(16, 64), block_q=128, block_kv=64)
+    run = jax.jit(lambda *a: sparse_flash_attention_mgpu(*a, poison=poison))
+    run.trace(q, k, v, index).lower(lowering_platforms=("cuda",))
 
 
 def test_kernel_rejects_bad_inputs():
@@ -162,9 +184,9 @@ def test_kernel_gpu_matches_reference(
 ):
     q, k, v = random_qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
     index = build_sparse_index(q, k, patterns, block_q=bq, block_kv=bk)
-    out = sparse_flash_attention_mgpu(q, k, v, index, in_place=in_place)
+    out = sparse_flash_attention_mgpu(q, k, v, index, in_place=in_place, poison=True)
     ref = sparse_attention_reference(q, k, v, index)
-    assert not np.isnan(np.asarray(out, np.float32)).any()
+    assert not np.isnan(np.asarray(out, np.float32)).any(), "unwritten (NaN-poisoned) elements"
     assert rel_err(out, ref) < 1e-2
 
 
