@@ -237,7 +237,8 @@ def write_report(result: dict, stem: pathlib.Path) -> None:
         ):
             ax = axes[row, col]
             values = np.asarray(m[key])
-            image = ax.imshow(values, cmap=cmap, vmin=0, vmax=1 if key == "recall" else None)
+            top = 1.0 if key == "recall" else max(float(values.max()), NEEDLE_LOSS_FLOOR)
+            image = ax.imshow(values, cmap=cmap, vmin=0, vmax=top)
             for layer, head in m["suspects"]:
                 ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=2))
             ax.set_title(f"{name}: {title}", fontsize=9)
