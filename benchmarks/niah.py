@@ -48,7 +48,7 @@ from benchmarks import heldout
 from benchmarks.timing import DEFAULT_OUT, device_name, report_written
 from minference_jax import passkey
 from minference_jax import patterns as P
-from minference_jax.attention import forced_sparse_implementation, layer_plan
+from minference_jax.attention import forced_sparse_implementation, plan_layers
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.models import AttentionSpec
 from minference_jax.models.checkpoint import load_model
@@ -162,15 +162,10 @@ def sequence_nll(model, ids: np.ndarray, spec: AttentionSpec) -> tuple[np.ndarra
     cos, sin = rope_tables(config, jnp.arange(n), n)
     x = _embed(model, inputs)
     fractions = []
-    for layer_id, layer in enumerate(model.layers):
-        plan, budgets = layer_plan(
-            spec.layer(layer_id, config.num_heads),
-            n,
-            config.num_heads,
-            spec.implementation,
-            dtype=x.dtype,
-            head_dim=config.head_dim,
-        )
+    planned = plan_layers(
+        spec, n, config.num_layers, config.num_heads, dtype=x.dtype, head_dim=config.head_dim
+    )
+    for layer, (plan, budgets) in zip(model.layers, planned, strict=True):
         x, _, _, fraction = layer_step(
             layer,
             x,

@@ -5,6 +5,7 @@ Dispatch lives here and only here: which backend runs, and when a layer is plain
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -170,6 +171,53 @@ def layer_plan(
         block_q=default_q if block_q is None else block_q,
         block_kv=default_kv if block_kv is None else block_kv,
     )
+
+
+# Up to this many tokens a prefill's compile time outweighs its run time: layers whose plans
+# differ only in their widths (capacities) share the widest, so a per-head config compiles one
+# layer program per mix of pattern families instead of one per layer (pytext-12m's searched
+# config at 2K: 3 programs instead of 7).
+SHARED_WIDTHS_MAX_TOKENS = 32768
+_WIDTHS = (
+    "max_vertical", "max_slash", "max_top_k", "max_sink_blocks", "max_sink_columns", "max_diag",
+)  # fmt: skip
+
+
+def share_plan_widths(plans: Sequence[IndexPlan | None]) -> list[IndexPlan | None]:
+    """The plans, those equal in all but their widths replaced by one plan holding the widest
+    of each. Widths bound what an index can hold, never what it selects (budgets are data), so
+    every layer's index is unchanged; only the padding grows."""
+
+    def key(plan):
+        return dataclasses.replace(plan, **{name: 0 for name in _WIDTHS})
+
+    widest: dict[IndexPlan, IndexPlan] = {}
+    for plan in plans:
+        if plan is not None:
+            other = widest.setdefault(key(plan), plan)
+            widths = {name: max(getattr(plan, name), getattr(other, name)) for name in _WIDTHS}
+            widest[key(plan)] = dataclasses.replace(plan, **widths)
+    return [None if plan is None else widest[key(plan)] for plan in plans]
+
+
+def plan_layers(spec, seq_len: int, num_layers: int, num_heads: int, *, dtype, head_dim: int):
+    """[(IndexPlan or None, budgets)] of every layer of a model running `spec` (an
+    AttentionSpec) on `seq_len` tokens; widths shared up to SHARED_WIDTHS_MAX_TOKENS."""
+    plans = [
+        layer_plan(
+            spec.layer(layer_id, num_heads),
+            seq_len,
+            num_heads,
+            spec.implementation,
+            dtype=dtype,
+            head_dim=head_dim,
+        )
+        for layer_id in range(num_layers)
+    ]
+    if seq_len > SHARED_WIDTHS_MAX_TOKENS:
+        return plans
+    shared = share_plan_widths([plan for plan, _ in plans])
+    return [(plan, budgets) for plan, (_, budgets) in zip(shared, plans, strict=True)]
 
 
 def default_blocks(patterns, implementation, dtype, head_dim) -> tuple[int, int]:

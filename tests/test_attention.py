@@ -208,6 +208,28 @@ def test_auto_dispatch_on_gpu_long_prompt():
     assert rel_err(out, ref) < 1e-2
 
 
+def test_shared_widths_keep_every_index_and_compile_fewer_programs():
+    from minference_jax import attention
+    from minference_jax.index_approx import build_planned_index
+
+    layers = [
+        (P.VerticalSlash(30, 60), P.VerticalSlash(100, 200)),
+        (P.VerticalSlash(300, 500), P.VerticalSlash(30, 60)),
+        (P.VerticalSlash(30, 60), P.BlockSparse(3)),
+        None,  # a dense layer: no plan
+    ]
+    planned = [attention.layer_plan(p or P.Dense(), 500, 2, None) for p in layers]
+    shared = attention.share_plan_widths([plan for plan, _ in planned])
+    assert shared[3] is None and shared[0] == shared[1] != shared[2]  # 2 programs, not 3
+    assert shared[0].max_slash == max(planned[0][0].max_slash, planned[1][0].max_slash)
+    assert shared[2] == planned[2][0]  # alone in its family mix: unchanged
+    q, k, _ = random_qkv(9, 1, 500, 2, 1, 16, jnp.float32)
+    for (plan, budgets), wide in zip(planned[:2], shared[:2], strict=True):
+        own = build_planned_index(q, k, budgets, plan=plan, scale=0.25)
+        padded = build_planned_index(q, k, budgets, plan=wide, scale=0.25)
+        np.testing.assert_array_equal(dense_mask_from_index(own), dense_mask_from_index(padded))
+
+
 def test_layer_backend_names_what_ran(monkeypatch):
     from minference_jax import attention
 

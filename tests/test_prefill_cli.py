@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from minference_jax import patterns as P
@@ -93,13 +94,14 @@ def test_embedded_default_explains_itself(capsys):
     assert report["dense"]["passkey"] == {"expected": "71432", "retrieved": True}
     assert report["includes_compile"] is False and report["repeats"] == 2
     if not SHORT_PROMPTS_RUN_DENSE:
-        assert all(layer["computed_fraction"] < 0.5 for layer in report["layers"])
+        fractions = [layer["computed_fraction"] for layer in report["layers"]]
+        assert max(fractions) < 1.0 and np.mean(fractions) < 0.8  # the searched config ran
     progress = captured.err.splitlines()
     assert progress[0] == "minference: compiling for 2048 tokens (first run, not timed)"
     assert "minference: timed run 2/2" in progress and "dense: timed run 2/2" in progress
-    # Layers 2 and 3 have the same budget widths in the searched config (layer 1 wider slashes).
-    compile_layer_times = [float(line.split()[-2]) for line in progress[2:4]]
-    assert compile_layer_times[1] < compile_layer_times[0]  # layer 3 reuses layer 2's program
+    # Layers 1-3 of the searched config are vertical-slash only: widths shared, one program.
+    compile_layer_times = [float(line.split()[-2]) for line in progress[1:3]]
+    assert compile_layer_times[1] < compile_layer_times[0] / 4  # layer 2 reuses layer 1's
     text = describe(report)
     assert "pass key 71432 retrieved" in text and "median of 2 timed runs" in text
     assert re.search(r"layer 1: [a-z-]+, computed \d+\.\d% of the causal key tiles, on \w", text)

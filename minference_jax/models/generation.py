@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minference_jax.attention import layer_backend, layer_plan
+from minference_jax.attention import layer_backend, plan_layers
 from minference_jax.models.modeling import DENSE_ATTENTION, AttentionSpec, CausalLM, layer_body
 from minference_jax.models.rope import decode_rope_tables, rope_tables
 from minference_jax.models.sharding import TensorParallel
@@ -92,15 +92,15 @@ def prefill(
     sharded = mesh
     if mesh is not None and not isinstance(mesh, TensorParallel):
         sharded = TensorParallel(model, mesh, attention.patterns, seq_len=seq_len)
-    for layer_id, layer in enumerate(model.layers):
-        plan, budgets = layer_plan(
-            attention.layer(layer_id, config.num_heads),
-            seq_len,
-            config.num_heads,
-            attention.implementation,
-            dtype=x.dtype,
-            head_dim=config.head_dim,
-        )
+    planned = plan_layers(
+        attention,
+        seq_len,
+        config.num_layers,
+        config.num_heads,
+        dtype=x.dtype,
+        head_dim=config.head_dim,
+    )
+    for layer_id, (layer, (plan, budgets)) in enumerate(zip(model.layers, planned, strict=True)):
         step = layer_step if sharded is None else sharded.step(layer_id)
         x, k, v, fraction = step(
             layer,
