@@ -2,10 +2,10 @@
 
     python tests/sharding_worker.py local N            # one process, N forced CPU devices
     python tests/sharding_worker.py host PID PORT      # one of 2 processes (gloo collectives)
-Prints one JSON line with the max relative logits error of sharded vs single-device prefill
-(heads placed by cost, sequence-parallel activations, a prompt length the device count does
-not divide), and in local mode the KV cache error (with 2 devices also the replicated,
-contiguous layout's error).
+Prints one JSON line with, per device count ("2", "4" locally with 4 devices; "2" for the two
+hosts), the max relative logits error of sharded vs single-device prefill (heads placed by
+cost, sequence-parallel activations, a prompt length the device count does not divide), and
+in local mode the KV cache error (over 2 devices also the replicated, contiguous layout's).
 """
 
 import json
@@ -53,13 +53,7 @@ layer0 = (Dense(),) * 4 + sparse * 3
 layer1 = sparse + (Dense(),) * 2 + sparse * 2 + (Dense(),) * 2
 mixed = HeadPatterns((layer0, layer1))
 specs = {"dense": AttentionSpec(), "minference": AttentionSpec(mixed)}
-mesh = make_mesh()
-# Heads placed for the mixed table in both specs: dense layers run with permuted weights too.
-balanced = TensorParallel(model, mesh, mixed, seq_len=ids.shape[1])
-report = {
-    "devices": len(jax.devices()),
-    "permuted_layers": sum(o != tuple(range(8)) for o in balanced.kv_orders),
-}
+report = {"devices": len(jax.devices())}
 
 
 def rel(a, b):
@@ -68,22 +62,34 @@ def rel(a, b):
     return err
 
 
-# Multi-host: a plain mesh, so prefill places the heads for each spec's own table itself.
-target = balanced if mode == "local" else mesh
-for name, spec in specs.items():
-    single = prefill(model, ids, spec, return_cache=mode == "local")
-    sharded = prefill(model, ids, spec, mesh=target, chunk_size=64, return_cache=mode == "local")
-    report[name] = rel(sharded.last_logits, single.last_logits)
-    if mode == "local":
-        report[f"{name}_cache"] = max(
-            rel(jax.device_get(kv_sharded[i]), kv_single[i])
-            for kv_sharded, kv_single in zip(sharded.cache, single.cache, strict=True)
-            for i in (0, 1)
-        )
-if mode == "local" and len(jax.devices()) == 2:
-    replicated = TensorParallel(model, mesh, sequence_parallel=False)  # contiguous, all-reduce
-    logits = prefill(model, ids, specs["minference"], mesh=replicated, chunk_size=64).last_logits
-    report["replicated"] = rel(logits, prefill(model, ids, specs["minference"]).last_logits)
+single = {
+    name: prefill(model, ids, spec, return_cache=mode == "local") for name, spec in specs.items()
+}
+# Local: every device count that divides the kv heads up to the devices there (2 and 4 with
+# 4 forced devices), one report each. Multi-host: one mesh over both processes' devices.
+counts = [n for n in (2, 4, 8) if n <= len(jax.devices())] if mode == "local" else [None]
+for count in counts:
+    mesh = make_mesh(count)
+    # Heads placed for the mixed table in both specs: dense layers run with permuted weights.
+    balanced = TensorParallel(model, mesh, mixed, seq_len=ids.shape[1])
+    part = {"permuted_layers": sum(o != tuple(range(8)) for o in balanced.kv_orders)}
+    # Multi-host: a plain mesh, so prefill places the heads for each spec's own table itself.
+    target = balanced if mode == "local" else mesh
+    for name, spec in specs.items():
+        cache = mode == "local"
+        sharded = prefill(model, ids, spec, mesh=target, chunk_size=64, return_cache=cache)
+        part[name] = rel(sharded.last_logits, single[name].last_logits)
+        if mode == "local":
+            part[f"{name}_cache"] = max(
+                rel(jax.device_get(kv_sharded[i]), kv_single[i])
+                for kv_sharded, kv_single in zip(sharded.cache, single[name].cache, strict=True)
+                for i in (0, 1)
+            )
+    if count == 2:
+        replicated = TensorParallel(model, mesh, sequence_parallel=False)  # contiguous, all-reduce
+        logits = prefill(model, ids, specs["minference"], mesh=replicated, chunk_size=64)
+        part["replicated"] = rel(logits.last_logits, single["minference"].last_logits)
+    report[str(count or len(jax.devices()))] = part
 if mode == "local":
     try:
         prefill(model, ids, mesh=make_mesh(8) if len(jax.devices()) >= 8 else None)

@@ -28,8 +28,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("batch, n, heads, kv_heads, patterns", CASES)
+# bf16 on every case but the largest (its mixed patterns run in bf16 at N = 333 already).
+DTYPE_CASES = [
+    pytest.param(dtype, *case, id=f"{name}-{i}")
+    for i, case in enumerate(CASES)
+    for dtype, name in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16"))
+    if not (dtype == jnp.bfloat16 and case[1] == 1000)
+]
+
+
+@pytest.mark.parametrize("dtype, batch, n, heads, kv_heads, patterns", DTYPE_CASES)
 def test_xla_path_matches_masked_reference(dtype, batch, n, heads, kv_heads, patterns):
     q, k, v = random_qkv(n + heads, batch, n, heads, kv_heads, 32, dtype)
     index = build_sparse_index(q, k, patterns)
