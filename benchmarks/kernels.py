@@ -234,9 +234,8 @@ def main(argv=None):
                 if case == "vs_fixed"
                 else build[case](q, k)
             )
-            # The interpreter's smoke run times its one call: those times mean nothing.
             warmup = 0 if args.interpret else 1
-            if args.interpret:
+            if args.interpret:  # a smoke run: one interpreted call, whose time means nothing
                 start = time.perf_counter()
                 out = jax.block_until_ready(kernel(q, k, v, index))
                 ms = (time.perf_counter() - start) * 1e3

@@ -88,7 +88,7 @@ def prefill(
     cos, sin = rope_tables(config, jnp.arange(seq_len), seq_len)
     x = _embed(model, input_ids)
     cache = [] if return_cache else None
-    families, fractions, plans = [], [], []
+    fractions = []
     sharded = mesh
     if mesh is not None and not isinstance(mesh, TensorParallel):
         sharded = TensorParallel(model, mesh, attention.patterns, seq_len=seq_len)
@@ -113,8 +113,6 @@ def prefill(
             chunk=chunk_size,
             with_fraction=True,
         )
-        families.append(("dense",) if plan is None else plan.families)
-        plans.append(plan)
         fractions.append(fraction if sharded is None else fraction.addressable_shards[0].data)
         if cache is not None:
             if sharded is not None:
@@ -127,14 +125,16 @@ def prefill(
         x = sharded.last_token(x, seq_len, chunk_size)
     logits = jax.block_until_ready(_last_logits(model, x))
     seconds = time.perf_counter() - start
-    layers = []
-    for f, fraction, plan in zip(families, fractions, plans, strict=True):
-        fraction = float(fraction)
-        backend = layer_backend(
-            plan, attention.implementation, x.dtype, config.head_dim, seq_len, fraction
+    layers = tuple(
+        LayerAttention(
+            ("dense",) if plan is None else plan.families,
+            float(fraction),
+            layer_backend(
+                plan, attention.implementation, x.dtype, config.head_dim, seq_len, float(fraction)
+            ),
         )
-        layers.append(LayerAttention(f, fraction, backend))
-    layers = tuple(layers)
+        for (plan, _), fraction in zip(planned, fractions, strict=True)
+    )
     return PrefillResult(logits, cache, seconds, layers)
 
 
