@@ -52,26 +52,42 @@ def short_name(pattern: P.Pattern) -> str:
     return "dense"
 
 
+def layer_qk(model, ids: np.ndarray) -> list[tuple[jax.Array, jax.Array]]:
+    """(q, k) of every layer of the dense prefill of ids [N], f32, RoPE applied."""
+    config = model.config
+    n = len(ids)
+    cos, sin = rope_tables(config, jnp.arange(n), n)
+    x = model.embed[...][jnp.asarray(ids)[None]]
+    out = []
+    for layer in model.layers:
+        q, k, _ = layer.attn.qkv(layer.input_norm(x), cos, sin)
+        out.append((q.astype(jnp.float32), k.astype(jnp.float32)))
+        x, _, _ = layer_body(layer, x, cos, sin, None, plan=None, implementation=None, chunk=n)
+    return out
+
+
+def needle_span(ids: np.ndarray, key: str) -> tuple[int, int]:
+    """[start, end) token positions of the passkey needle sentence in a byte-level prompt."""
+    start = bytes(np.asarray(ids).astype(np.uint8)).find(passkey.needle(key).encode())
+    return start, start + len(passkey.needle(key))
+
+
 def attention_shares(model, ids: np.ndarray, needle: tuple[int, int]) -> np.ndarray:
     """[layers, heads, 4] dense attention shares: of the last QUERIES queries on the sink, on
     the local window, on their TOP_FAR most attended keys outside both; and of the last query
     (the one that predicts the key's first digit) on the needle sentence."""
     config = model.config
     n = len(ids)
-    cos, sin = rope_tables(config, jnp.arange(n), n)
-    x = model.embed[...][jnp.asarray(ids)[None]]
     keys = jnp.arange(n)
     rows = jnp.arange(n - QUERIES, n)
     causal = keys[None, :] <= rows[:, None]
     sink = jnp.broadcast_to(keys < SINK, causal.shape)
     local = causal & (rows[:, None] - keys[None, :] < LOCAL)
     on_needle = (keys >= needle[0]) & (keys < needle[1])
+    group = config.num_heads // config.num_kv_heads
     shares = []
-    for layer in model.layers:
-        q, k, _ = layer.attn.qkv(layer.input_norm(x), cos, sin)
-        group = config.num_heads // config.num_kv_heads
-        k = jnp.repeat(k, group, axis=2).astype(jnp.float32)
-        logits = jnp.einsum("qhd,nhd->hqn", q[0, n - QUERIES :].astype(jnp.float32), k[0])
+    for q, k in layer_qk(model, ids):
+        logits = jnp.einsum("qhd,nhd->hqn", q[0, n - QUERIES :], jnp.repeat(k[0], group, axis=1))
         logits = jnp.where(causal, logits * config.head_dim**-0.5, -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1)  # [H, Q, N]
         far = jnp.where(sink | local, 0.0, probs)
@@ -87,7 +103,6 @@ def attention_shares(model, ids: np.ndarray, needle: tuple[int, int]) -> np.ndar
                 axis=-1,
             )
         )
-        x, _, _ = layer_body(layer, x, cos, sin, None, plan=None, implementation=None, chunk=n)
     return np.stack(shares)
 
 
@@ -121,9 +136,7 @@ def main(argv=None) -> dict:
     _, recall = parse_pattern_config(json.loads(config_path.read_text()))
     rng = np.random.default_rng(args.seed)
     ids, key = heldout.passkey_prompt(rng, args.tokens, 0.4)
-    start = bytes(ids.astype(np.uint8)).find(passkey.needle(key).encode())
-    needle = (start, start + len(passkey.needle(key)))
-    shares = attention_shares(model, ids, needle)
+    shares = attention_shares(model, ids, needle_span(ids, key))
     kinds = [[head_kind(s) for s in layer] for layer in shares]
     result = dict(
         model=args.model.name,

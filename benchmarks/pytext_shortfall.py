@@ -30,15 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import niah
+from benchmarks.pytext_heads import layer_qk, needle_span
 from benchmarks.timing import device_name, report_written
-from minference_jax import passkey
 from minference_jax import patterns as P
 from minference_jax.attention import default_blocks, forced_sparse_implementation
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.models import AttentionSpec
 from minference_jax.models.checkpoint import load_model
-from minference_jax.models.modeling import layer_body
-from minference_jax.models.rope import rope_tables
 from minference_jax.recall import index_row_mask, row_recall, sample_rows
 from minference_jax.search import parse_candidate
 
@@ -46,20 +44,6 @@ CHECKPOINT = pathlib.Path(__file__).parents[1] / "minference_jax" / "checkpoints
 OUT = pathlib.Path(__file__).parent / "results" / "pytext_12m"
 MODES = ("ashape:64,1024", "adb:0.9", "adbr:0.1", "avsr:0.01")
 RECALL_ROWS = 64
-
-
-def layer_qk(model, ids: np.ndarray) -> list[tuple[jax.Array, jax.Array]]:
-    """(q, k) of every layer of the dense prefill of ids [N], f32, RoPE applied."""
-    config = model.config
-    n = len(ids)
-    cos, sin = rope_tables(config, jnp.arange(n), n)
-    x = model.embed[...][jnp.asarray(ids)[None]]
-    out = []
-    for layer in model.layers:
-        q, k, _ = layer.attn.qkv(layer.input_norm(x), cos, sin)
-        out.append((q.astype(jnp.float32), k.astype(jnp.float32)))
-        x, _, _ = layer_body(layer, x, cos, sin, None, plan=None, implementation=None, chunk=n)
-    return out
 
 
 def needle_mass(q, k, keep_last: jax.Array, needle: tuple[int, int]) -> tuple[np.ndarray, ...]:
@@ -143,10 +127,7 @@ def main(argv=None) -> dict:
         + ["--depths", *map(str, args.depths), "--haystack", "heldout"]
     )
     ids, keys, _ = niah.niah_batch(niah_args, args.tokens)
-    prompts = []
-    for row, key in zip(ids, keys, strict=True):
-        start = bytes(row.astype(np.uint8)).find(passkey.needle(key).encode())
-        prompts.append((row, (start, start + len(passkey.needle(key)))))
+    prompts = [(row, needle_span(row, key)) for row, key in zip(ids, keys, strict=True)]
     impl = forced_sparse_implementation(getattr(jnp, args.dtype), config.head_dim)
     run_model = model if args.dtype == "float32" else load_model(args.model, jnp.bfloat16)[0]
 

@@ -257,10 +257,15 @@ def planned_attention(q, k, v, budgets, *, plan: IndexPlan | None, scale: float,
     return out
 
 
+def _runs_dense(plan: IndexPlan | None, implementation, seq_len: int) -> bool:
+    """No index at all: every head dense, or a short GPU prompt on the default path."""
+    return plan is None or (implementation is None and _short_gpu_prompt(seq_len))
+
+
 def planned_attention_with_fraction(q, k, v, budgets, *, plan, scale: float, implementation):
     """`planned_attention` and the share of the causal key tiles it computed (f32 scalar):
     the estimated index's `computed_fraction()`, or 1.0 where dense attention ran instead."""
-    if plan is None or (implementation is None and _short_gpu_prompt(q.shape[1])):
+    if _runs_dense(plan, implementation, q.shape[1]):
         return _dense_causal(q, k, v, scale), jnp.float32(1.0)
     index = build_planned_index(q, k, budgets, plan=plan, scale=scale)
     out = attend_with_index(q, k, v, index, scale=scale, implementation=implementation)
@@ -329,8 +334,8 @@ def layer_backend(plan, implementation, dtype, head_dim: int, seq_len: int, frac
     Triton kernel), "xla" (the XLA sparse path), "reference", or dense: "cudnn" on GPU for
     16-bit inputs, else "xla-dense". `fraction` is the layer's reported computed fraction
     (1.0 where the default GPU path fell back to cuDNN on device)."""
-    dense = "cudnn" if _on_gpu() and jnp.dtype(dtype).itemsize == 2 else "xla-dense"
-    if plan is None or (implementation is None and _short_gpu_prompt(seq_len)):
+    dense = "cudnn" if _uses_cudnn(dtype) else "xla-dense"
+    if _runs_dense(plan, implementation, seq_len):
         return dense
     if implementation is not None:
         return BACKEND_NAMES[implementation]
@@ -373,10 +378,18 @@ def _dense_causal(q, k, v, scale):
         # XLA:CPU has no f16 x f16 -> f32 dot: compute in f32, hand back f16.
         up = (x.astype(jnp.float32) for x in (q, k, v))
         return _dense_causal(*up, scale).astype(jnp.float16)
-    use_cudnn = _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16)
     return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True, implementation="cudnn" if use_cudnn else None
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=True,
+        implementation="cudnn" if _uses_cudnn(q.dtype) else None,
     )
+
+
+def _uses_cudnn(dtype) -> bool:
+    return _on_gpu() and dtype in (jnp.bfloat16, jnp.float16)
 
 
 _planned_jit = jax.jit(planned_attention, static_argnames=("plan", "scale", "implementation"))
