@@ -4,7 +4,8 @@
     python -m benchmarks.index_approx --seq-lens 32768 131072 524288   # on a GPU
 
 Patterns: layer 0 of the shipped Llama-3-8B-262k config (mixed vertical-slash budgets), or one
-uniform pattern with --pattern vs:1000,6096 | bs:100 | ashape:1024,4096. Data: i.i.d. normal
+uniform pattern with --pattern in the search's candidate syntax (vs:1000,6096 | block:100 |
+ashape:1024,4096 | avs:0.95 | avsr:0.01 | adb:0.9 ...). Data: i.i.d. normal
 q/k (the estimator's cost does not depend on the values; its output density does).
 Writes index_approx_<device>.{md,json} to --out (default benchmarks/results/local/, git-ignored).
 """
@@ -18,9 +19,9 @@ import pathlib
 import jax
 
 from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
-from minference_jax import patterns as P
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.index_approx import build_sparse_index, index_footprint_bytes
+from minference_jax.search import parse_candidate
 
 DEFAULT_CONFIG = "Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern"
 
@@ -33,9 +34,7 @@ def parse_pattern(text: str | None, num_heads: int):
                 f"the default config has {len(layer)} heads; pass --pattern for --heads {num_heads}"
             )
         return layer, f"{DEFAULT_CONFIG}[0]"
-    kind, _, args = text.partition(":")
-    values = [int(x) for x in args.split(",") if x]
-    pattern = {"vs": P.VerticalSlash, "bs": P.BlockSparse, "ashape": P.AShape}[kind](*values)
+    pattern = parse_candidate(text)
     return (pattern,) * num_heads, repr(pattern)
 
 
@@ -47,7 +46,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--pattern", default=None)
+    parser.add_argument(
+        "--pattern", default=None, help="one pattern for every head, e.g. vs:1000,6096 or avs:0.95"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument(
         "--estimator",

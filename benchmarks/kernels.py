@@ -160,10 +160,11 @@ def main(argv=None):
     parser.add_argument("--num-stages", type=int, default=None)
     parser.add_argument(
         "--backend",
-        choices=["pallas", "mosaic"],
+        choices=["pallas", "pallas-pregathered", "mosaic"],
         default="pallas",
-        help="sparse kernel: pallas (Triton, any GPU) or mosaic (Mosaic GPU, sm_90+, bf16; "
-        "--num-stages is its ring depth, default 2; try --block-q 128 --block-kv 128)",
+        help="sparse kernel: pallas (Triton, any GPU), pallas-pregathered (the same with each "
+        "head's columns gathered into contiguous K/V first), or mosaic (Mosaic GPU, sm_90+, "
+        "bf16; --num-stages is its ring depth, default 2; try --block-q 128 --block-kv 128)",
     )
     parser.add_argument(
         "--cases", nargs="+", default=["vs_fixed", "vs_estimated", "block_sparse", "a_shape"]
@@ -191,6 +192,7 @@ def main(argv=None):
                 num_warps=args.num_warps,
                 num_stages=args.num_stages,
                 interpret=args.interpret,
+                pregather_columns=args.backend == "pallas-pregathered",
             )
         )
     dense_impl = None if args.interpret else "cudnn"

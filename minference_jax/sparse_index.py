@@ -290,6 +290,23 @@ def column_is_covered(index: SparseIndex, columns: jax.Array, q_blocks: jax.Arra
     return hit & (rel >= 0) & (rel < n_slots)
 
 
+def gather_columns(x: jax.Array, column_index: jax.Array, block_kv: int) -> jax.Array:
+    """K or V rows of each query head's columns, contiguous: [B, Hq, C_pad, D].
+
+    x: [B, N, Hkv, D]; column_index: [B, Hq, C] key positions (SENTINEL = padding; gathers row 0,
+    which the kernel's mask drops). Query head h reads kv head h // (Hq // Hkv). C_pad is C
+    rounded up to a multiple of block_kv (at least one tile).
+    """
+    batch, _, num_kv_heads, _ = x.shape
+    num_heads, n_columns = column_index.shape[1:]
+    c_pad = max(block_kv, -(-n_columns // block_kv) * block_kv)
+    rows = jnp.where(column_index < SENTINEL, column_index, 0)
+    rows = jnp.pad(rows, ((0, 0), (0, 0), (0, c_pad - n_columns)))
+    kv_head = jnp.arange(num_heads) // (num_heads // num_kv_heads)
+    b = jnp.arange(batch)[:, None, None]
+    return x[b, rows, kv_head[None, :, None]]
+
+
 @jax.jit
 def dense_mask_from_index(index: SparseIndex) -> jax.Array:
     """[B, H, N, N] bool attention mask (causal applied) of the index. For small N only."""

@@ -22,7 +22,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from minference_jax.sparse_index import SENTINEL, SparseIndex, check_index_matches_inputs
+from minference_jax.sparse_index import (
+    SENTINEL,
+    SparseIndex,
+    check_index_matches_inputs,
+    gather_columns,
+)
 from pallas_kernels.constants import LOG2E, MASK_VALUE
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -39,12 +44,13 @@ def _sparse_flash_kernel(
     q_ref,  # [block_q, D]
     k_ref,  # [N_pad, D]
     v_ref,  # [N_pad, D]
-    *rest,  # (optional poisoned output input,) o_ref
+    *rest,  # (k_col, v_col [C_pad, D] when pregathered,) (poisoned output input,) o_ref
     scale: float,
     block_q: int,
     block_kv: int,
     n_q_blocks: int,
     precision,
+    pregathered: bool,
 ):
     o_ref = rest[-1]
     ratio = block_q // block_kv
@@ -118,6 +124,10 @@ def _sparse_flash_kernel(
         rel = last_block - jax.lax.div(columns, block_kv)
         covered = (diag_mask_ref[jnp.clip(rel, 0, n_slots - 1)] != 0) & (rel >= 0)
         valid = (slot < n_columns) & ~covered
+        if pregathered:  # contiguous tiles of this head's gathered columns
+            k_col_ref, v_col_ref = rest[0], rest[1]
+            tile = pl.ds(t * block_kv, block_kv)
+            return attend(carry, k_col_ref[tile, :], v_col_ref[tile, :], valid[None, :])
         safe = jnp.where(valid, columns, 0)
         return attend(carry, k_ref[safe, :], v_ref[safe, :], valid[None, :])
 
@@ -137,7 +147,15 @@ def _pad_axis(x, axis, size, value=0):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("softmax_scale", "num_warps", "num_stages", "interpret", "poison")
+    jax.jit,
+    static_argnames=(
+        "softmax_scale",
+        "num_warps",
+        "num_stages",
+        "interpret",
+        "poison",
+        "pregather_columns",
+    ),
 )
 def sparse_flash_attention(
     q: jax.Array,
@@ -150,12 +168,15 @@ def sparse_flash_attention(
     num_stages: int | None = None,
     interpret: bool = False,
     poison: bool = False,
+    pregather_columns: bool = False,
 ) -> jax.Array:
     """Sparse causal prefill attention. q [B, N, Hq, D], k/v [B, N, Hkv, D] -> [B, N, Hq, D].
 
     Query head h reads kv head h // (Hq // Hkv) (no repeated K/V). Any N (padded here to the
     query block), head_dim padded to a power of two >= 16. `poison=True` starts from a NaN
-    output buffer (tests use it to prove every element is written).
+    output buffer (tests use it to prove every element is written). `pregather_columns=True`
+    reads column tiles from per-head K/V copies of the columns (`gather_columns`, as the Mosaic
+    kernel does) instead of gathering rows of K and V inside the kernel.
     """
     batch, n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -202,6 +223,12 @@ def sparse_flash_attention(
     kv_spec = pl.BlockSpec((None, n_pad, None, d_pad), lambda i, b, h: (b, 0, h // group, 0))
     in_specs = [whole(x) for x in index_arrays] + [row_block, kv_spec, kv_spec]
     inputs = [*index_arrays, q_p, k_p, v_p]
+    if pregather_columns:
+        c_pad = columns.shape[2]
+        col_spec = pl.BlockSpec((None, None, c_pad, d_pad), lambda i, b, h: (b, h, 0, 0))
+        for x in (k, v):
+            in_specs.append(col_spec)
+            inputs.append(_pad_axis(gather_columns(x, index.column_index, block_kv), 3, d_pad))
     aliases = {}
     if poison:
         in_specs.append(row_block)
@@ -215,6 +242,7 @@ def sparse_flash_attention(
         block_kv=block_kv,
         n_q_blocks=n_q_blocks,
         precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+        pregathered=pregather_columns,
     )
     out = pl.pallas_call(
         kernel,

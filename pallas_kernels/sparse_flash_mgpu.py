@@ -35,6 +35,7 @@ from minference_jax.sparse_index import (
     SparseIndex,
     check_index_matches_inputs,
     column_is_covered,
+    gather_columns,
 )
 from pallas_kernels.constants import LOG2E, MASK_VALUE
 
@@ -84,23 +85,6 @@ def supports(dtype, head_dim: int, block_q: int, block_kv: int, stages: int = 2)
         and stages >= 2
         and smem <= SMEM_BYTES
     )
-
-
-def gather_columns(x: jax.Array, column_index: jax.Array, block_kv: int) -> jax.Array:
-    """K or V rows of each query head's columns, contiguous: [B, Hq, C_pad, D].
-
-    x: [B, N, Hkv, D]; column_index: [B, Hq, C] key positions (SENTINEL = padding; gathers row 0,
-    which the kernel's mask drops). Query head h reads kv head h // (Hq // Hkv). C_pad is C
-    rounded up to a multiple of block_kv (at least one tile).
-    """
-    batch, _, num_kv_heads, _ = x.shape
-    num_heads, n_columns = column_index.shape[1:]
-    c_pad = max(block_kv, -(-n_columns // block_kv) * block_kv)
-    rows = jnp.where(column_index < SENTINEL, column_index, 0)
-    rows = jnp.pad(rows, ((0, 0), (0, 0), (0, c_pad - n_columns)))
-    kv_head = jnp.arange(num_heads) // (num_heads // num_kv_heads)
-    b = jnp.arange(batch)[:, None, None]
-    return x[b, rows, kv_head[None, :, None]]
 
 
 def column_valid_words(index: SparseIndex, c_pad: int) -> jax.Array:

@@ -14,7 +14,6 @@ from minference_jax.reference import sparse_attention_reference
 from minference_jax.sparse_index import SENTINEL, block_mask_from_index, vertical_slash_index
 from pallas_kernels.sparse_flash_mgpu import (
     column_valid_words,
-    gather_columns,
     sparse_flash_attention_mgpu,
     supports,
 )
@@ -22,22 +21,6 @@ from tests.million_tokens import check_one_million_tokens
 from tests.oracles import random_qkv, rel_err
 
 MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
-
-
-def test_gather_columns_reads_each_query_heads_kv_head():
-    batch, n, heads, kv_heads, dim, block_kv = 2, 50, 6, 2, 4, 8
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, n, kv_heads, dim)).astype(np.float32)
-    columns = np.sort(rng.integers(0, n, size=(batch, heads, 11)), axis=-1).astype(np.int32)
-    columns[0, 1, 7:] = SENTINEL
-    got = np.asarray(gather_columns(jnp.asarray(x), jnp.asarray(columns), block_kv))
-    assert got.shape == (batch, heads, 16, dim)  # 11 columns padded to 2 tiles of 8
-    for b in range(batch):
-        for h in range(heads):
-            for c in range(11):
-                col = columns[b, h, c]
-                want = x[b, col, h // 3] if col < SENTINEL else x[b, 0, h // 3]
-                np.testing.assert_array_equal(got[b, h, c], want)
 
 
 def test_column_valid_words_match_the_index_mask():

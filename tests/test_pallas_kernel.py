@@ -2,6 +2,7 @@
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,8 +31,10 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 MIXED = (P.VerticalSlash(40, 120), P.AShape(70, 100), P.BlockSparse(3), P.Dense())
 
 
-def _check(q, k, v, index, dtype, interpret):
-    out = sparse_flash_attention(q, k, v, index, interpret=interpret, poison=True)
+def _check(q, k, v, index, dtype, interpret, pregather_columns=False):
+    out = sparse_flash_attention(
+        q, k, v, index, interpret=interpret, poison=True, pregather_columns=pregather_columns
+    )
     ref = sparse_attention_reference(q, k, v, index)
     out_np = np.asarray(out.astype(jnp.float32))
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -88,6 +91,13 @@ def test_kernel_interpret_matches_reference(
     _check(q, k, v, index, dtype, interpret=True)
 
 
+def test_kernel_interpret_pregathered_columns_batch_2_gqa():
+    batch, n, heads, kv_heads, dim, patterns, block_q, block_kv = INTERPRET_CASES[0]
+    q, k, v = random_qkv(7, batch, n, heads, kv_heads, dim, jnp.bfloat16)
+    index = build_sparse_index(q, k, patterns, block_q=block_q, block_kv=block_kv)
+    _check(q, k, v, index, jnp.bfloat16, interpret=True, pregather_columns=True)
+
+
 def _crafted_runs_index(seed, n, heads, block_q, block_kv):
     """VS index whose D has runs of 1-6 adjacent blocks at both parities, up to the start."""
     rng = np.random.default_rng(seed)
@@ -118,13 +128,16 @@ def _crafted_runs_index(seed, n, heads, block_q, block_kv):
     )
 
 
-@pytest.mark.parametrize("block_q, block_kv", [(64, 64), (32, 16)])
-def test_kernel_interpret_on_crafted_runs(block_q, block_kv):
-    """Runs of adjacent diagonal blocks of both parities reaching the sequence start, N % block."""
+@pytest.mark.parametrize(
+    "block_q, block_kv, pregather_columns", [(64, 64, False), (32, 16, False), (32, 16, True)]
+)
+def test_kernel_interpret_on_crafted_runs(block_q, block_kv, pregather_columns):
+    """Runs of adjacent diagonal blocks of both parities reaching the sequence start, N % block;
+    columns inside and outside D, read in place or from the per-head pre-gathered copies."""
     n, heads, kv_heads, dim = 700, 4, 2, 16
     q, k, v = random_qkv(5, 1, n, heads, kv_heads, dim, jnp.float32)
     index = _crafted_runs_index(3, n, heads, block_q, block_kv)
-    _check(q, k, v, index, jnp.float32, interpret=True)
+    _check(q, k, v, index, jnp.float32, interpret=True, pregather_columns=pregather_columns)
 
 
 def test_kernel_rejects_bad_inputs():
@@ -158,6 +171,8 @@ def test_kernel_gpu_matches_reference(
     q, k, v = random_qkv(n + dim, batch, n, heads, kv_heads, dim, dtype)
     index = build_sparse_index(q, k, patterns, block_q=block_q, block_kv=block_kv)
     _check(q, k, v, index, dtype, interpret=False)
+    if dtype == jnp.bfloat16:
+        _check(q, k, v, index, dtype, interpret=False, pregather_columns=True)
 
 
 @pytest.mark.gpu
@@ -169,11 +184,15 @@ def test_kernel_gpu_one_million_tokens_32_heads():
 def test_vs_scores_kernel_gpu_one_million_tokens():
     """64-bit addressing of the skewed buffer (32 heads x 64 rows x 1M bf16 = 4.3 GB > 4 GiB)."""
     n, heads, kv_heads, dim = 1 << 20, 32, 8, 128
-    q, k, _ = random_qkv(2, 1, n, heads, kv_heads, dim, jnp.bfloat16)
-    columns, diagonals = vs_estimate.vertical_slash_scores(q[:, -64:], k, scale=dim**-0.5)
+    # Only the last 64 queries are read: draw just those (a 1M-row q and its f32 draw would
+    # take 24 GiB beside the other GPU tests).
+    key_q, key_k = jax.random.split(jax.random.PRNGKey(2))
+    q_last = jax.random.normal(key_q, (1, 64, heads, dim), jnp.bfloat16)
+    k = jax.random.normal(key_k, (1, n, kv_heads, dim), jnp.bfloat16)
+    columns, diagonals = vs_estimate.vertical_slash_scores(q_last, k, scale=dim**-0.5)
     want_columns, want_diagonals = _map_over_kv_heads(
         functools.partial(_vertical_slash_scores, scale=dim**-0.5),
-        _grouped(q[:, -64:], kv_heads),
+        _grouped(q_last, kv_heads),
         k,
         one_at_a_time=True,
     )

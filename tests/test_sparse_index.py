@@ -18,6 +18,7 @@ from minference_jax.sparse_index import (
     SENTINEL,
     SparseIndex,
     dense_mask_from_index,
+    gather_columns,
     vertical_slash_index,
 )
 from pallas_kernels import vs_estimate
@@ -438,3 +439,19 @@ def test_capacity_check_raises_instead_of_dropping_offsets(monkeypatch):
         jax.block_until_ready(jax.jit(lambda: build())())
     monkeypatch.setattr(sparse_index, "CHECK_CAPACITY", False)  # the default: no host callback
     assert int(jax.jit(lambda: build())().diag_count.max()) == 5
+
+
+def test_gather_columns_reads_each_query_heads_kv_head():
+    batch, n, heads, kv_heads, dim, block_kv = 2, 50, 6, 2, 4, 8
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, n, kv_heads, dim)).astype(np.float32)
+    columns = np.sort(rng.integers(0, n, size=(batch, heads, 11)), axis=-1).astype(np.int32)
+    columns[0, 1, 7:] = SENTINEL
+    got = np.asarray(gather_columns(jnp.asarray(x), jnp.asarray(columns), block_kv))
+    assert got.shape == (batch, heads, 16, dim)  # 11 columns padded to 2 tiles of 8
+    for b in range(batch):
+        for h in range(heads):
+            for c in range(11):
+                col = columns[b, h, c]
+                want = x[b, col, h // 3] if col < SENTINEL else x[b, 0, h // 3]
+                np.testing.assert_array_equal(got[b, h, c], want)
