@@ -23,11 +23,9 @@ from minference_jax.sparse_index import (
     SENTINEL,
     SparseIndex,
     check_block_sizes,
-    compact_ascending,
     diag_mask_from_slashes,
     finalize_index,
     num_blocks,
-    unique_ascending,
 )
 from pallas_kernels import vs_estimate
 
@@ -337,24 +335,30 @@ def _largest_reaching(x: jax.Array, weight: jax.Array, target: jax.Array) -> jax
     """bool [..., M]: the fewest largest entries of x >= 0 (ties to the lower index) whose
     weights sum to at least target [..., 1] (none when target <= 0).
 
-    Sort-free: a radix search over the f32 bit patterns (which order like the values) for the
-    largest cut c with weight(x >= c) >= target, 2 bits a step (16 steps of 3 masked sums), then
-    the ties at the cut in index order. weight = x: cumulative mass; weight = 1: top-k.
+    weight = x: cumulative mass; weight = 1: top-k. See `_largest_reaching_each`.
     """
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return _largest_reaching_each([(x, weight, target)])[0]
+
+
+def _largest_reaching_each(searches) -> list[jax.Array]:
+    """`_largest_reaching` for several (x, weight, target) of one shape, in one loop.
+
+    Sort-free: a radix search over the f32 bit patterns (which order like the values) for the
+    largest cut c with weight(x >= c) >= target, 2 bits a step, then the ties at the cut in index
+    order. Each of the 16 steps is one reduction over [3 candidate digits, searches, ..., M] (one
+    kernel on GPU, where three separate masked sums were three launches a step).
+    """
+    bits = jnp.stack([jax.lax.bitcast_convert_type(x, jnp.uint32) for x, _, _ in searches])
+    weight = jnp.stack([jnp.broadcast_to(w, x.shape) for x, w, _ in searches])
+    target = jnp.stack([jnp.broadcast_to(t, x.shape[:-1] + (1,)) for x, _, t in searches])
+    digits = jnp.arange(1, 4, dtype=jnp.uint32).reshape((3,) + (1,) * target.ndim)
 
     def radix_step(step, cut):
         shift = (30 - 2 * step).astype(jnp.uint32)
-        digit = sum(
-            (
-                jnp.where(bits >= cut + (jnp.uint32(d) << shift), weight, 0.0).sum(
-                    -1, keepdims=True
-                )
-                >= target
-            )
-            for d in (1, 2, 3)
-        )
-        return cut + (digit.astype(jnp.uint32) << shift)
+        candidates = cut[None] + (digits << shift)  # [3, S, ..., 1]
+        sums = jnp.where(bits[None] >= candidates, weight[None], 0.0).sum(-1, keepdims=True)
+        digit = (sums >= target[None]).sum(0, dtype=jnp.uint32)
+        return cut + (digit << shift)
 
     # A loop, not unrolled: unrolled steps made each selection's CPU compile take seconds.
     cut = jax.lax.fori_loop(0, 16, radix_step, jnp.zeros(target.shape, jnp.uint32))
@@ -362,7 +366,8 @@ def _largest_reaching(x: jax.Array, weight: jax.Array, target: jax.Array) -> jax
     missing = target - jnp.where(above, weight, 0.0).sum(axis=-1, keepdims=True)
     tie_weight = jnp.where(bits == cut, weight, 0.0)
     before = jnp.cumsum(tie_weight, axis=-1) - tie_weight  # tie weight earlier in the row
-    return above | ((bits == cut) & (before < missing))
+    chosen = above | ((bits == cut) & (before < missing))
+    return list(chosen)
 
 
 def threshold_keep(scores: jax.Array, threshold, rule: str) -> jax.Array:
@@ -548,35 +553,45 @@ def query_aware_distance(q, k, columns, *, scale, last_q, block_kv) -> jax.Array
     return jnp.sqrt(jnp.clip((kl(true) + kl(estimate)) / 2, 0.0, 1.0))
 
 
-def _with_always_kept(selected: jax.Array, count: int, width: int) -> jax.Array:
-    """Union of selected indices [B, H, S] and 0..count-1, unique ascending, `width` wide."""
-    kept = jnp.broadcast_to(jnp.arange(count, dtype=jnp.int32), selected.shape[:-1] + (count,))
-    return compact_ascending(unique_ascending(jnp.concatenate([selected, kept], -1)), width)
-
-
 def estimate_adaptive_vertical_slash(
     columns, diagonals, thresholds, limits, *, max_vertical, max_slash, rule
 ) -> tuple[jax.Array, jax.Array]:
-    """(verticals [B, H, max_vertical + 30], slashes [B, H, max_slash + 100]) chosen by
-    threshold from column / diagonal scores [B, H, N] (`vertical_slash_scores`), plus the
-    always-kept first 30 columns and 100 most local offsets; ascending, SENTINEL-padded.
-    thresholds [H], limits [H, 2] (at most that many verticals, slashes; traced); max_vertical
-    and max_slash static, >= every limit."""
-    n = columns.shape[-1]
-    t = jnp.asarray(thresholds, jnp.float32)[None, :]
-    # One threshold pass over both score kinds (half the reductions), capacities apart.
-    keep = threshold_keep(
-        jnp.concatenate([columns, diagonals], axis=1), jnp.concatenate([t, t], axis=1), rule
-    )
-    heads = columns.shape[1]
-    limits = jnp.asarray(limits, jnp.int32)
-    verticals = _capped(columns, keep[:, :heads], min(max_vertical, n), limits[None, :, 0])
-    slashes = _capped(diagonals, keep[:, heads:], min(max_slash, n), limits[None, :, 1])
+    """(verticals [B, H, max_vertical + 30], slashes [B, H, max_slash + 100]): the always-kept
+    first 30 columns and 100 most local offsets, plus those chosen by threshold from column /
+    diagonal scores [B, H, N] (`vertical_slash_scores`); ascending, SENTINEL-padded.
+
+    thresholds [H], limits [H, 2] (traced): a head keeping more than its limit of verticals
+    (slashes) besides the always-kept ones keeps its `limit` largest; max_vertical and max_slash
+    static, >= every limit. Both score kinds go through one selection (one radix loop finds the
+    threshold cut and, for the cumulative rule, the limit cut too), and one compaction: no sort.
+    """
+    batch, heads, n = columns.shape
+    x = jnp.concatenate([columns, diagonals], axis=1)  # [B, 2H, N]
+    x = jnp.where(x > 0, x, 0.0).astype(jnp.float32)
+    t = jnp.tile(jnp.asarray(thresholds, jnp.float32), 2)[None, :, None]
     sinks, local = min(P.N_SINK_COLUMNS, n), min(P.N_LOCAL_SLASHES, n)
-    return (
-        _with_always_kept(verticals, sinks, min(max_vertical + sinks, n)),
-        _with_always_kept(slashes, local, min(max_slash + local, n)),
-    )
+    always_count = jnp.repeat(jnp.array([sinks, local], jnp.int32), heads)[None, :, None]
+    always = jnp.arange(n, dtype=jnp.int32) < always_count  # [1, 2H, N]
+    caps = jnp.repeat(jnp.array([min(max_vertical, n), min(max_slash, n)], jnp.int32), heads)
+    limit = jnp.minimum(jnp.asarray(limits, jnp.int32).T.reshape(-1), caps)[None, :, None]
+    others = jnp.where(always, 0.0, x)  # the capped candidates: all but the always-kept
+    top_of_others = (others, jnp.ones_like(others), limit.astype(jnp.float32))  # limit largest
+    if rule == "cumulative":
+        target = t * x.sum(axis=-1, keepdims=True) * (1.0 - _MASS_SLACK)
+        reaching, top = _largest_reaching_each([(x, x, target), top_of_others])
+        keep = jnp.where(t >= 1, x > 0, reaching & (x > 0))
+    else:
+        keep, top = threshold_keep(x, t[..., 0], rule), None
+    rest = keep & ~always
+    overflow = rest.sum(axis=-1, keepdims=True, dtype=jnp.int32) > limit
+    if top is None:  # the relative rule: the limit cut only when some row overflows
+        top = jax.lax.cond(
+            overflow.any(), lambda: _largest_reaching(*top_of_others), lambda: jnp.zeros_like(rest)
+        )
+    chosen = always | jnp.where(overflow, top, rest)
+    width_v, width_s = min(max_vertical + sinks, n), min(max_slash + local, n)
+    selected = _compact(chosen, max(width_v, width_s))
+    return selected[:, :heads, :width_v], selected[:, heads:, :width_s]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -144,9 +144,9 @@ class AdaptiveVerticalSlash:
     """Vertical-Slash whose counts follow the attention (FlexPrefill), per head and per input.
 
     From the last `LAST_Q` queries' softmax (the Vertical-Slash estimator's), the fewest key
-    columns and the fewest diagonals whose estimated mass reaches `threshold` of the total, at
-    most `max_vertical` / `max_slash` (static capacities); the first 30 columns and the 100 most
-    local diagonals are always kept. Selection `rule`:
+    columns and the fewest diagonals whose estimated mass reaches `threshold` of the total; the
+    first 30 columns and the 100 most local diagonals are always kept, and at most `max_vertical`
+    / `max_slash` others (their largest; static capacities). Selection `rule`:
     - "cumulative": the fewest entries whose summed score reaches `threshold` of the row's total
       (top-p; a sort-free radix search over the f32 bit patterns, 16 passes of 3 masked sums);
     - "relative": every entry >= `threshold` x the row's maximum (one max, one count: cheaper,

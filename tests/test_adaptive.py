@@ -11,6 +11,7 @@ from minference_jax.attention import sparse_attention
 from minference_jax.config_io import PatternConfigError, load_pattern_config, save_pattern_config
 from minference_jax.index_approx import (
     build_sparse_index,
+    estimate_adaptive_vertical_slash,
     query_aware_distance,
     select_by_threshold,
     threshold_keep,
@@ -245,19 +246,51 @@ def test_adaptive_vertical_slash_index_matches_oracle(qkv):
     got = np.asarray(block_mask_from_index(index))[..., :N] & causal
     for b, h in np.ndindex(2, 4):
         t = heads[h].threshold
-        verticals = set(np.flatnonzero(top_mask(cols[b, h], t, 40))) | set(range(30))
-        slashes = set(np.flatnonzero(top_mask(diags[b, h], t, 60))) | set(range(100))
-        want = block_rows_mask(
-            N, BLOCK, BLOCK, slashes=sorted(slashes), verticals=sorted(verticals)
-        )
+        verticals = with_always_kept_oracle(cols[b, h], t, 40, 30)
+        slashes = with_always_kept_oracle(diags[b, h], t, 60, 100)
+        want = block_rows_mask(N, BLOCK, BLOCK, slashes=slashes, verticals=verticals)
         np.testing.assert_array_equal(got[b, h], want & causal, err_msg=f"{b} {h}")
 
 
-def top_mask(row, threshold, capacity):
-    chosen = top_oracle(row, keep_oracle(row.astype(np.float32), threshold, "cumulative"), capacity)
-    mask = np.zeros(row.shape, bool)
-    mask[chosen[chosen < SENTINEL]] = True
-    return mask
+def with_always_kept_oracle(row, threshold, limit, always, rule="cumulative"):
+    """Indices: the first `always`, plus the kept others (at most their `limit` largest)."""
+    x = np.where(row > 0, row, 0).astype(np.float32)
+    others = np.flatnonzero(keep_oracle(x, threshold, rule)[always:]) + always
+    if others.size > limit:
+        others = np.argsort(-np.where(np.arange(x.size) < always, 0, x), kind="stable")[:limit]
+    return sorted(set(range(min(always, x.size))) | set(others.tolist()))
+
+
+@pytest.mark.parametrize("rule", P.SELECTION_RULES)
+@pytest.mark.parametrize("kind", ["random", "ties", "all_equal", "dominant", "signed"])
+def test_adaptive_vertical_slash_selection_matches_brute_force(rule, kind):
+    """Threshold, limit and always-kept entries together, on both score kinds, N % 64 != 0."""
+    heads, n = 5, 150
+    columns, diagonals = (score_rows(kind, seed, (2, heads, n)) for seed in (3, 4))
+    thresholds = THRESHOLDS if rule == "cumulative" else np.array([0, 0.1, 0.5, 0.9, 1], np.float32)
+    limits = np.array([[1, 90], [10, 5], [50, 20], [120, 1], [3, 3]], np.int32)
+    verticals, slashes = estimate_adaptive_vertical_slash(
+        jnp.asarray(columns),
+        jnp.asarray(diagonals),
+        jnp.asarray(thresholds),
+        jnp.asarray(limits),
+        max_vertical=128,
+        max_slash=128,
+        rule=rule,
+    )
+    for got, scores, kind_index, always in (
+        (verticals, columns, 0, 30),
+        (slashes, diagonals, 1, 100),
+    ):
+        got = np.asarray(got)
+        assert got.shape[-1] == min(128 + always, n)
+        for b, h in np.ndindex(2, heads):
+            want = with_always_kept_oracle(
+                scores[b, h], thresholds[h], limits[h, kind_index], always, rule
+            )
+            row = got[b, h]
+            np.testing.assert_array_equal(row[: len(want)], want, err_msg=f"{kind} {b} {h}")
+            assert (row[len(want) :] == SENTINEL).all()
 
 
 def test_vs_scores_and_query_aware_distance_match_brute_force(qkv):
