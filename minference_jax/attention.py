@@ -31,17 +31,20 @@ DENSE_CROSSOVER_TOKENS = 8192
 SHORT_PROMPT_TOKENS = 32768
 SHORT_PROMPT_FALLBACK_FRACTION = 0.3
 DENSE_FALLBACK_FRACTION = 0.5
-# The Mosaic kernel computes its tiles at about cuDNN's rate: sparse pays off until the index is
-# nearly dense (the index estimation and the kernel's per-tile index reads cost the rest; a
-# bound from the tile rate, not yet tuned on an e2e run).
+# The Mosaic kernel computes its tiles at about cuDNN's rate from 128K on: sparse pays off until
+# the index is nearly dense (the estimate and the per-tile index reads cost the rest). At 16K-32K
+# it runs at ~0.85 of cuDNN's rate and the estimate costs ~1 ms of a 4-15 ms layer (H200), so
+# sparse pays below ~0.63 of the tiles at 16K and ~0.8 at 32K: 0.6 up to SHORT_PROMPT_TOKENS.
 MOSAIC_DENSE_FALLBACK_FRACTION = 0.85
+MOSAIC_SHORT_PROMPT_FALLBACK_FRACTION = 0.6
 
 
 def dense_fallback_fraction(seq_len: int, kernel: str = "pallas") -> float:
     """Largest computed-tile fraction at which a GPU layer of `seq_len` tokens runs `kernel`."""
-    if seq_len <= SHORT_PROMPT_TOKENS:
-        return SHORT_PROMPT_FALLBACK_FRACTION
-    return MOSAIC_DENSE_FALLBACK_FRACTION if kernel == "mosaic" else DENSE_FALLBACK_FRACTION
+    short = seq_len <= SHORT_PROMPT_TOKENS
+    if kernel == "mosaic":
+        return MOSAIC_SHORT_PROMPT_FALLBACK_FRACTION if short else MOSAIC_DENSE_FALLBACK_FRACTION
+    return SHORT_PROMPT_FALLBACK_FRACTION if short else DENSE_FALLBACK_FRACTION
 
 
 def _on_gpu() -> bool:

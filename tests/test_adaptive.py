@@ -464,6 +464,10 @@ def test_gpu_dispatch_threshold_depends_on_length(monkeypatch):
     short, long = attention.SHORT_PROMPT_TOKENS, attention.SHORT_PROMPT_TOKENS + 1
     assert attention.dense_fallback_fraction(short) == attention.SHORT_PROMPT_FALLBACK_FRACTION
     assert attention.dense_fallback_fraction(long) == attention.DENSE_FALLBACK_FRACTION
+    mosaic_short = attention.dense_fallback_fraction(short, "mosaic")
+    assert mosaic_short == attention.MOSAIC_SHORT_PROMPT_FALLBACK_FRACTION
+    assert attention.SHORT_PROMPT_FALLBACK_FRACTION < mosaic_short
+    assert mosaic_short < attention.dense_fallback_fraction(long, "mosaic")
     monkeypatch.setattr(attention, "_on_gpu", lambda: True)
     pattern = P.AntiDiagonalBlockSparse()
     assert attention.layer_plan(pattern, attention.DENSE_CROSSOVER_TOKENS, 4, None)[0] is None
@@ -482,6 +486,20 @@ def test_recall_benchmark_smoke(tmp_path):
     assert {r["family"] for r in rows} == {"VerticalSlash", "AdaptiveVS relative"}
     assert all(0 < r["recall_mean"] <= 1 + 1e-6 for r in rows)
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+
+
+def test_short_prompt_benchmark_smoke(tmp_path):
+    from benchmarks import short_prompts
+
+    rows = short_prompts.main(
+        ["--seq-lens", "256", "--repeats", "1", "--inputs", "structured"]
+        + ["--patterns", "avs:0.95", "--out", str(tmp_path)]
+    )
+    assert [(r["pattern"], r["dispatch_runs"], r["kernel"]) for r in rows] == [
+        ("avs:0.95", "xla", "xla")  # on CPU the dispatch runs the XLA sparse path
+    ]
+    assert 0 < rows[0]["computed_fraction"] <= 1 and rows[0]["dispatch_limit"] is None
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md"}
 
 
 @pytest.mark.slow
