@@ -148,7 +148,8 @@ def main(argv=None) -> list[dict]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ] + [
         f"| {r['seq_len']} | {r['inputs']} | {r['pattern']} | {r['computed_fraction']} "
-        f"| {r['dispatch_limit'] or '-'} | {r['dispatch_runs']} | {r['dense_ms']} | {r['dispatch_ms']} "
+        f"| {r['dispatch_limit'] or '-'} | {r['dispatch_runs']} | {r['dense_ms']} "
+        f"| {r['dispatch_ms']} "
         f"| {r['dispatch_speedup']}x | {r['kernel']} | {r['kernel_ms']} | {r['kernel_speedup']}x "
         f"| {r['index_ms']} |"
         for r in rows
