@@ -14,7 +14,8 @@ import sys
 
 mode = sys.argv[1]
 if mode == "local":
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[2]}"
+    devices = f"--xla_force_host_platform_device_count={sys.argv[2]}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

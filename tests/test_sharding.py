@@ -164,7 +164,7 @@ def test_cli_tensor_parallel_over_local_devices():
     env = {
         **_env(),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
     }
     out = subprocess.run(
         [
@@ -197,7 +197,7 @@ def test_e2e_benchmark_tensor_parallel_rows(tmp_path):
     env = {
         **_env(),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
     }
     args = ["--tiny", "--seq-lens", "99", "--modes", "dense", "--tensor-parallel", "1", "2"]
     args += ["--no-seq-parallel", "--no-balance", "--repeats", "1", "--no-breakdown"]
