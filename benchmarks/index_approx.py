@@ -13,12 +13,11 @@ Writes index_approx_<device>.{md,json} to --out (default benchmarks/results/loca
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
 import jax
 
-from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
+from benchmarks.timing import DEFAULT_OUT, device_name, time_fn, write_table
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.index_approx import build_sparse_index, index_footprint_bytes
 from minference_jax.search import parse_candidate
@@ -95,11 +94,9 @@ def main(argv=None) -> list[dict]:
         )
         del q, k, index
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"index_approx_{device.replace(':', '_').replace(' ', '_')}"
     if args.estimator != "auto":
         stem = stem.with_name(f"{stem.name}_{args.estimator}")
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [
         f"Index approximation, one layer ({args.heads} q / {args.kv_heads} kv heads, d="
         f"{args.head_dim}, {args.dtype}, batch {args.batch}), patterns {pattern_name}, "
@@ -112,9 +109,7 @@ def main(argv=None) -> list[dict]:
         f"| {r['seq_len']} | {r['ms']} | {r['index_mib']} | {r['computed_fraction']} |"
         for r in rows
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    report_written(stem.with_suffix(".json"), stem.with_suffix(".md"))
+    write_table(stem, rows, lines)
     return rows
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import time
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.synthetic import structured_qk
-from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
+from benchmarks.timing import DEFAULT_OUT, device_name, time_fn, write_table
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.reference import sparse_attention_xla
@@ -289,13 +288,11 @@ def main(argv=None):
             del index, out
         del q, k, v
 
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (
         f"kernels_{device.replace(':', '_').replace(' ', '_')}"
         f"{'' if args.backend == 'pallas' else '_' + args.backend}"
         f"_{args.block_q}x{args.block_kv}_w{args.num_warps}_s{args.num_stages}"
     )
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = (
         [
             f"Sparse kernels vs dense cuDNN on {device}: batch 1, {HEADS} q / {KV_HEADS} kv heads, "
@@ -319,9 +316,7 @@ def main(argv=None):
         ]
         + ["", "\\* dense time extrapolated as t(N0) * (N/N0)^2 from the longest measured length."]
     )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    report_written(stem.with_suffix(".json"), stem.with_suffix(".md"))
+    write_table(stem, rows, lines)
 
 
 if __name__ == "__main__":

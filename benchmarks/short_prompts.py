@@ -18,14 +18,13 @@ Writes short_prompts_<device>.{json,md} under --out and prints where.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks.synthetic import structured_qk
-from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
+from benchmarks.timing import DEFAULT_OUT, device_name, time_fn, write_table
 from minference_jax import attention
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.search import parse_candidate
@@ -133,9 +132,7 @@ def main(argv=None) -> list[dict]:
                     f"{row['kernel']} {row['kernel_ms']:8.3f} ms  index {row['index_ms']} ms",
                     flush=True,
                 )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"short_prompts_{device.replace(':', '_').replace(' ', '_')}"
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [
         f"One attention layer on {device}: batch 1, {HEADS} q / {KV_HEADS} kv heads, "
         f"d={HEAD_DIM}, {jnp.dtype(dtype).name}, causal. Median of {args.repeats} calls after a "
@@ -154,9 +151,7 @@ def main(argv=None) -> list[dict]:
         f"| {r['index_ms']} |"
         for r in rows
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    report_written(stem.with_suffix(".json"), stem.with_suffix(".md"))
+    write_table(stem, rows, lines)
     return rows
 
 

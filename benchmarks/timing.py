@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import statistics
 import time
@@ -15,6 +16,15 @@ DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "local"
 
 def report_written(*paths: pathlib.Path) -> None:
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
+
+
+def write_table(stem: pathlib.Path, rows: list[dict], lines: list[str]) -> None:
+    """stem.json (the rows) and stem.md (the markdown lines); prints the table and both paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    report_written(stem.with_suffix(".json"), stem.with_suffix(".md"))
 
 
 def time_fn(fn, *args, warmup: int = 2, repeats: int = 10) -> float:
