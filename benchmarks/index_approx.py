@@ -60,7 +60,10 @@ def main(argv=None) -> list[dict]:
     )
     args = parser.parse_args(argv)
 
-    patterns, pattern_name = parse_pattern(args.pattern, args.heads)
+    try:
+        patterns, pattern_name = parse_pattern(args.pattern, args.heads)
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
     estimator = None if args.estimator == "auto" else args.estimator
     build = jax.jit(lambda q, k: build_sparse_index(q, k, patterns, estimator=estimator))
     device = device_name()

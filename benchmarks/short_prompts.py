@@ -44,7 +44,7 @@ def layer_inputs(kind: str, n: int, dtype):
 
 
 def measure(pattern_text: str, q, k, v, dense_ms: float, repeats: int) -> dict:
-    pattern = parse_candidate(pattern_text)
+    pattern = parse_candidate(pattern_text)  # checked in main
     n = q.shape[1]
     block_q, block_kv = attention.default_blocks((pattern,), None, q.dtype, HEAD_DIM)
     index = jax.jit(
@@ -109,6 +109,11 @@ def main(argv=None) -> list[dict]:
         "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
     args = parser.parse_args(argv)
+    for text in args.patterns:
+        try:
+            parse_candidate(text)
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     dense = jax.jit(

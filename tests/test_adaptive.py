@@ -500,6 +500,9 @@ def test_short_prompt_benchmark_smoke(tmp_path):
     ]
     assert 0 < rows[0]["computed_fraction"] <= 1 and rows[0]["dispatch_limit"] is None
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md"}
+    with pytest.raises(SystemExit) as exit_info:
+        short_prompts.main(["--patterns", "avs:2.0"])  # a mass above 1: refused before any run
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.slow
