@@ -345,8 +345,8 @@ def _largest_reaching_each(searches) -> list[jax.Array]:
 
     Sort-free: a radix search over the f32 bit patterns (which order like the values) for the
     largest cut c with weight(x >= c) >= target, 2 bits a step, then the ties at the cut in index
-    order. Each of the 16 steps is one reduction over [3 candidate digits, searches, ..., M] (one
-    kernel on GPU, where three separate masked sums were three launches a step).
+    order. Each of the 16 steps is one reduction over [3 candidate digits, searches, ..., M]: one
+    kernel a step on GPU, however many searches share the loop.
     """
     bits = jnp.stack([jax.lax.bitcast_convert_type(x, jnp.uint32) for x, _, _ in searches])
     weight = jnp.stack([jnp.broadcast_to(w, x.shape) for x, w, _ in searches])
@@ -377,7 +377,7 @@ def threshold_keep(scores: jax.Array, threshold, rule: str) -> jax.Array:
     broadcastable to the leading shape [...], may be traced.
     - "cumulative": the fewest entries whose sum reaches `threshold` x the row total (largest
       first, ties to the lower index), up to a 2^-16 relative slack; 0 keeps none, 1 keeps every
-      positive entry. Sort-free (`_largest_reaching`): 16 steps of 3 masked row sums.
+      positive entry. Sort-free (`_largest_reaching`): 16 steps of one masked-sum reduction.
     - "relative": every positive entry >= `threshold` x the row maximum (one max, one compare).
     """
     x = jnp.where(scores > 0, scores, 0.0).astype(jnp.float32)
@@ -565,7 +565,7 @@ def estimate_adaptive_vertical_slash(
     static, >= every limit. Both score kinds go through one selection (one radix loop finds the
     threshold cut and, for the cumulative rule, the limit cut too), and one compaction: no sort.
     """
-    batch, heads, n = columns.shape
+    heads, n = columns.shape[1:]
     x = jnp.concatenate([columns, diagonals], axis=1)  # [B, 2H, N]
     x = jnp.where(x > 0, x, 0.0).astype(jnp.float32)
     t = jnp.tile(jnp.asarray(thresholds, jnp.float32), 2)[None, :, None]

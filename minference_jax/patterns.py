@@ -148,7 +148,7 @@ class AdaptiveVerticalSlash:
     first 30 columns and the 100 most local diagonals are always kept, and at most `max_vertical`
     / `max_slash` others (their largest; static capacities). Selection `rule`:
     - "cumulative": the fewest entries whose summed score reaches `threshold` of the row's total
-      (top-p; a sort-free radix search over the f32 bit patterns, 16 passes of 3 masked sums);
+      (top-p; a sort-free radix search over the f32 bit patterns, 16 masked-sum passes);
     - "relative": every entry >= `threshold` x the row's maximum (one max, one count: cheaper,
       but its count follows the peak, not the mass).
     Query-aware switch: with `query_aware > 0`, a head whose last queries' key-block

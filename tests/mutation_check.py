@@ -74,6 +74,22 @@ MUTANTS = (
         focus="original_context or phi3_longrope",
     ),
     Mutant(
+        "adaptive_vs_limit_ignored",
+        "minference_jax/index_approx.py",
+        "chosen = always | jnp.where(overflow, top, rest)",
+        "chosen = always | rest",
+        ("tests/test_adaptive.py",),
+        focus="adaptive_vertical_slash",
+    ),
+    Mutant(
+        "radix_digit_as_any",
+        "minference_jax/index_approx.py",
+        "digit = (sums >= target[None]).sum(0, dtype=jnp.uint32)",
+        "digit = (sums >= target[None]).any(0).astype(jnp.uint32)",
+        ("tests/test_adaptive.py",),
+        focus="threshold_keep or select_by_threshold",
+    ),
+    Mutant(
         "pallas_f32_not_highest",
         "pallas_kernels/sparse_flash.py",
         "precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,",
