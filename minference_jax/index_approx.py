@@ -382,13 +382,21 @@ def threshold_keep(scores: jax.Array, threshold, rule: str) -> jax.Array:
     """
     x = jnp.where(scores > 0, scores, 0.0).astype(jnp.float32)
     t = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), x.shape[:-1])[..., None]
+    return _keep_and_search(x, t, rule)[0]
+
+
+def _keep_and_search(x: jax.Array, t: jax.Array, rule: str, search=None):
+    """(`threshold_keep` of x >= 0 at t [..., 1], the `_largest_reaching` mask of `search`, an
+    (x, weight, target) of x's shape, or None). The cumulative rule runs `search` in its own
+    radix loop (no second loop); the relative rule has no loop, so it leaves `search` (None)."""
     positive = x > 0
     if rule == "relative":
-        return positive & (x >= t * x.max(axis=-1, keepdims=True))
+        return positive & (x >= t * x.max(axis=-1, keepdims=True)), None
     if rule != "cumulative":
         raise ValueError(f"unknown selection rule {rule!r}; choose from {P.SELECTION_RULES}")
     target = t * x.sum(axis=-1, keepdims=True) * (1.0 - _MASS_SLACK)
-    return jnp.where(t >= 1, positive, _largest_reaching(x, x, target) & positive)
+    reaching, *found = _largest_reaching_each([(x, x, target)] + ([search] if search else []))
+    return jnp.where(t >= 1, positive, reaching & positive), (found[0] if found else None)
 
 
 def _compact(keep: jax.Array, capacity: int) -> jax.Array:
@@ -576,12 +584,7 @@ def estimate_adaptive_vertical_slash(
     limit = jnp.minimum(jnp.asarray(limits, jnp.int32).T.reshape(-1), caps)[None, :, None]
     others = jnp.where(always, 0.0, x)  # the capped candidates: all but the always-kept
     top_of_others = (others, jnp.ones_like(others), limit.astype(jnp.float32))  # limit largest
-    if rule == "cumulative":
-        target = t * x.sum(axis=-1, keepdims=True) * (1.0 - _MASS_SLACK)
-        reaching, top = _largest_reaching_each([(x, x, target), top_of_others])
-        keep = jnp.where(t >= 1, x > 0, reaching & (x > 0))
-    else:
-        keep, top = threshold_keep(x, t[..., 0], rule), None
+    keep, top = _keep_and_search(x, t, rule, top_of_others)
     rest = keep & ~always
     overflow = rest.sum(axis=-1, keepdims=True, dtype=jnp.int32) > limit
     if top is None:  # the relative rule: the limit cut only when some row overflows
