@@ -7,17 +7,22 @@ For each input and length, every pattern below estimates its index on the same q
 all heads one pattern), and two numbers are kept per index:
 - computed tiles: `SparseIndex.computed_fraction()` (key tiles computed / dense causal tiles);
 - recall: the share of the dense softmax mass the index keeps (`minference_jax.recall`), exact
-  per row, over `--rows` query rows spread evenly over the whole sequence; reported as the mean
-  over rows and heads, its 10th percentile, and the worst head's mean.
+  per row, over every row of `--query-blocks` 64-row query blocks spread evenly over the whole
+  sequence; reported as the mean over rows and heads, its 10th percentile, and the worst head's
+  mean.
 Patterns: VerticalSlash at several budgets (the first, VerticalSlash(1000, 6096), is the
-reference), AShape, BlockSparse top-k, and each adaptive mode (AntiDiagonalBlockSparse,
-AdaptiveVerticalSlash, with and without the query-aware switch; cumulative and relative rules)
-at several thresholds. Inputs: `synthetic` (benchmarks.synthetic.structured_qk: sinks, local
-decay, heavy tokens; 32 q / 8 kv heads, d 128) and `e2e` (layer 0 q/k of the e2e benchmark's
-structured random Llama-3-8B shape, benchmarks.e2e_prefill). Writes recall_<device>.{json,md,png}
-under --out and prints where; the table ends with, for each VerticalSlash budget, the adaptive
-point with the fewest tiles at a mean recall at least the budget's, as a fraction of the
-budget's tiles.
+reference), layer 0 of the shipped Llama-3-8B-262k per-head config, AShape, BlockSparse top-k,
+and each adaptive mode (AntiDiagonalBlockSparse, AdaptiveVerticalSlash, with and without the
+query-aware switch; cumulative and relative rules) at several thresholds. Two oracle curves
+bound them all: knowing the exact dense attention of the measured query blocks, the most mass a
+block-sparse index ("Oracle blocks") or any index ("Oracle keys": the heaviest keys, gathered 64
+per tile) keeps per tile budget.
+Inputs: `synthetic` (benchmarks.synthetic.structured_qk: sinks, local decay, heavy tokens; 32 q
+/ 8 kv heads, d 128) and `e2e` (layer 0 q/k of the e2e benchmark's structured random Llama-3-8B
+shape, benchmarks.e2e_prefill). Writes recall_<device>.{json,md,png} under --out and prints
+where; the table ends with, for each VerticalSlash budget and the config, the adaptive point
+with the fewest tiles at a mean recall at least the reference's, as a fraction of its tiles, and
+the fraction each oracle needs: no index gets below the "Oracle keys" one.
 """
 
 from __future__ import annotations
@@ -32,14 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.e2e_prefill import CONFIG
 from benchmarks.synthetic import structured_qk
 from benchmarks.timing import device_name
 from minference_jax import patterns as P
+from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.index_approx import build_sparse_index
-from minference_jax.recall import row_recall, sample_rows
+from minference_jax.recall import oracle_curves, row_recall, sample_block_rows
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 REFERENCE = P.VerticalSlash(1000, 6096)
+CONFIG_FAMILY = "Config layer 0"
+# The fixed budgets every adaptive mode and oracle is compared with.
+REFERENCE_FAMILIES = ("VerticalSlash", CONFIG_FAMILY)
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 # Max-relative thresholds: block scores are flatter than column / diagonal scores.
 RELATIVE_BLOCKS = (0.6, 0.45, 0.3, 0.2, 0.1)
@@ -48,6 +58,9 @@ RELATIVE_VS = (0.3, 0.1, 0.03, 0.01, 0.003)
 # family shows the query-aware block pattern itself (on the synthetic inputs the distances are
 # 0.5-0.6 and FlexPrefill's 0.1 would never switch).
 QUERY_AWARE = 1.0
+ORACLES = {"blocks": "Oracle blocks", "keys": "Oracle keys"}
+# Tile fractions at which the oracle curves are reported (besides each reference's recall).
+ORACLE_TILES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
 def cases() -> list[tuple[str, float | str, P.Pattern]]:
@@ -56,6 +69,9 @@ def cases() -> list[tuple[str, float | str, P.Pattern]]:
         ("VerticalSlash", f"{v},{s}", P.VerticalSlash(v, s))
         for v, s in ((1000, 6096), (500, 3000), (250, 1500), (100, 800), (30, 300))
     ]
+    out.append(
+        (CONFIG_FAMILY, "Llama-3-8B-262k", load_pattern_config(shipped_configs()[CONFIG])[0])
+    )
     out += [("AShape", f"{i},{w}", P.AShape(i, w)) for i, w in ((128, 4096), (64, 1024), (64, 256))]
     out += [("BlockSparse", str(t), P.BlockSparse(t)) for t in (100, 40, 16, 6)]
     for rule, block_values, vs_values in (
@@ -90,42 +106,92 @@ def inputs(name: str, n: int, dtype):
 def measure(q, k, pattern, rows) -> dict:
     index = build_sparse_index(q, k, pattern)
     recall = np.asarray(row_recall(q, k, index, rows), np.float64)  # [1, H, R]
+    blocks = np.unique(rows // index.block_q)
+    heads = q.shape[0] * q.shape[2]
+    measured_tiles = np.asarray(index.num_tiles())[:, :, blocks].sum(dtype=np.float64)
     return dict(
         computed_fraction=round(float(index.computed_fraction()), 4),
+        # Over the measured query blocks only: what the oracle curves are counted on.
+        measured_blocks_fraction=round(measured_tiles / (heads * (blocks + 1).sum()), 4),
         recall_mean=round(float(recall.mean()), 4),
         recall_p10=round(float(np.percentile(recall, 10)), 4),
         recall_worst_head=round(float(recall.mean(axis=(0, 2)).min()), 4),
     )
 
 
+def oracle_rows(q, k, rows, references: list[dict], kinds) -> list[dict]:
+    """Points of the oracle curves (`kinds` of "blocks", "keys"): at ORACLE_TILES and at the
+    fewest tiles reaching each reference row's mean recall."""
+    out = []
+    for kind, curve in oracle_curves(q, k, rows).items():
+        if kind not in kinds:
+            continue
+        points = [(f"tiles {t}", t) for t in ORACLE_TILES]
+        points += [
+            (f"at {r['family']}({r['param']})", curve.tiles_for(r["recall_mean"]))
+            for r in references
+        ]
+        out += [
+            dict(
+                family=ORACLES[kind],
+                param=param,
+                pattern=f"oracle:{kind}",
+                adaptive=False,
+                computed_fraction=round(tiles, 4),
+                measured_blocks_fraction=round(tiles, 4),
+                recall_mean=round(curve.recall_at(tiles), 4),
+                recall_p10=None,
+                recall_worst_head=None,
+            )
+            for param, tiles in points
+        ]
+    return out
+
+
 def tile_savings(rows: list[dict]) -> list[str]:
-    """Per (input, N) and VerticalSlash budget: the adaptive point with the fewest tiles at a
-    mean recall at least the budget's, as a fraction of the budget's tiles."""
+    """Per (input, N) and fixed reference (REFERENCE_FAMILIES): the adaptive point with the
+    fewest tiles at a mean recall at least the reference's, as a fraction of its tiles; then
+    the same for each oracle curve (the least a block-sparse index / any index could need)."""
+
+    def fewest(members, recall):
+        reaching = [r for r in members if r["recall_mean"] >= recall]
+        return min(reaching, key=lambda r: r["computed_fraction"], default=None)
+
     lines = []
     for key in sorted({(r["input"], r["seq_len"]) for r in rows}):
         group = [r for r in rows if (r["input"], r["seq_len"]) == key]
         lines.append(f"- {key[0]}, N={key[1]}:")
-        for ref in (r for r in group if r["family"] == "VerticalSlash"):
-            reaching = [
-                r for r in group if r["adaptive"] and r["recall_mean"] >= ref["recall_mean"]
-            ]
-            head = (
-                f"  - VerticalSlash({ref['param']}) recall {ref['recall_mean']}, tiles "
+        for ref in (r for r in group if r["family"] in REFERENCE_FAMILIES):
+            line = (
+                f"  - {ref['family']}({ref['param']}) recall {ref['recall_mean']}, tiles "
                 f"{ref['computed_fraction']}: "
             )
-            if not reaching:
-                lines.append(head + "no adaptive point reaches its recall")
-                continue
-            best = min(reaching, key=lambda r: r["computed_fraction"])
-            lines.append(
-                head + f"{best['family']} {best['param']} needs "
-                f"{best['computed_fraction'] / ref['computed_fraction']:.2f} of its tiles "
-                f"(recall {best['recall_mean']}, tiles {best['computed_fraction']})"
-            )
+            adaptive = [r for r in group if r["adaptive"]]
+            best = fewest(adaptive, ref["recall_mean"])
+            if best is None:
+                line += (
+                    "no adaptive point reaches its recall" if adaptive else "no adaptive mode run"
+                )
+            else:
+                line += (
+                    f"{best['family']} {best['param']} needs "
+                    f"{best['computed_fraction'] / ref['computed_fraction']:.2f} of its tiles "
+                    f"(recall {best['recall_mean']}, tiles {best['computed_fraction']})"
+                )
+            for name in ORACLES.values():
+                bound = fewest([r for r in group if r["family"] == name], ref["recall_mean"])
+                if bound is not None:
+                    ratio = bound["measured_blocks_fraction"] / ref["measured_blocks_fraction"]
+                    line += f"; {name} {ratio:.2f}"
+            lines.append(line)
     return lines
 
 
-def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int) -> None:
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int, num_blocks: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,33 +200,49 @@ def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int) -> None:
     lines = [
         f"Recall vs computed tiles on {rows[0]['device']}: batch 1, {HEADS} q / {KV_HEADS} kv "
         f"heads, d {HEAD_DIM}, {rows[0]['dtype']}, 64x64 tiles; recall = share of the dense "
-        f"softmax mass kept, exact, on {num_rows} query rows spread over the sequence "
-        "(mean over rows and heads; p10 over rows x heads; worst head's mean).",
+        f"softmax mass kept, exact, on the {num_rows} rows of {num_blocks} query blocks "
+        "spread over the sequence (mean over rows and heads; p10 over rows x heads; worst "
+        "head's mean). Oracle rows: the most recall any block-sparse index (blocks) or any "
+        "index (keys) keeps with that share of the tiles, knowing the dense attention.",
         "",
-        "| input | N | family | parameter | tiles computed | recall mean | recall p10 "
-        "| worst head |",
-        "|---|---|---|---|---|---|---|---|",
+        "| input | N | family | parameter | tiles computed | tiles, measured blocks "
+        "| recall mean | recall p10 | worst head |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['input']} | {r['seq_len']} | {r['family']} | {r['param']} | "
-        f"{r['computed_fraction']} | {r['recall_mean']} | {r['recall_p10']} | "
-        f"{r['recall_worst_head']} |"
+        f"{r['computed_fraction']} | {r['measured_blocks_fraction']} | {r['recall_mean']} | "
+        f"{_cell(r['recall_p10'])} | {_cell(r['recall_worst_head'])} |"
         for r in rows
     ]
-    lines += ["", "Fewest adaptive tiles at each VerticalSlash budget's recall (measured points):"]
+    lines += [
+        "",
+        "Fewest adaptive tiles at each fixed reference's recall (measured points), and the "
+        "fewest each oracle needs (over the measured query blocks):",
+    ]
     lines += tile_savings(rows)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     keys = sorted({(r["input"], r["seq_len"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    cols = min(3, len(keys))
+    rows_of_plots = -(-len(keys) // cols)
+    fig, axes = plt.subplots(
+        rows_of_plots, cols, figsize=(6 * cols, 4.5 * rows_of_plots), squeeze=False
+    )
+    for ax in axes.flat[len(keys) :]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys, strict=False):
         group = [r for r in rows if (r["input"], r["seq_len"]) == key]
         for i, family in enumerate(dict.fromkeys(r["family"] for r in group)):
             pts = sorted(
                 (r["computed_fraction"], r["recall_mean"]) for r in group if r["family"] == family
             )
-            style = "--" if not any(r["adaptive"] for r in group if r["family"] == family) else "-"
-            ax.plot(*zip(*pts, strict=True), style, marker="o", color=f"C{i}", label=family)
+            if family in ORACLES.values():
+                style = dict(linestyle=":", color="k" if family == ORACLES["keys"] else "0.5")
+            else:
+                adaptive = any(r["adaptive"] for r in group if r["family"] == family)
+                style = dict(linestyle="-" if adaptive else "--", marker="o", color=f"C{i}")
+            ax.plot(*zip(*pts, strict=True), label=family, **style)
         ref = next(r for r in group if r["pattern"] == repr(REFERENCE))
         ax.plot(ref["computed_fraction"], ref["recall_mean"], "k*", ms=14, label=str(REFERENCE))
         ax.set_xscale("log")
@@ -168,8 +250,11 @@ def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int) -> None:
         ax.set_ylabel("recall (dense softmax mass kept)")
         ax.set_title(f"{key[0]}, N={key[1]}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    legend = {}
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center right")
     fig.savefig(stem.with_suffix(".png"), dpi=120)
     plt.close(fig)
 
@@ -178,7 +263,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192])
     parser.add_argument("--inputs", nargs="+", default=["synthetic"], choices=["synthetic", "e2e"])
-    parser.add_argument("--rows", type=int, default=64, help="sampled query rows per input")
+    parser.add_argument(
+        "--query-blocks",
+        type=int,
+        default=8,
+        help="64-row query blocks whose rows are measured, spread over the sequence (default 8)",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
@@ -186,7 +276,10 @@ def main(argv=None):
         help="default: bfloat16 on GPU, float32 elsewhere",
     )
     parser.add_argument(
-        "--families", nargs="+", default=None, help="only these families (default: all)"
+        "--families",
+        nargs="+",
+        default=None,
+        help="only these families (default: all, oracles included)",
     )
     parser.add_argument(
         "--out",
@@ -205,7 +298,7 @@ def main(argv=None):
     for name in args.inputs:
         for n in args.seq_lens:
             q, k = inputs(name, n, dtype)
-            sampled = sample_rows(n, args.rows)
+            sampled = sample_block_rows(n, args.query_blocks)
             for family, param, pattern in selected:
                 start = time.perf_counter()
                 row = dict(
@@ -227,11 +320,24 @@ def main(argv=None):
                     f"{time.perf_counter() - start:.1f} s",
                     flush=True,
                 )
+            kinds = [
+                kind
+                for kind, family in ORACLES.items()
+                if args.families is None or family in args.families
+            ]
+            if kinds:
+                start = time.perf_counter()
+                references = [
+                    r for r in rows[-len(selected) :] if r["family"] in REFERENCE_FAMILIES
+                ]
+                for row in oracle_rows(q, k, sampled, references, kinds):
+                    rows.append(dict(device=device, input=name, seq_len=n, dtype=dtype_name, **row))
+                print(f"oracle curves {time.perf_counter() - start:.1f} s", flush=True)
             del q, k
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"recall_{device.replace(':', '_').replace(' ', '_')}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    write_report(rows, stem, args.rows)
+    write_report(rows, stem, sampled.size, np.unique(sampled // 64).size)
     print("\n".join(tile_savings(rows)))
     print(f"wrote {stem}.json, {stem}.md, {stem}.png")
     return rows

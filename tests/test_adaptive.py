@@ -17,7 +17,7 @@ from minference_jax.index_approx import (
     threshold_keep,
     vertical_slash_scores,
 )
-from minference_jax.recall import row_recall, sample_rows
+from minference_jax.recall import oracle_curves, row_recall, sample_block_rows, sample_rows
 from minference_jax.sparse_index import SENTINEL, block_mask_from_index, dense_mask_from_index
 from tests.oracles import block_rows_mask, masked_attention_f64, random_qkv, rel_err
 
@@ -458,6 +458,61 @@ def test_recall_matches_brute_force_full_matrix(mixed):
     assert want.min() < 0.9  # some rows lose mass: the test can tell
 
 
+def oracle_tile_masses_f64(q, k, rows, block):
+    """Brute force for `oracle_curves`: per sampled query block and head, the block's dense
+    mass per aligned key tile and per gathered tile of its heaviest keys, causal tiles only."""
+    n = q.shape[1]
+    group = q.shape[2] // k.shape[2]
+    qf, kf = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), group, axis=2)
+    logits = np.einsum("bqhd,bkhd->bhqk", qf, kf) * q.shape[-1] ** -0.5
+    probs = softmax(np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf))
+    aligned, gathered = [], []
+    for first in np.unique(rows // block):
+        block_rows = rows[rows // block == first]
+        mass = probs[:, :, block_rows].sum(2)  # [B, H, N]
+        tiles = first + 1
+        padded = np.pad(mass, ((0, 0), (0, 0), (0, -n % block)))
+        aligned.append(padded[..., : tiles * block].reshape(*mass.shape[:2], tiles, block).sum(-1))
+        heaviest = -np.sort(-padded, axis=-1)[..., : tiles * block]
+        gathered.append(heaviest.reshape(*mass.shape[:2], tiles, block).sum(-1))
+    return aligned, gathered
+
+
+def test_oracle_curves_match_brute_force_and_bound_every_index(mixed):
+    q, k, _, _, index = mixed
+    n, block = q.shape[1], index.block_q
+    rows = sample_block_rows(n, 4, block)
+    blocks = np.unique(rows // block)
+    assert blocks[0] == 0 and blocks[-1] == (n - 1) // block and n % block  # a partial block
+    curves = oracle_curves(q, k, rows, block=block)
+    total_rows = rows.size * q.shape[0] * q.shape[2]
+    for name, masses in zip(
+        ("blocks", "keys"), oracle_tile_masses_f64(q, k, rows, block), strict=True
+    ):
+        flat = np.sort(np.concatenate([m.ravel() for m in masses]))[::-1]
+        want = np.concatenate([[0.0], np.cumsum(flat)]) / total_rows
+        np.testing.assert_allclose(curves[name].recall, want, atol=1e-5)
+        np.testing.assert_allclose(curves[name].tiles, np.arange(flat.size + 1) / flat.size)
+        assert curves[name].recall_at(1.0) == pytest.approx(1.0, abs=1e-5)
+    keys, aligned = curves["keys"], curves["blocks"]
+    assert keys.recall_at(0.3) > aligned.recall_at(0.3) + 0.01  # gathering keys pays here
+    assert aligned.tiles_for(aligned.recall_at(0.3)) <= 0.3
+
+    # No index keeps more than the oracle with as many tiles on the same query blocks.
+    block_sparse = build_sparse_index(
+        q, k, P.BlockSparse(3, block_size=block), block_q=block, block_kv=block
+    )
+    for candidate, bound in ((index, keys), (block_sparse, keys), (block_sparse, aligned)):
+        kept = float(np.asarray(row_recall(q, k, candidate, rows)).mean())
+        spent = np.asarray(candidate.num_tiles())[:, :, blocks].sum()
+        fraction = spent / (q.shape[0] * q.shape[2] * (blocks + 1).sum())
+        assert kept <= bound.recall_at(fraction) + 1e-5
+        assert kept < 0.999  # the indices drop mass: the bound is not met trivially
+
+    with pytest.raises(ValueError, match="whole query blocks"):
+        oracle_curves(q, k, rows[1:], block=block)
+
+
 def test_gpu_dispatch_threshold_depends_on_length(monkeypatch):
     from minference_jax import attention
 
@@ -480,11 +535,17 @@ def test_recall_benchmark_smoke(tmp_path):
     from benchmarks import recall
 
     rows = recall.main(
-        ["--seq-lens", "256", "--rows", "4", "--families", "AdaptiveVS relative"]
-        + ["--out", str(tmp_path)]
+        ["--seq-lens", "300", "--query-blocks", "3", "--families", "AdaptiveVS relative"]
+        + ["Oracle keys", "--out", str(tmp_path)]
     )
-    assert {r["family"] for r in rows} == {"VerticalSlash", "AdaptiveVS relative"}
-    assert all(0 < r["recall_mean"] <= 1 + 1e-6 for r in rows)
+    assert {r["family"] for r in rows} == {"VerticalSlash", "AdaptiveVS relative", "Oracle keys"}
+    assert all(0 <= r["recall_mean"] <= 1 + 1e-6 for r in rows)
+    reference = rows[0]
+    bound = next(r for r in rows if r["param"] == "at VerticalSlash(1000,6096)")
+    assert bound["recall_mean"] >= reference["recall_mean"]
+    assert bound["measured_blocks_fraction"] <= reference["measured_blocks_fraction"]
+    report = (tmp_path / f"recall_{rows[0]['device'].replace(':', '_')}.md").read_text()
+    assert "the 172 rows of 3 query blocks" in report and "; Oracle keys " in report
     assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
 
 
