@@ -48,9 +48,8 @@ def index_row_mask(index: SparseIndex, rows: jax.Array) -> jax.Array:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("softmax_scale",))
-def _recall_of_rows(q_rows, k, index, rows, softmax_scale):
-    """q_rows [B, R, Hq, D] at positions rows [R] -> [B, Hq, R] kept dense softmax mass."""
+def _causal_probs(q_rows, k, rows, softmax_scale):
+    """q_rows [B, R, Hq, D] at positions rows [R] -> [B, Hq, R, N] dense causal softmax, f32."""
     b, r, hq, d = q_rows.shape
     hkv = k.shape[2]
     qg = q_rows.astype(jnp.float32).reshape(b, r, hkv, hq // hkv, d)
@@ -61,7 +60,13 @@ def _recall_of_rows(q_rows, k, index, rows, softmax_scale):
         precision=jax.lax.Precision.HIGHEST,
     ).reshape(b, hq, r, -1)
     causal = jnp.arange(k.shape[1])[None, :] <= rows[:, None]
-    probs = jax.nn.softmax(jnp.where(causal, logits * softmax_scale, -jnp.inf), axis=-1)
+    return jax.nn.softmax(jnp.where(causal, logits * softmax_scale, -jnp.inf), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("softmax_scale",))
+def _recall_of_rows(q_rows, k, index, rows, softmax_scale):
+    """q_rows [B, R, Hq, D] at positions rows [R] -> [B, Hq, R] kept dense softmax mass."""
+    probs = _causal_probs(q_rows, k, rows, softmax_scale)
     return jnp.where(index_row_mask(index, rows), probs, 0.0).sum(-1)
 
 
@@ -128,8 +133,8 @@ def _block_tile_masses(q_block, k, start, block, softmax_scale):
     Hq, D], rows start.. ; rows past N contribute nothing), per key tile of `block` keys two
     ways: aligned tiles [B, Hq, T], and the block's keys sorted by mass, gathered `block` per
     tile [B, Hq, T] (descending)."""
-    b, _, hq, d = q_block.shape
-    n, hkv = k.shape[1], k.shape[2]
+    b, _, hq, _ = q_block.shape
+    n = k.shape[1]
     tiles = num_blocks(n, block)
     chunk = ROWS_PER_STEP if block % ROWS_PER_STEP == 0 else block
     rows = start + jnp.arange(block)
@@ -137,14 +142,7 @@ def _block_tile_masses(q_block, k, start, block, softmax_scale):
     def chunk_mass(i):
         q_rows = jax.lax.dynamic_slice_in_dim(q_block, i * chunk, chunk, axis=1)
         row = jax.lax.dynamic_slice_in_dim(rows, i * chunk, chunk)
-        logits = jnp.einsum(
-            "brkgd,bnkd->bkgrn",
-            q_rows.astype(jnp.float32).reshape(b, chunk, hkv, hq // hkv, d),
-            k.astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        ).reshape(b, hq, chunk, n)
-        causal = jnp.arange(n)[None, :] <= row[:, None]
-        probs = jax.nn.softmax(jnp.where(causal, logits * softmax_scale, -jnp.inf), axis=-1)
+        probs = _causal_probs(q_rows, k, row, softmax_scale)
         return jnp.where((row < n)[:, None], probs, 0.0).sum(axis=2)  # [B, Hq, N]
 
     mass = jax.lax.map(chunk_mass, jnp.arange(block // chunk)).sum(0)
@@ -155,6 +153,7 @@ def _block_tile_masses(q_block, k, start, block, softmax_scale):
 
 
 def _greedy_curve(tile_masses: list[np.ndarray], total_tiles: int, total_rows: int):
+    """The curve of taking tiles in descending mass over all (query block, head) pairs."""
     masses = np.sort(np.concatenate([m.ravel() for m in tile_masses]))[::-1]
     recall = np.concatenate([[0.0], np.cumsum(masses, dtype=np.float64) / total_rows])
     tiles = np.arange(masses.size + 1) / total_tiles
@@ -187,20 +186,15 @@ def oracle_curves(
     n = q.shape[1]
     starts = np.unique(rows // block) * block
     whole = (starts[:, None] + np.arange(block)).ravel()
-    if rows.ndim != 1 or not np.array_equal(np.sort(rows), whole[whole < n]):
+    if rows.ndim != 1 or rows.size == 0 or not np.array_equal(np.sort(rows), whole[whole < n]):
         raise ValueError(f"rows must be whole query blocks of {block} rows (sample_block_rows)")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    q_padded = jnp.pad(q, ((0, 0), (0, block), (0, 0), (0, 0)))
     aligned, gathered = [], []
     for start in starts:
         causal = num_blocks(min(start + block, n), block)  # tiles with a key <= the block's rows
-        a, g = _block_tile_masses(
-            jax.lax.dynamic_slice_in_dim(q_padded, int(start), block, axis=1),
-            k,
-            jnp.int32(start),
-            block,
-            scale,
-        )
+        q_rows = q[:, start : start + block]
+        q_rows = jnp.pad(q_rows, ((0, 0), (0, block - q_rows.shape[1]), (0, 0), (0, 0)))
+        a, g = _block_tile_masses(q_rows, k, jnp.int32(start), block, scale)
         aligned.append(np.asarray(a[..., :causal], np.float64))
         gathered.append(np.asarray(g[..., :causal], np.float64))
     batch, heads = q.shape[0], q.shape[2]

@@ -509,8 +509,9 @@ def test_oracle_curves_match_brute_force_and_bound_every_index(mixed):
         assert kept <= bound.recall_at(fraction) + 1e-5
         assert kept < 0.999  # the indices drop mass: the bound is not met trivially
 
-    with pytest.raises(ValueError, match="whole query blocks"):
-        oracle_curves(q, k, rows[1:], block=block)
+    for bad in (rows[1:], rows[:0]):
+        with pytest.raises(ValueError, match="whole query blocks"):
+            oracle_curves(q, k, bad, block=block)
 
 
 def test_gpu_dispatch_threshold_depends_on_length(monkeypatch):
