@@ -230,16 +230,15 @@ def default_blocks(patterns, implementation, dtype, head_dim) -> tuple[int, int]
     consumer warpgroups at cuDNN's tile rate (128 x 128 on an H200 at 128K: 1.01-1.05), while
     64-row blocks run no faster than the Triton kernel (0.63 vs 0.64): so where it runs, the
     index is built for 128-row query blocks: 128 x 128 tiles, or 128 x `block_size` when heads
-    pick key blocks (block-sparse and adaptive patterns: 64 by default, as in the original).
-    Elsewhere 64 x 64 (Triton, XLA, CPU).
+    pick key blocks (`patterns.key_block_size`: block-sparse, anti-diagonal and query-aware
+    adaptive heads; 64 by default, as in the original). Elsewhere 64 x 64 (Triton, XLA, CPU).
     """
     mosaic_here = implementation == "mosaic" or (implementation is None and _hopper())
     if not (mosaic_here and dtype is not None and head_dim is not None):
         return 64, 64
     if not isinstance(patterns, (tuple, list)):
         patterns = (patterns,)  # one pattern for every head
-    # Block-sparse and adaptive heads pick key blocks of their own `block_size`.
-    block_sizes = {p.block_size for p in patterns if hasattr(p, "block_size")}
+    block_sizes = {P.key_block_size(p) for p in patterns} - {None}
     if len(block_sizes) > 1:
         return 64, 64  # no one block_kv fits them all: plan_index names the mismatch
     block_kv = block_sizes.pop() if block_sizes else 128

@@ -632,7 +632,7 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
             f"{sorted(rules)}, strides {sorted(strides)}"
         )
     for h, p in adaptive:
-        if p.block_size != block_kv:
+        if P.key_block_size(p) not in (None, block_kv):
             raise ValueError(
                 f"head {h}: {type(p).__name__}.block_size={p.block_size} must equal "
                 f"block_kv={block_kv}"

@@ -194,6 +194,17 @@ PATTERN_TYPES = (
 ADAPTIVE_TYPES = (AntiDiagonalBlockSparse, AdaptiveVerticalSlash)
 
 
+def key_block_size(pattern: Pattern) -> int | None:
+    """The size of the key blocks a pattern selects (its index's `block_kv` must equal it), or
+    None when it selects none: token-level columns and diagonals fit any key tile, so an
+    AdaptiveVerticalSlash without the query-aware switch is as free as a VerticalSlash."""
+    if isinstance(pattern, BlockSparse | AntiDiagonalBlockSparse):
+        return pattern.block_size
+    if isinstance(pattern, AdaptiveVerticalSlash) and pattern.query_aware > 0:
+        return pattern.block_size
+    return None
+
+
 def normalize_layer_patterns(patterns: Pattern | Sequence[Pattern], num_heads: int) -> tuple:
     """One pattern for all heads, or one per query head -> a tuple of `num_heads` patterns."""
     if isinstance(patterns, PATTERN_TYPES):

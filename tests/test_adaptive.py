@@ -1,5 +1,6 @@
 """Adaptive patterns: threshold selection rules, their indices, attention, config, recall."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -344,6 +345,19 @@ def mixed():
         P.VerticalSlash(30, 60),
     )
     return q, k, v, layer, build_sparse_index(q, k, layer, block_q=16, block_kv=16)
+
+
+def test_adaptive_vertical_slash_fits_any_key_tile_unless_query_aware():
+    q, k, v = random_qkv(5, 1, 1000, 4, 2, 16, jnp.float32)
+    tokens = P.AdaptiveVerticalSlash(0.9, rule="relative", max_vertical=16, max_slash=32)
+    index = build_sparse_index(q, k, tokens, block_q=32, block_kv=32)  # block_size stays 64
+    mask = np.asarray(dense_mask_from_index(index))
+    assert mask.sum() < 0.6 * 4 * 1000 * 1001 / 2  # sparse: the test can tell
+    out = sparse_attention(q, k, v, tokens, implementation="xla", index=index)
+    assert rel_err(out, masked_attention_f64(q, k, v, mask)) < 1e-5
+    aware = dataclasses.replace(tokens, query_aware=0.5)  # block_size 64 for both
+    with pytest.raises(ValueError, match="block_size=64 must equal block_kv=32"):
+        build_sparse_index(q, k, aware, block_q=32, block_kv=32)
 
 
 def test_patterns_against_reference_attention_on_every_implementation(mixed):

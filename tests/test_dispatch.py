@@ -17,7 +17,9 @@ BLOCK = P.BlockSparse(4)
         ([VS, VS], "mosaic", jnp.float16, 64, (128, 128)),
         ([VS, BLOCK], "mosaic", jnp.bfloat16, 128, (128, 64)),  # 64-key blocks for top-k
         ([BLOCK, P.BlockSparse(4, 128)], "mosaic", jnp.bfloat16, 128, (64, 64)),  # mixed sizes
-        ([VS, P.AdaptiveVerticalSlash(0.9)], "mosaic", jnp.bfloat16, 64, (128, 64)),
+        # Token-level columns and diagonals fit any key tile; query-aware heads pick key blocks.
+        ([VS, P.AdaptiveVerticalSlash(0.9)], "mosaic", jnp.bfloat16, 64, (128, 128)),
+        ([P.AdaptiveVerticalSlash(0.9, query_aware=0.2)], "mosaic", jnp.bfloat16, 64, (128, 64)),
         ([P.AntiDiagonalBlockSparse(0.9, block_size=128)], "mosaic", jnp.bfloat16, 64, (128, 128)),
         ([VS, VS], "mosaic", jnp.float32, 128, (64, 64)),  # f32: Triton
         ([VS, VS], "mosaic", jnp.bfloat16, 96, (64, 64)),  # head_dim it does not take
