@@ -31,12 +31,13 @@ DENSE_CROSSOVER_TOKENS = 8192
 SHORT_PROMPT_TOKENS = 32768
 SHORT_PROMPT_FALLBACK_FRACTION = 0.3
 DENSE_FALLBACK_FRACTION = 0.5
-# The Mosaic kernel computes its tiles at about cuDNN's rate from 128K on: sparse pays off until
-# the index is nearly dense (the estimate and the per-tile index reads cost the rest). At 16K-32K
-# it runs at ~0.85 of cuDNN's rate and the estimate costs ~1 ms of a 4-15 ms layer (H200), so
-# sparse pays below ~0.63 of the tiles at 16K and ~0.8 at 32K: 0.6 up to SHORT_PROMPT_TOKENS.
+# The Mosaic kernel computes 128x128 tiles at about cuDNN's rate (128x64 tiles, for heads that
+# pick 64-key blocks, at ~0.85 of it): sparse pays off until the index is nearly dense (the
+# estimate and the per-tile index reads cost the rest). At 16K-32K the estimate costs ~1 ms of a
+# 4-15 ms layer (H200): the forced kernel breaks even near 0.78 of the tiles at 16K (128x128;
+# ~0.65 with 128x64) and past 0.9 at 32K, so 0.7 up to SHORT_PROMPT_TOKENS.
 MOSAIC_DENSE_FALLBACK_FRACTION = 0.85
-MOSAIC_SHORT_PROMPT_FALLBACK_FRACTION = 0.6
+MOSAIC_SHORT_PROMPT_FALLBACK_FRACTION = 0.7
 
 
 def dense_fallback_fraction(seq_len: int, kernel: str = "pallas") -> float:
