@@ -2,27 +2,31 @@
 
     python -m benchmarks.recall                                  # CPU, 8K, synthetic q/k
     python -m benchmarks.recall --seq-lens 32768 131072 --inputs synthetic e2e   # GPU
+    python -m benchmarks.recall --seq-lens 16384 --inputs pytext   # trained heads, CPU ~10 min
 
 For each input and length, every pattern below estimates its index on the same q/k (batch 1,
-all heads one pattern), and two numbers are kept per index:
+all heads one pattern, or the config's per-head patterns), and two numbers are kept per index:
 - computed tiles: `SparseIndex.computed_fraction()` (key tiles computed / dense causal tiles);
 - recall: the share of the dense softmax mass the index keeps (`minference_jax.recall`), exact
   per row, over every row of `--query-blocks` 64-row query blocks spread evenly over the whole
   sequence; reported as the mean over rows and heads, its 10th percentile, and the worst head's
   mean.
 Patterns: VerticalSlash at several budgets (the first, VerticalSlash(1000, 6096), is the
-reference), layer 0 of the shipped Llama-3-8B-262k per-head config, AShape, BlockSparse top-k,
+reference), the per-head config of the input ("Config": layer 0 of the shipped
+Llama-3-8B-262k config; for pytext the shipped searched config), AShape, BlockSparse top-k,
 and each adaptive mode (AntiDiagonalBlockSparse, AdaptiveVerticalSlash, with and without the
 query-aware switch; cumulative and relative rules) at several thresholds. Two oracle curves
 bound them all: knowing the exact dense attention of the measured query blocks, the most mass a
 block-sparse index ("Oracle blocks") or any index ("Oracle keys": the heaviest keys, gathered 64
 per tile) keeps per tile budget.
 Inputs: `synthetic` (benchmarks.synthetic.structured_qk: sinks, local decay, heavy tokens; 32 q
-/ 8 kv heads, d 128) and `e2e` (layer 0 q/k of the e2e benchmark's structured random Llama-3-8B
-shape, benchmarks.e2e_prefill). Writes recall_<device>.{json,md,png} under --out and prints
-where; the table ends with, for each VerticalSlash budget and the config, the adaptive point
-with the fewest tiles at a mean recall at least the reference's, as a fraction of its tiles, and
-the fraction each oracle needs: no index gets below the "Oracle keys" one.
+/ 8 kv heads, d 128), `e2e` (layer 0 q/k of the e2e benchmark's structured random Llama-3-8B
+shape, benchmarks.e2e_prefill) and `pytext` (the trained heads of the shipped pytext-12m, all 8
+layers stacked as 48 q / 16 kv heads, d 64, on a held-out passkey prompt; f32).
+Writes recall_<device>.{json,md,png} under --out and prints where; the table ends with, for
+each VerticalSlash budget and the config, the adaptive point with the fewest tiles at a mean
+recall at least the reference's, as a fraction of its tiles, and the fraction each oracle
+needs: no index gets below the "Oracle keys" one.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from minference_jax.recall import oracle_curves, row_recall, sample_block_rows
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 REFERENCE = P.VerticalSlash(1000, 6096)
-CONFIG_FAMILY = "Config layer 0"
+CONFIG_FAMILY = "Config"
 # The fixed budgets every adaptive mode and oracle is compared with.
 REFERENCE_FAMILIES = ("VerticalSlash", CONFIG_FAMILY)
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -69,9 +73,6 @@ def cases() -> list[tuple[str, float | str, P.Pattern]]:
         ("VerticalSlash", f"{v},{s}", P.VerticalSlash(v, s))
         for v, s in ((1000, 6096), (500, 3000), (250, 1500), (100, 800), (30, 300))
     ]
-    out.append(
-        (CONFIG_FAMILY, "Llama-3-8B-262k", load_pattern_config(shipped_configs()[CONFIG])[0])
-    )
     out += [("AShape", f"{i},{w}", P.AShape(i, w)) for i, w in ((128, 4096), (64, 1024), (64, 256))]
     out += [("BlockSparse", str(t), P.BlockSparse(t)) for t in (100, 40, 16, 6)]
     for rule, block_values, vs_values in (
@@ -91,16 +92,41 @@ def cases() -> list[tuple[str, float | str, P.Pattern]]:
 
 
 def inputs(name: str, n: int, dtype):
-    """(q, k) of one input kind at length n."""
+    """(q, k, (config label, its per-head patterns)) of one input kind at length n."""
+    if name == "pytext":
+        return pytext_inputs(n)
+    shipped = ("Llama-3-8B-262k layer 0", load_pattern_config(shipped_configs()[CONFIG])[0])
     if name == "synthetic":
-        return structured_qk(jax.random.PRNGKey(n), 1, n, HEADS, KV_HEADS, HEAD_DIM, dtype)
+        q, k = structured_qk(jax.random.PRNGKey(n), 1, n, HEADS, KV_HEADS, HEAD_DIM, dtype)
+        return q, k, shipped
     from benchmarks import e2e_prefill
 
     config = dataclasses.replace(e2e_prefill.LLAMA3_8B, num_layers=1, attention_bias=True)
     model = e2e_prefill.build_model(config, dtype, structured=True)
     ids = jax.random.randint(jax.random.PRNGKey(n), (1, n), 1, config.vocab_size)
     q, k, _ = e2e_prefill.layer0_qkv(model, ids.at[0, 0].set(0))  # the sink token first
-    return q, k
+    return q, k, shipped
+
+
+def pytext_inputs(n: int):
+    """Every layer of pytext-12m on a held-out passkey prompt of n tokens (real text, needle at
+    40% depth), f32, layers stacked as heads: q [1, N, 8 x 6, 64], k [1, N, 8 x 2, 64] keep
+    each layer's query-head groups on its own kv heads. Reference: the shipped searched config,
+    all layers, in the same order."""
+    from benchmarks import heldout
+    from benchmarks.niah import searched_config
+    from benchmarks.pytext_heads import CHECKPOINT, layer_qk
+    from minference_jax.models.checkpoint import load_model
+
+    model, config = load_model(CHECKPOINT, jnp.float32)
+    ids, _ = heldout.passkey_prompt(np.random.default_rng(n), n, 0.4)
+    per_layer = layer_qk(model, ids)
+    q = jnp.concatenate([q for q, _ in per_layer], axis=2)
+    k = jnp.concatenate([k for _, k in per_layer], axis=2)
+    table = load_pattern_config(
+        searched_config(CHECKPOINT), num_layers=config.num_layers, num_heads=config.num_heads
+    )
+    return q, k, ("pytext-12m searched, all layers", sum(table.layers, ()))
 
 
 def measure(q, k, pattern, rows) -> dict:
@@ -198,8 +224,9 @@ def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int, num_blocks
     import matplotlib.pyplot as plt
 
     lines = [
-        f"Recall vs computed tiles on {rows[0]['device']}: batch 1, {HEADS} q / {KV_HEADS} kv "
-        f"heads, d {HEAD_DIM}, {rows[0]['dtype']}, 64x64 tiles; recall = share of the dense "
+        f"Recall vs computed tiles on {rows[0]['device']}: batch 1 (synthetic, e2e: {HEADS} q "
+        f"/ {KV_HEADS} kv heads, d {HEAD_DIM}, {rows[0]['dtype']}; pytext: pytext-12m's 8 "
+        "layers x 6 q / 2 kv heads, d 64, f32), 64x64 tiles; recall = share of the dense "
         f"softmax mass kept, exact, on the {num_rows} rows of {num_blocks} query blocks "
         "spread over the sequence (mean over rows and heads; p10 over rows x heads; worst "
         "head's mean). Oracle rows: the most recall any block-sparse index (blocks) or any "
@@ -262,7 +289,9 @@ def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int, num_blocks
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192])
-    parser.add_argument("--inputs", nargs="+", default=["synthetic"], choices=["synthetic", "e2e"])
+    parser.add_argument(
+        "--inputs", nargs="+", default=["synthetic"], choices=["synthetic", "e2e", "pytext"]
+    )
     parser.add_argument(
         "--query-blocks",
         type=int,
@@ -297,9 +326,13 @@ def main(argv=None):
     rows = []
     for name in args.inputs:
         for n in args.seq_lens:
-            q, k = inputs(name, n, dtype)
+            q, k, (config_label, config_patterns) = inputs(name, n, dtype)
+            measured = list(selected)
+            if args.families is None or CONFIG_FAMILY in args.families:
+                after_budgets = sum(family == "VerticalSlash" for family, _, _ in selected)
+                measured.insert(after_budgets, (CONFIG_FAMILY, config_label, config_patterns))
             sampled = sample_block_rows(n, args.query_blocks)
-            for family, param, pattern in selected:
+            for family, param, pattern in measured:
                 start = time.perf_counter()
                 row = dict(
                     device=device,
@@ -328,7 +361,7 @@ def main(argv=None):
             if kinds:
                 start = time.perf_counter()
                 references = [
-                    r for r in rows[-len(selected) :] if r["family"] in REFERENCE_FAMILIES
+                    r for r in rows[-len(measured) :] if r["family"] in REFERENCE_FAMILIES
                 ]
                 for row in oracle_rows(q, k, sampled, references, kinds):
                     rows.append(dict(device=device, input=name, seq_len=n, dtype=dtype_name, **row))
