@@ -631,12 +631,7 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
             f"adaptive heads of one layer must share the rule and the stride; got rules "
             f"{sorted(rules)}, strides {sorted(strides)}"
         )
-    for h, p in adaptive:
-        if P.key_block_size(p) not in (None, block_kv):
-            raise ValueError(
-                f"head {h}: {type(p).__name__}.block_size={p.block_size} must equal "
-                f"block_kv={block_kv}"
-            )
+    for h, p in adaptive:  # plan_index has checked their key-block sizes
         arrays["threshold"][h] = p.threshold
         arrays["max_blocks"][h] = p.max_blocks
         if isinstance(p, P.AntiDiagonalBlockSparse):
@@ -802,17 +797,17 @@ def plan_index(
     budgets = {name: np.zeros(num_heads, np.int32) for name in fields}
     budgets["last_diag"][:] = ratio - 1  # the causal diagonal blocks only
     for h, p in enumerate(patterns):
+        if P.key_block_size(p) not in (None, block_kv):
+            raise ValueError(
+                f"head {h}: {type(p).__name__}.block_size={p.block_size} must equal "
+                f"block_kv={block_kv}"
+            )
         if isinstance(p, P.Dense):
             budgets["last_diag"][h] = n_slots - 1
         elif isinstance(p, P.VerticalSlash):
             budgets["is_vs"][h] = 1
             budgets["n_vertical"][h], budgets["n_slash"][h] = p.budgets(seq_len)
         elif isinstance(p, P.BlockSparse):
-            if p.block_size != block_kv:
-                raise ValueError(
-                    f"head {h}: BlockSparse.block_size={p.block_size} "
-                    f"must equal block_kv={block_kv}"
-                )
             budgets["is_bs"][h] = 1
             budgets["top_k"][h] = p.top_k
         elif isinstance(p, P.ADAPTIVE_TYPES):
@@ -868,8 +863,9 @@ def build_sparse_index(
 ) -> SparseIndex:
     """Estimate the SparseIndex of one layer. q [B, N, Hq, D], k [B, N, Hkv, D]; jitted.
 
-    `patterns`: one pattern for all heads or one per query head. Block-sparse heads need
-    `block_size == block_kv`. `estimator`: see `estimate_vertical_slash`.
+    `patterns`: one pattern for all heads or one per query head. Heads that pick key blocks
+    (`patterns.key_block_size`) need `block_size == block_kv`. `estimator`: see
+    `estimate_vertical_slash`.
     """
     plan, budgets = plan_index(
         patterns, q.shape[1], q.shape[2], block_q=block_q, block_kv=block_kv, last_q=last_q
