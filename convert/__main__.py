@@ -1,17 +1,35 @@
-"""python -m convert SRC DST: a Hugging Face safetensors folder -> our converted format.
+"""python -m convert SRC DST: a Hugging Face safetensors folder or a GGUF file -> our format.
 
-DST is written in full into a temporary folder next to it and renamed into place only when
-complete: a failed or interrupted conversion leaves DST as it was. Bad input exits with code 2
-and a one-line error.
+SRC is either an HF folder (config.json + *.safetensors) or a GGUF file (llama.cpp's format:
+weights, possibly quantised, with the config and tokenizer in its metadata; architectures qwen2
+and llama). DST is written in full into a temporary folder next to it and renamed into place
+only when complete: a failed or interrupted conversion leaves DST as it was. Bad input exits
+with code 2 and a one-line error.
+
+Past the native context, Qwen2.5 documents YaRN RoPE scaling; set it while converting:
+    python -m convert model.gguf out/ --rope-scaling \\
+        '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
 
 from convert.checkpoint import DTYPES, CheckpointError, convert_folder
 from minference_jax.models.config import ModelConfigError
+
+
+def _rope_scaling(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def main(argv=None) -> int:
@@ -21,7 +39,8 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "src", help="Hugging Face model folder (config.json + *.safetensors); only read"
+        "src",
+        help="Hugging Face model folder (config.json + *.safetensors) or a .gguf file; only read",
     )
     parser.add_argument(
         "dst",
@@ -35,6 +54,13 @@ def main(argv=None) -> int:
         help="dtype the weights are stored in (default: %(default)s)",
     )
     parser.add_argument(
+        "--rope-scaling",
+        type=_rope_scaling,
+        metavar="JSON",
+        help="an HF rope_scaling object written into config.json (e.g. YaRN, see above; "
+        "default: the source's own RoPE)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a non-empty DST as a whole (every old file goes), only after the new "
@@ -44,10 +70,17 @@ def main(argv=None) -> int:
         "--quiet", action="store_true", help="no progress bar (default: show it on stderr)"
     )
     args = parser.parse_args(argv)
+    options = dict(
+        progress=not args.quiet, overwrite=args.overwrite, rope_scaling=args.rope_scaling
+    )
     try:
-        convert_folder(
-            args.src, args.dst, args.dtype, progress=not args.quiet, overwrite=args.overwrite
-        )
+        src = pathlib.Path(args.src)
+        if src.is_file() or src.suffix.lower() == ".gguf":
+            from convert.gguf import convert_gguf
+
+            convert_gguf(args.src, args.dst, args.dtype, **options)
+        else:
+            convert_folder(args.src, args.dst, args.dtype, **options)
     except (CheckpointError, ModelConfigError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
         return 2

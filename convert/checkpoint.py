@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import warnings
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -120,11 +121,13 @@ def convert_folder(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    rope_scaling: dict | None = None,
 ) -> None:
     """HF folder -> converted folder (the `python -m convert` job).
 
     DST must be absent or empty unless `overwrite`, which replaces it as a whole, and only once
     the new conversion is complete. A failure at any point leaves DST exactly as it was.
+    `rope_scaling` (an HF `rope_scaling` dict, e.g. Qwen2.5's YaRN) replaces config.json's.
     """
     if dtype_name not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype_name!r}; choose from {', '.join(DTYPES)}")
@@ -132,10 +135,46 @@ def convert_folder(
     if not src.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {src}")
     check_destination(src, dst, overwrite=overwrite)
-    dst = pathlib.Path(os.path.abspath(dst))  # "out/", "." or "a/../out": a real name and parent
     hf_config = read_hf_config(src)
+    if rope_scaling is not None:
+        hf_config = with_rope_scaling(hf_config, rope_scaling)
     config = ModelConfig.from_hf_dict(hf_config)
     params = read_hf_params(src, config, DTYPES[dtype_name], progress=progress)
+
+    def write(staging: pathlib.Path) -> None:
+        save_converted(params, hf_config, staging, dtype_name)
+        for extra in EXTRA_FILES:
+            if (src / extra).is_file():
+                shutil.copy(src / extra, staging / extra)
+
+    write_atomically(dst, write, overwrite=overwrite)
+
+
+def with_rope_scaling(hf_config: dict, rope_scaling: dict) -> dict:
+    """config.json with HF's `rope_scaling` set; for YaRN, `max_position_embeddings` becomes the
+    extended context (factor x original), which transformers reads YaRN's factor from."""
+    if not isinstance(rope_scaling, dict):
+        raise CheckpointError(
+            "--rope-scaling must be a JSON object, e.g. "
+            '\'{"type": "yarn", "factor": 4.0, '
+            '"original_max_position_embeddings": 32768}\''
+        )
+    out = {**hf_config, "rope_scaling": dict(rope_scaling)}
+    replaced = out.pop("rope_parameters", None) or {}  # transformers 5 form; keep its theta
+    if "rope_theta" in replaced:
+        out.setdefault("rope_theta", replaced["rope_theta"])
+    kind = rope_scaling.get("rope_type") or rope_scaling.get("type")
+    original = rope_scaling.get("original_max_position_embeddings")
+    factor = rope_scaling.get("factor")
+    if kind == "yarn" and isinstance(original, int) and isinstance(factor, int | float):
+        out["max_position_embeddings"] = int(round(original * factor))
+    return out
+
+
+def write_atomically(dst, write: Callable[[pathlib.Path], None], *, overwrite: bool) -> None:
+    """Run `write(folder)` into a hidden sibling of `dst`, then rename it into place: a failure
+    at any point leaves `dst` as it was (`check_destination` first)."""
+    dst = pathlib.Path(os.path.abspath(dst))  # "out/", "." or "a/../out": a real name and parent
     staging = _sibling(dst, "converting")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -143,10 +182,7 @@ def convert_folder(
     except OSError as err:
         raise CheckpointError(f"cannot create {dst}: {err}") from err
     try:
-        save_converted(params, hf_config, staging, dtype_name)
-        for extra in EXTRA_FILES:
-            if (src / extra).is_file():
-                shutil.copy(src / extra, staging / extra)
+        write(staging)
         _move_into_place(staging, dst, overwrite=overwrite)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)

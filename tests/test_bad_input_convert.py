@@ -252,6 +252,11 @@ def test_every_help_entry_has_a_help_text_and_default(capsys):
     assert "replace a non-empty DST as a whole" in out and "only after the new" in out
     options = [o.strip() for o in re.split(r"(?=\s--\w)", out.split("options:")[1])[1:]]
     options = [o for o in options if not o.startswith("--help")]
-    assert {o.split()[0] for o in options} == {"--dtype", "--overwrite", "--quiet"}
+    assert {o.split()[0] for o in options} == {
+        "--dtype",
+        "--overwrite",
+        "--quiet",
+        "--rope-scaling",
+    }
     for option in options:
         assert "default" in option, option

@@ -18,11 +18,13 @@ loading an 8B checkpoint holds one copy of the weights plus one tensor.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import pathlib
 import re
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -142,15 +144,45 @@ def read_hf_params(
     folder, config: ModelConfig, dtype, *, progress: bool = True
 ) -> dict[str, np.ndarray]:
     """Read, map and cast every tensor of an HF folder; all errors are reported together."""
-    np_dtype = jnp.dtype(dtype)
-    expected = expected_shapes(config)
-    params, problems, unexpected = {}, [], []
     files = weight_files(folder)
     names = []
     for path in files:
         with _open(path) as f:
             names += [(path, n) for n in f.keys()]
-    for path, name in tqdm(names, desc="convert", unit="tensor", disable=not progress):
+
+    def read(path, name):
+        with _open(path) as f:
+            return _get_tensor(f, name, path)
+
+    tensors = ((name, functools.partial(read, path, name)) for path, name in names)
+    return map_hf_tensors(
+        tensors, config, dtype, source=folder, total=len(names), progress=progress
+    )
+
+
+def map_hf_tensors(
+    tensors: Iterable[tuple[str, Callable[[], np.ndarray]]],
+    config: ModelConfig,
+    dtype,
+    *,
+    source,
+    against: str = "its config.json",
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """HF-named tensors -> our parameters, through the family's table, cast to `dtype`.
+
+    `tensors` yields (HF name, a function reading that tensor): each tensor is read only when
+    its turn comes, so one copy of the weights plus one tensor is held. Every missing,
+    unexpected or misshapen tensor is reported together, naming `source` and what it was
+    checked `against`.
+    """
+    np_dtype = jnp.dtype(dtype)
+    expected = expected_shapes(config)
+    params, problems, unexpected = {}, [], []
+    for name, read in tqdm(
+        tensors, desc="convert", unit="tensor", total=total, disable=not progress
+    ):
         if any(p.fullmatch(name) for p in tables.IGNORED):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -160,8 +192,7 @@ def read_hf_params(
             unexpected.append(name)
             continue
         rule, targets = found
-        with _open(path) as f:
-            tensor = _get_tensor(f, name, path)
+        tensor = read()
         try:
             pieces = rule.split(tensor, config)
         except ValueError as err:
@@ -183,7 +214,7 @@ def read_hf_params(
     if unexpected:
         problems.append(f"unexpected tensors: {_listing(unexpected)}")
     if problems:
-        raise _mismatch(folder, "its config.json", problems)
+        raise _mismatch(source, against, problems)
     return params
 
 

@@ -10,7 +10,7 @@ import pathlib
 
 # HF model_type -> our family. Yi checkpoints use the Llama layout and model_type "llama".
 SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3"}
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 
 
 class ModelConfigError(ValueError):
@@ -24,16 +24,46 @@ class RopeConfig:
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_position_embeddings: int | None = None  # llama3, longrope, dynamic
+    original_max_position_embeddings: int | None = None  # llama3, longrope, dynamic, yarn
     short_factor: tuple[float, ...] | None = None  # longrope
     long_factor: tuple[float, ...] | None = None  # longrope
-    attention_factor: float | None = None  # longrope: cos/sin scale (derived when None)
+    attention_factor: float | None = None  # longrope, yarn: cos/sin scale (derived when None)
+    beta_fast: float = 32.0  # yarn: bands with more rotations than this keep their frequency
+    beta_slow: float = 1.0  # yarn: bands with fewer rotations than this are divided by factor
+    mscale: float | None = None  # yarn: attention_factor numerator (used with mscale_all_dim)
+    mscale_all_dim: float | None = None  # yarn: attention_factor denominator
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
             raise ModelConfigError(
                 f"unsupported rope type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
             )
+        if self.rope_type == "yarn":
+            self._check_yarn()
+
+    def _check_yarn(self):
+        def bad(what):
+            raise ModelConfigError(f"yarn rope scaling: {what}")
+
+        finite = [self.factor, self.beta_fast, self.beta_slow]
+        finite += [v for v in (self.attention_factor, self.mscale, self.mscale_all_dim) if v]
+        if not all(math.isfinite(v) for v in finite):
+            bad(f"non-finite value in {finite}")
+        if self.factor < 1.0:
+            bad(f"factor must be >= 1, got {self.factor}")
+        if not self.original_max_position_embeddings or self.original_max_position_embeddings < 1:
+            bad(
+                f"original_max_position_embeddings must be >= 1, got "
+                f"{self.original_max_position_embeddings}"
+            )
+        if not 0 < self.beta_slow < self.beta_fast:
+            bad(
+                f"need 0 < beta_slow < beta_fast, got beta_slow={self.beta_slow}, "
+                f"beta_fast={self.beta_fast}"
+            )
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            bad(f"attention_factor must be > 0, got {self.attention_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +169,22 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     original = merged.get("original_max_position_embeddings") or hf.get(
         "original_max_position_embeddings"
     )
-    if rope_type == "dynamic" and original is None:
+    if rope_type == "yarn":
+        # transformers lets a top-level value win over the rope dict's, else falls back to
+        # max_position_embeddings (standardize_rope_params, run again when the model is built).
+        original = hf.get("original_max_position_embeddings") or merged.get(
+            "original_max_position_embeddings"
+        )
+    if rope_type in ("dynamic", "yarn") and original is None:
         original = hf.get("max_position_embeddings")
     factor = merged.get("factor")
-    if rope_type == "longrope" and factor is None and original:
+    if rope_type in ("longrope", "yarn") and factor is None and original:
         factor = hf["max_position_embeddings"] / original
+    truncate = merged.get("truncate", True)
+    if rope_type == "yarn" and truncate is not None and not isinstance(truncate, bool):
+        raise ModelConfigError(
+            f"yarn rope scaling: truncate must be true or false, got {truncate!r}"
+        )
     return RopeConfig(
         theta=float(merged.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_type=rope_type,
@@ -160,7 +201,18 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
             if merged.get("attention_factor") is not None
             else None
         ),
+        # transformers reads these with `or` (a null or 0 takes the default) ...
+        beta_fast=float(_number(merged, "beta_fast") or 32.0),
+        beta_slow=float(_number(merged, "beta_slow") or 1.0),
+        mscale=_number(merged, "mscale"),
+        mscale_all_dim=_number(merged, "mscale_all_dim"),
+        truncate=bool(truncate),  # ... but truncate with .get(): a null disables it
     )
+
+
+def _number(params: dict, key: str) -> float | None:
+    value = params.get(key)
+    return None if value is None else float(value)
 
 
 def longrope_attention_factor(rope: RopeConfig) -> float:

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minference_jax.models.config import ModelConfig, longrope_attention_factor
+from minference_jax.models.config import ModelConfig, RopeConfig, longrope_attention_factor
 
 
 def inverse_frequencies(config: ModelConfig, seq_len: int) -> tuple[np.ndarray, float]:
     """(inv_freq [head_dim/2] float64, cos/sin scale) for a prompt of `seq_len` tokens.
 
     `seq_len` matters for "dynamic" (NTK base grows past the original context) and "longrope"
-    (long factors past the original context), as in transformers.
+    (long factors past the original context), as in transformers; "yarn" ignores it.
     """
     rope, dim = config.rope, config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
@@ -47,7 +47,43 @@ def inverse_frequencies(config: ModelConfig, seq_len: int) -> tuple[np.ndarray, 
         factors = np.asarray(rope.long_factor if use_long else rope.short_factor, np.float64)
         inv_freq = 1.0 / (factors * rope.theta**exponents)
         scale = longrope_attention_factor(rope)
+    elif rope.rope_type == "yarn":
+        inv_freq, scale = _yarn(rope, dim, inv_freq)
     return inv_freq, scale
+
+
+def _yarn(rope: RopeConfig, dim: int, inv_freq: np.ndarray) -> tuple[np.ndarray, float]:
+    """YaRN (arXiv 2309.00071) as transformers' _compute_yarn_parameters; static in seq_len.
+
+    Bands that turn more than beta_fast times over the original context keep their frequency
+    (extrapolation), those turning fewer than beta_slow times are divided by `factor`
+    (interpolation), and a linear ramp over dimension indices blends the ones in between.
+    """
+    original = rope.original_max_position_embeddings
+
+    def correction_dim(rotations):  # the dimension whose band turns `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)  # dim - 1, not dim/2 - 1: as transformers
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    extrapolation = 1.0 - ramp
+    inv_freq = inv_freq / rope.factor * (1.0 - extrapolation) + inv_freq * extrapolation
+
+    def mscale(scale):  # paper eq. 21: 0.1 * scale * ln(factor) + 1
+        return 1.0 if rope.factor <= 1 else 0.1 * scale * math.log(rope.factor) + 1.0
+
+    if rope.attention_factor is not None:
+        attention_factor = rope.attention_factor
+    elif rope.mscale and rope.mscale_all_dim:  # DeepSeek-style ratio
+        attention_factor = mscale(rope.mscale) / mscale(rope.mscale_all_dim)
+    else:
+        attention_factor = mscale(1.0)
+    return inv_freq, attention_factor
 
 
 def rope_tables(config: ModelConfig, positions: jax.Array, seq_len: int):
