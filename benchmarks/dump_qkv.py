@@ -1,0 +1,194 @@
+"""Dump one layer's q, k, v of a converted model on N tokens of held-out real text.
+
+Kernel and index benchmarks can then run on real heads instead of random ones:
+
+    python -m benchmarks.dump_qkv --model CONVERTED_DIR --layer L --tokens N --out FILE.npz \\
+        [--dtype bfloat16] [--seed 0] [--chunk 8192]
+
+Prompt: the documents of `benchmarks.heldout.heldout_docs()` as "path\\ntext", joined by blank
+lines, tokenized with the checkpoint's tokenizer.json; a window of N tokens whose start the seed
+picks. Layers 0..L-1 run densely with the prefill's own step (`generation.layer_step`,
+projections and MLP over `--chunk`-token slices), then layer L's q [1, N, Hq, D] and k, v
+[1, N, Hkv, D] are taken after RoPE (v has none), in the model's dtype.
+
+The .npz holds q, k, v (bfloat16 stored as uint16 bit patterns, numpy having no bfloat16), `dtype`,
+`layer`, `tokens`, `seed`, `model` (the folder's name), `rope_type` and the prompt's token `ids`.
+`load_qkv(path)` gives back q, k, v as jax arrays of the stored dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.heldout import heldout_docs
+from minference_jax.models.checkpoint import DTYPES, CheckpointError, load_model
+from minference_jax.models.generation import layer_step
+from minference_jax.models.rope import rope_tables
+from minference_jax.tokenization import TokenizerError, load_tokenizer
+
+CHUNK = 8192  # the prefill's default chunk_size
+DOC_SEPARATOR = "\n\n"
+
+
+def prompt_ids(
+    tokenizer, tokens: int, seed: int = 0, docs: Sequence[tuple[str, str]] | None = None
+) -> np.ndarray:
+    """`tokens` consecutive token ids (int32) of the held-out documents, the start picked by seed.
+
+    docs: (path, text) pairs, default `heldout_docs()`; joined as "path\\ntext" by blank lines
+    and tokenized whole. ValueError when they hold fewer than `tokens` tokens.
+    """
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    docs = heldout_docs() if docs is None else docs
+    text = DOC_SEPARATOR.join(f"{path}\n{body}" for path, body in docs)
+    ids = np.asarray(tokenizer.encode(text), np.int32)
+    if len(ids) < tokens:
+        raise ValueError(f"the held-out text has {len(ids):,} tokens, fewer than {tokens:,}")
+    start = int(np.random.default_rng(seed).integers(0, len(ids) - tokens + 1))
+    return ids[start : start + tokens]
+
+
+@nnx.jit
+def _embed(model, ids):
+    return model.embed[...][ids]
+
+
+@nnx.jit
+def _qkv(layer, x, cos, sin):
+    return layer.attn.qkv(layer.input_norm(x), cos, sin)
+
+
+def layer_qkv(model, config, ids, layer: int, *, chunk: int = CHUNK):
+    """Layer `layer`'s q [1, N, Hq, D], k, v [1, N, Hkv, D] (after RoPE) on token ids [N].
+
+    The layers before it run densely, as the prefill runs them (`layer_step`, `chunk`-token
+    projection slices); layer `layer`'s projections go over the same slices.
+    """
+    if not 0 <= layer < config.num_layers:
+        raise ValueError(f"layer must be in [0, {config.num_layers}), got {layer}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    ids = jnp.asarray(ids, jnp.int32).reshape(1, -1)
+    n = ids.shape[1]
+    cos, sin = rope_tables(config, jnp.arange(n), n)
+    x = _embed(model, ids)
+    for earlier in model.layers[:layer]:
+        x, _, _ = layer_step(
+            earlier, x, cos, sin, None, plan=None, implementation=None, chunk=chunk
+        )
+    target = model.layers[layer]
+    pieces = [
+        _qkv(target, x[:, s : s + chunk], cos[s : s + chunk], sin[s : s + chunk])
+        for s in range(0, n, chunk)
+    ]
+    if len(pieces) == 1:
+        return pieces[0]
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*pieces, strict=True))
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def save_qkv(path, q, k, v, **meta) -> None:
+    """Write q, k, v (bf16 as uint16 bit patterns) with a `dtype` entry and `meta` to an .npz."""
+    name = _dtype_name(q.dtype)
+    arrays = {}
+    for key, value in (("q", q), ("k", k), ("v", v)):
+        if _dtype_name(value.dtype) != name:
+            raise ValueError(f"q is {name} but {key} is {_dtype_name(value.dtype)}")
+        value = np.asarray(jax.device_get(value))
+        arrays[key] = value.view(np.uint16) if name == "bfloat16" else value
+    extra = {key: np.asarray(value) for key, value in meta.items()}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object: np.savez then keeps the name as given
+        np.savez(f, dtype=np.asarray(name), **arrays, **extra)
+
+
+def load_qkv(path) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q, k, v) from a `dump_qkv` .npz, as jax arrays of the dtype they were dumped in."""
+    with np.load(path) as f:
+        name = str(f["dtype"])
+        if name not in DTYPES:
+            raise ValueError(f"{path}: unknown dtype {name!r}")
+        dtype = DTYPES[name]
+        out = []
+        for key in ("q", "k", "v"):
+            value = f[key]
+            value = value.view(dtype) if name == "bfloat16" else value.astype(dtype, copy=False)
+            out.append(jnp.asarray(value))
+    return tuple(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.dump_qkv",
+        description="Dump one layer's q, k, v (after RoPE) on N tokens of held-out text.",
+    )
+    parser.add_argument("--model", required=True, type=pathlib.Path, help="converted folder")
+    parser.add_argument("--layer", required=True, type=int, help="layer index (0-based)")
+    parser.add_argument("--tokens", required=True, type=int, help="prompt length N")
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="output .npz")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--seed", type=int, default=0, help="picks the window's start")
+    parser.add_argument(
+        "--chunk", type=int, default=CHUNK, help="projection slice length (the prefill's)"
+    )
+    return parser
+
+
+def run(args) -> dict:
+    start = time.perf_counter()
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    tokenizer = load_tokenizer(args.model) if args.model.is_dir() else None
+    model, config = load_model(args.model, DTYPES[args.dtype])  # checks the folder exists
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json")
+    if not 0 <= args.layer < config.num_layers:
+        raise ValueError(f"--layer must be in [0, {config.num_layers}), got {args.layer}")
+    ids = prompt_ids(tokenizer, args.tokens, args.seed)
+    q, k, v = jax.block_until_ready(layer_qkv(model, config, ids, args.layer, chunk=args.chunk))
+    meta = {
+        "layer": args.layer,
+        "tokens": args.tokens,
+        "seed": args.seed,
+        "model": args.model.resolve().name,
+        "rope_type": config.rope.rope_type,
+        "ids": ids,
+    }
+    save_qkv(args.out, q, k, v, **meta)
+    return {"q": q, "k": k, "v": v, **meta, "seconds": time.perf_counter() - start}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, CheckpointError, TokenizerError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for key in ("q", "k", "v"):
+        value = result[key]
+        print(f"{key} {list(value.shape)} {_dtype_name(value.dtype)}")
+    print(
+        f"{result['model']} layer {result['layer']} at {result['tokens']:,} tokens "
+        f"(seed {result['seed']}, rope {result['rope_type']}): wrote {args.out} "
+        f"in {result['seconds']:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
