@@ -56,6 +56,7 @@ WORDS = (
     "amber cobalt falcon harbor lantern meadow nickel orchid pepper quartz raven saffron timber "
     "velvet walnut zephyr basalt cinder dune ember fjord glacier hollow island juniper kelp"
 ).split()
+INTRO = "Read the text below and answer the question after it.\n\n"
 VERBS = ("compute", "resolve", "gather", "render", "merge", "encode", "sample", "collect")
 
 
@@ -90,7 +91,7 @@ class Corpus:
 
 def needle_prompt(tokenizer, corpus, rng, length: int, depth: float, needle: str, question: str):
     """Exactly `length` token ids: chat prefix, text with `needle` at `depth`, question."""
-    intro = tokenizer.encode("Read the text below and answer the question after it.\n\n")
+    intro = tokenizer.encode(INTRO)
     prefix, suffix = chat(tokenizer, intro, f"\n\n{question}")
     needle_ids = tokenizer.encode(f"\n{needle}\n")
     room = length - len(prefix) - len(suffix) - len(needle_ids)
