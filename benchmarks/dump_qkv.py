@@ -156,6 +156,7 @@ def run(args) -> dict:
     model, config = load_model(args.model, DTYPES[args.dtype])  # checks the folder exists
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json")
+    tokenizer.check_vocab_size(config.vocab_size)
     if not 0 <= args.layer < config.num_layers:
         raise ValueError(f"--layer must be in [0, {config.num_layers}), got {args.layer}")
     ids = prompt_ids(tokenizer, args.tokens, args.seed)

@@ -359,7 +359,7 @@ def main(argv=None) -> list[dict]:
     if not args.lengths and not args.speed_lengths:
         parser.error("give --lengths (accuracy) and/or --speed-lengths (prefill time)")
     model, native_config = load_model(args.model, getattr(jnp, args.dtype))
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, native_config.vocab_size)
     if tokenizer is None:
         raise SystemExit(f"{args.model} has no tokenizer.json")
     args.budget = (1000, 6096)  # what build_modes reads for the bare "vs" mode
@@ -433,6 +433,10 @@ def accuracy_table(rows: list[dict], modes: list[Mode]) -> list[str]:
         keys, code, ppl, tiles = [], [], [], []
         for n in lengths:
             cells = [r for r in mine if r["kind"] == "passkey" and r["length"] == n]
+            if not cells:  # this mode was not run at this length (merged reports)
+                for column in (keys, code, ppl, tiles):
+                    column.append("-")
+                continue
             keys.append(
                 f"{100 * sum(c['correct'] for c in cells) / sum(c['samples'] for c in cells):.0f}%"
             )

@@ -70,17 +70,24 @@ def parse_budget(text: str) -> tuple[int | float, ...]:
     [0, 2**31) or finite non-negative fractions (argparse type)."""
     values = []
     for item in text.split(","):
-        if "." not in item and "e" not in item.lower():
-            values.extend(parse_sizes(item))
-            continue
         try:
-            value = float(item)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated numbers, got {text!r}"
-            ) from err
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"budget values must be finite and >= 0, got {item}")
+            value = int(item)
+        except ValueError:
+            try:
+                value = float(item)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected comma-separated numbers (sizes or fractions), got {text!r}"
+                ) from None
+            if not math.isfinite(value) or value < 0:
+                raise argparse.ArgumentTypeError(
+                    f"budget values must be finite numbers >= 0, got {item!r} in {text!r}"
+                ) from None
+        else:
+            if not 0 <= value <= INT32_MAX:
+                raise argparse.ArgumentTypeError(
+                    f"sizes must be in [0, {INT32_MAX}], got {value} in {text!r}"
+                )
         values.append(value)
     return tuple(values)
 
@@ -90,7 +97,7 @@ def decode_prompt(data: bytes, source: str) -> str:
     if b"\x00" in data:
         raise CliError(f"{source} holds NUL bytes: a binary file, not a text prompt")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark is an encoding mark, not text
     except UnicodeDecodeError as err:
         raise CliError(f"{source} is not UTF-8 text ({err.reason} at byte {err.start})") from err
 
@@ -108,6 +115,17 @@ def read_prompt_file(path: str) -> str:
     except OSError as err:
         raise CliError(f"cannot read prompt file {path}: {err.strerror or err}") from err
     return decode_prompt(data, f"prompt file {path}")
+
+
+# Characters that print nothing: a prompt made only of these (and whitespace) is empty.
+_INVISIBLE = dict.fromkeys(map(ord, "\ufeff\u200b\u200c\u200d\u2060\u00ad"))
+
+
+def check_not_empty(text: str) -> str:
+    """Refuse a prompt with nothing visible in it (whitespace, BOMs, zero-width characters)."""
+    if not text.translate(_INVISIBLE).strip():
+        raise CliError("empty prompt (nothing but whitespace or invisible characters)")
+    return text
 
 
 def check_text(text: str, source: str) -> str:

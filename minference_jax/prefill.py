@@ -8,7 +8,8 @@ and a continuation.
     python -m minference_jax.prefill --model hf_folder/ --synthetic-tokens 131072 --json
 
 The first prefill of a prompt length compiles (untimed); then `--repeats` timed prefills, the
-last of which also decodes the continuation. Bad input exits with code 2 and one line on stderr.
+last of which also decodes the continuation. Bad input exits with code 2 and one line on stderr;
+NaN or inf logits (broken weights or config) exit with code 3 and one line, never a result.
 Thin: argument parsing and reporting; the work is minference_jax.models.generation.
 """
 
@@ -27,6 +28,7 @@ from minference_jax.cli import (
     ArgumentParser,
     CliError,
     check_at_least,
+    check_not_empty,
     check_text,
     fail,
     parse_budget,
@@ -36,6 +38,7 @@ from minference_jax.cli import (
 from minference_jax.config_io import PatternConfigError, load_pattern_config
 from minference_jax.models import AttentionSpec
 from minference_jax.models.generation import generate, prefill
+from minference_jax.models.memory import DoesNotFitError, check_fits
 from minference_jax.passkey import needle
 
 MODES = ("dense", *P.MODE_PATTERNS)
@@ -229,19 +232,23 @@ def _load(args):
         raise CliError(f"checkpoint folder not found: {args.model}")
     try:
         model, config = load_model(args.model, dtype)
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, config.vocab_size)
     except (CheckpointError, ModelConfigError, TokenizerError) as err:
         raise CliError(str(err)) from err
     return model, config, tokenizer, args.model
 
 
-def _check_length(n: int, args, config) -> None:
+def _check_length(n: int, args, config, dtype) -> None:
     limit = config.max_position_embeddings
     if n > limit and not args.allow_long:
         raise CliError(
             f"prompt has {n} tokens, the model's max_position_embeddings is {limit}; pass "
             "--allow-long to run anyway"
         )
+    try:  # before a synthetic prompt or any cache is allocated
+        check_fits(config, n + args.max_new_tokens, dtype, what="prompt + --max-new-tokens")
+    except DoesNotFitError as err:
+        raise CliError(str(err)) from err
     if n + args.max_new_tokens > limit and not args.allow_long:
         warn(
             f"prompt ({n}) + new tokens ({args.max_new_tokens}) run past the model's "
@@ -249,10 +256,10 @@ def _check_length(n: int, args, config) -> None:
         )
 
 
-def _prompt(args, config, tokenizer) -> tuple[np.ndarray, str | None]:
+def _prompt(args, config, tokenizer, dtype) -> tuple[np.ndarray, str | None]:
     """(token ids, prompt text or None for a synthetic prompt), its length checked."""
     if args.synthetic_tokens is not None:
-        _check_length(args.synthetic_tokens, args, config)
+        _check_length(args.synthetic_tokens, args, config, dtype)
         rng = np.random.default_rng(0)
         return rng.integers(0, config.vocab_size, args.synthetic_tokens), None
     if args.prompt_file:
@@ -263,14 +270,13 @@ def _prompt(args, config, tokenizer) -> tuple[np.ndarray, str | None]:
         from minference_jax.models.defaults import default_prompt
 
         text = default_prompt()
-    if not text.strip():
-        raise CliError("empty prompt")
+    check_not_empty(text)
     if tokenizer is None:
         raise CliError("this checkpoint has no tokenizer.json: pass --synthetic-tokens N")
     ids = np.asarray(tokenizer.encode(text))
     if len(ids) == 0:
         raise CliError("empty prompt (no tokens)")
-    _check_length(len(ids), args, config)
+    _check_length(len(ids), args, config, dtype)
     return ids, text
 
 
@@ -333,6 +339,23 @@ def _timed_runs(model, ids, spec, args, mesh, label: str) -> dict:
     }
 
 
+class NonFiniteLogitsError(Exception):
+    """The model computed NaN or inf logits: its weights or config are broken (exit code 3)."""
+
+
+EXIT_NON_FINITE = 3
+
+
+def _check_finite(logits: np.ndarray, label: str) -> None:
+    bad = int(np.size(logits) - np.count_nonzero(np.isfinite(logits)))
+    if bad:
+        raise NonFiniteLogitsError(
+            f"{label}: {bad} of the last token's {np.size(logits)} logits are NaN or inf: the "
+            "checkpoint's weights or config.json produce non-finite values, so no result is "
+            "reported"
+        )
+
+
 def _passkey(text: str | None, continuation: str | None, max_new_tokens: int) -> dict | None:
     """The pass key hidden in the prompt, and whether the continuation starts with it."""
     match = None if text is None else PASSKEY_NEEDLE.search(text)
@@ -347,7 +370,7 @@ def _passkey(text: str | None, continuation: str | None, max_new_tokens: int) ->
 def run(args) -> dict:
     _check_args(args)
     model, config, tokenizer, model_name = _load(args)
-    ids, text = _prompt(args, config, tokenizer)
+    ids, text = _prompt(args, config, tokenizer, model.dtype)
     n = len(ids)
     table, pattern_name, attention = _patterns(args, config)
     _warn_dense_in_disguise(table, n)
@@ -364,9 +387,11 @@ def run(args) -> dict:
         return None if tokenizer is None else tokenizer.decode(tokens)
 
     sparse = _timed_runs(model, ids[None], AttentionSpec(table), args, mesh, args.mode)
+    _check_finite(sparse["last_logits"], args.mode)
     dense = None
     if args.compare_dense:
         dense = _timed_runs(model, ids[None], AttentionSpec(), args, mesh, "dense")
+        _check_finite(dense["last_logits"], "dense")
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     continuation = decode(sparse["continuation_tokens"])
@@ -462,7 +487,10 @@ def main(argv=None) -> int:
         report = run(args)
     except CliError as err:
         return fail(err)
-    print(json.dumps(report) if args.json else describe(report))
+    except NonFiniteLogitsError as err:
+        fail(err)
+        return EXIT_NON_FINITE
+    print(json.dumps(report, allow_nan=False) if args.json else describe(report))
     return 0
 
 

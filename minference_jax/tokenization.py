@@ -32,9 +32,30 @@ class HFTokenizer:
         except Exception as err:  # the library raises a bare Exception for every bad file
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise TokenizerError(f"cannot read {path}: {reason}") from err
+        unknown = getattr(self._tokenizer.model, "unk_token", None)
+        if unknown and self._tokenizer.token_to_id(unknown) is None:
+            # The library would raise a bare Exception at the first unseen word.
+            raise TokenizerError(f"{path}: its unknown token {unknown!r} is not in its vocabulary")
+        self.path = path
+
+    @property
+    def id_limit(self) -> int:
+        """One past the largest id the tokenizer can produce (added tokens included)."""
+        return max(self._tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+    def check_vocab_size(self, vocab_size: int) -> None:
+        """Refuse a tokenizer whose ids run past the model's embedding table."""
+        if self.id_limit > vocab_size:
+            raise TokenizerError(
+                f"{self.path} produces token ids up to {self.id_limit - 1}, but the model's "
+                f"vocab_size is {vocab_size}: tokenizer and checkpoint do not belong together"
+            )
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
+        try:
+            return self._tokenizer.encode(text).ids
+        except Exception as err:  # the library raises bare Exceptions
+            raise TokenizerError(f"{self.path} cannot encode the prompt: {err}") from err
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids])
@@ -60,7 +81,16 @@ def save_byte_tokenizer(path) -> None:
     tokenizer.save(str(path))
 
 
-def load_tokenizer(folder) -> HFTokenizer | None:
-    """The folder's tokenizer.json, or None when it has none (TokenizerError if unreadable)."""
+def load_tokenizer(folder, vocab_size: int | None = None) -> HFTokenizer | None:
+    """The folder's tokenizer.json, or None when it has none.
+
+    TokenizerError if it is unreadable, or, given the model's `vocab_size`, if it can produce
+    ids outside the embedding table (they would index out of range silently under jit).
+    """
     path = pathlib.Path(folder) / "tokenizer.json"
-    return HFTokenizer(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    tokenizer = HFTokenizer(path)
+    if vocab_size is not None:
+        tokenizer.check_vocab_size(vocab_size)
+    return tokenizer

@@ -145,10 +145,17 @@ def read_hf_params(
 ) -> dict[str, np.ndarray]:
     """Read, map and cast every tensor of an HF folder; all errors are reported together."""
     files = weight_files(folder)
-    names = []
+    names, seen = [], {}
     for path in files:
         with _open(path) as f:
-            names += [(path, n) for n in f.keys()]
+            for name in f.keys():
+                if name in seen:  # without an index nothing says which copy is meant
+                    raise CheckpointError(
+                        f"tensor {name} is stored twice, in {seen[name].name} and {path.name}"
+                    )
+                seen[name] = path
+                names.append((path, name))
+    check_layer_count((n for _, n in names), config, folder)
 
     def read(path, name):
         with _open(path) as f:
@@ -193,6 +200,12 @@ def map_hf_tensors(
             continue
         rule, targets = found
         tensor = read()
+        if not jnp.issubdtype(tensor.dtype, jnp.floating):
+            problems.append(
+                f"{name}: stored as {tensor.dtype}; weights must be floating point (a header "
+                "declaring the wrong dtype?)"
+            )
+            continue
         try:
             pieces = rule.split(tensor, config)
         except ValueError as err:
@@ -208,6 +221,11 @@ def map_hf_tensors(
                 )
             else:
                 params[target] = np.ascontiguousarray(piece.astype(np_dtype))
+                bad = np.size(params[target]) - np.count_nonzero(np.isfinite(params[target]))
+                if bad:  # NaN stored, or a value beyond the target dtype's range
+                    problems.append(
+                        f"{name}: {bad} non-finite value(s) (NaN or inf) as {np_dtype.name}"
+                    )
     missing = sorted(set(expected) - set(params))
     if missing:
         problems.append(f"missing tensors for: {_listing(missing)}")
@@ -216,6 +234,23 @@ def map_hf_tensors(
     if problems:
         raise _mismatch(source, against, problems)
     return params
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_layer_count(names: Iterable[str], config: ModelConfig, source) -> None:
+    """Refuse at once a config whose num_hidden_layers disagrees with the stored tensors.
+
+    Runs before anything is built from the config, so a wrong count (e.g. 100000 for a 2-layer
+    checkpoint) is reported in milliseconds instead of building a huge abstract model first.
+    """
+    indices = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
+    if indices and max(indices) + 1 != config.num_layers:
+        raise CheckpointError(
+            f"{source}: config.json says num_hidden_layers={config.num_layers}, the stored "
+            f"tensors hold {max(indices) + 1} layers"
+        )
 
 
 def model_from_params(config: ModelConfig, params: dict, dtype) -> CausalLM:
@@ -342,6 +377,7 @@ def load_converted(
         raise CheckpointError(f"{folder} has {META_FILE} but no {PARAMS_FILE}")
     params = {}
     with _open(path) as f:
+        check_layer_count(f.keys(), config, folder)
         problems = _check_stored(f, expected_shapes(config), meta)
         if problems:
             raise _mismatch(folder, f"its config.json and {META_FILE}", problems)

@@ -41,6 +41,17 @@ class RopeConfig:
             )
         if self.rope_type == "yarn":
             self._check_yarn()
+        # A zero, negative or NaN theta or factor turns every rotation angle into NaN.
+        if not (math.isfinite(self.theta) and self.theta > 1.0):
+            raise ModelConfigError(f"rope theta must be a finite number > 1, got {self.theta}")
+        if not (math.isfinite(self.factor) and self.factor > 0):
+            raise ModelConfigError(
+                f"rope scaling factor must be a finite number > 0, got {self.factor}"
+            )
+        for name in ("short_factor", "long_factor"):
+            values = getattr(self, name)
+            if values is not None and not all(math.isfinite(v) and v > 0 for v in values):
+                raise ModelConfigError(f"longrope {name} must hold finite numbers > 0")
 
     def _check_yarn(self):
         def bad(what):
@@ -91,7 +102,7 @@ class ModelConfig:
         if not isinstance(hf, dict):
             raise ModelConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             arch = hf.get("architectures")
             raise ModelConfigError(
                 f"unsupported architecture (model_type={model_type!r}, architectures={arch}); "
@@ -112,11 +123,13 @@ class ModelConfig:
                 num_kv_heads=kv_heads,
                 head_dim=head_dim,
                 max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                rms_norm_eps=_number_field(hf, "rms_norm_eps", 1e-6),
+                tie_word_embeddings=_bool_field(hf, "tie_word_embeddings", False),
+                attention_bias=model_type == "qwen2" or _bool_field(hf, "attention_bias", False),
                 rope=_rope_from_hf(hf),
             )
+            partial_rotary = _number_field(hf, "partial_rotary_factor", 1.0)
+            mlp_bias = _bool_field(hf, "mlp_bias", False)
         except ModelConfigError:
             raise
         except KeyError as err:
@@ -125,10 +138,14 @@ class ModelConfig:
             raise ModelConfigError(f"config.json has a malformed field: {err}") from err
         if heads % kv_heads:
             raise ModelConfigError(f"num_key_value_heads {kv_heads} must divide heads {heads}")
-        if hf.get("mlp_bias"):
+        if mlp_bias:
             raise ModelConfigError("mlp_bias=true is not supported")
-        if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        if partial_rotary != 1.0:
             raise ModelConfigError("partial rotary embeddings are not supported")
+        if not 0 < config.rms_norm_eps < 1:  # NaN fails too; eps <= 0 can divide by zero
+            raise ModelConfigError(
+                f"config.json field 'rms_norm_eps' must be in (0, 1), got {config.rms_norm_eps}"
+            )
         return config
 
     @classmethod
@@ -148,6 +165,28 @@ def _positive_int(hf: dict, key: str, default: int | None = None) -> int:
     return value
 
 
+def _number_field(hf: dict, key: str, default: float) -> float:
+    """A finite number field; absent takes `default` (null, strings and booleans are refused)."""
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelConfigError(
+            f"config.json has a malformed field {key!r}: must be a finite number, got {value!r}"
+        )
+    return float(value)
+
+
+def _bool_field(hf: dict, key: str, default: bool) -> bool:
+    """true/false (absent or null: `default`); a string such as "false" is refused, not truthy."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ModelConfigError(
+            f"config.json has a malformed field {key!r}: must be true or false, got {value!r}"
+        )
+    return value
+
+
 def read_hf_config(folder: str | os.PathLike) -> dict:
     path = pathlib.Path(folder) / "config.json"
     if not path.is_file():
@@ -156,6 +195,8 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelConfigError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError as err:  # pathologically deep nesting
+        raise ModelConfigError(f"{path} is nested too deeply to be a model config") from err
 
 
 def _rope_from_hf(hf: dict) -> RopeConfig:

@@ -48,7 +48,7 @@ PASSKEY_TINY_SEARCH_CANDIDATES = (
 def default_model(dtype=jnp.float32) -> tuple[CausalLM, ModelConfig, object]:
     """(model, config, tokenizer) of the embedded default checkpoint."""
     model, config = load_model(CHECKPOINT, dtype)
-    return model, config, load_tokenizer(CHECKPOINT)
+    return model, config, load_tokenizer(CHECKPOINT, config.vocab_size)
 
 
 def default_prompt() -> str:
