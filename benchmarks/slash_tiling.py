@@ -12,7 +12,8 @@ they need, as a fraction of the causal tiles:
   (how the PyTorch original places its ranges).
 Slash o covers, for each query block, the keys at distances [o, o + block_q - 1] from the block's
 last row; the causal window (o = 0) is always in. Columns are not counted (the same in both).
-Prints one line per head kind and the layer mean; numbers are in benchmarks/NOTES.md, session 4.
+Prints one line per head kind and the layer mean; measured numbers: benchmarks/NOTES.md, "Where
+the e2e goals stand with the Triton kernel".
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ os.environ.setdefault("MINFERENCE_JAX_CHECK_CAPACITY", "1")
 # The Mosaic GPU interpreter needs a CPU client thread per simulated warpgroup, all at once
 # (pallas_kernels.sparse_flash_mgpu.check_interpreter_threads); a 2-core machine has 2.
 os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
+# Under pytest-xdist every worker is its own JAX process: on a GPU each would preallocate most
+# of the card for itself, and the later workers run out of memory. Allocate on demand instead.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _accelerator_plugin_installed() -> bool:
@@ -39,7 +43,7 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config, items):
     if _has_gpu():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
