@@ -133,7 +133,8 @@ def default_estimator(dtype, seq_len: int, rows: int, head_dim: int, *, on_gpu: 
     """The VS estimator to use: pallas on GPU for bf16/f16 inputs it takes, else xla.
 
     f32 stays on XLA: the kernel's exact-f32 dots build as unrolled FMA code, and a mixed-pattern
-    f32 index took minutes to compile on the H200 (NOTES.md, session 4).
+    f32 index took minutes to compile on the H200 (benchmarks/NOTES.md, "Fused vertical-slash
+    estimator").
     """
     sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     supported = vs_estimate.supports(seq_len, rows, head_dim)
