@@ -3,8 +3,10 @@
 SRC is either an HF folder (config.json + *.safetensors) or a GGUF file (llama.cpp's format:
 weights, possibly quantised, with the config and tokenizer in its metadata; architectures qwen2
 and llama). DST is written in full into a temporary folder next to it and renamed into place
-only when complete: a failed or interrupted conversion leaves DST as it was. Bad input exits
-with code 2 and a one-line error.
+only when complete: a failed or interrupted (Ctrl-C, SIGTERM) conversion leaves DST as it was,
+and the temporary folder of a killed one (SIGKILL) is removed by the next conversion to DST.
+Bad input exits with code 2 and a one-line error; an interrupted conversion with 128 + the
+signal's number and one line.
 
 Past the native context, Qwen2.5 documents YaRN RoPE scaling; set it while converting:
     python -m convert model.gguf out/ --rope-scaling \\
@@ -14,12 +16,32 @@ Past the native context, Qwen2.5 documents YaRN RoPE scaling; set it while conve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
+import signal
 import sys
 
 from convert.checkpoint import DTYPES, CheckpointError, convert_folder
+from minference_jax.cli import ArgumentParser, fail
 from minference_jax.models.config import ModelConfigError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds (and cleans up) like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _rope_scaling(text: str) -> dict:
@@ -33,11 +55,7 @@ def _rope_scaling(text: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = ArgumentParser(prog="python -m convert", description=__doc__)
     parser.add_argument(
         "src",
         help="Hugging Face model folder (config.json + *.safetensors) or a .gguf file; only read",
@@ -74,16 +92,20 @@ def main(argv=None) -> int:
         progress=not args.quiet, overwrite=args.overwrite, rope_scaling=args.rope_scaling
     )
     try:
-        src = pathlib.Path(args.src)
-        if src.is_file() or src.suffix.lower() == ".gguf":
-            from convert.gguf import convert_gguf
+        with _sigterm_as_interrupt():
+            src = pathlib.Path(args.src)
+            if src.is_file() or src.suffix.lower() == ".gguf":
+                from convert.gguf import convert_gguf
 
-            convert_gguf(args.src, args.dst, args.dtype, **options)
-        else:
-            convert_folder(args.src, args.dst, args.dtype, **options)
+                convert_gguf(args.src, args.dst, args.dtype, **options)
+            else:
+                convert_folder(args.src, args.dst, args.dtype, **options)
     except (CheckpointError, ModelConfigError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
-        return 2
+        return fail(err)
+    except KeyboardInterrupt as err:
+        stop = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        print(f"error: interrupted by {stop.name}; {args.dst} left as it was", file=sys.stderr)
+        return 128 + stop
     print(f"converted {args.src} -> {args.dst} ({args.dtype})")
     return 0
 

@@ -7,11 +7,14 @@ Loading (`load_model`, `load_hf`, the converted-format checks) lives with the mo
 A conversion never leaves a half-written or mixed destination: it is written into a hidden
 temporary sibling of DST and renamed into place only once complete. DST must be absent or an
 empty folder; with `overwrite=True` an existing DST is replaced as a whole, its old content moved
-aside and removed only after the new folder is in place.
+aside and removed only after the new folder is in place. A conversion that was killed (SIGKILL,
+power loss) leaves its temporary folder behind; the next conversion to the same DST removes it,
+once the folder's lock says its owner is gone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -70,6 +73,10 @@ EXTRA_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
 )
+# In a staging folder while it is being written: the writer's pid, under a lock it holds until
+# the folder is renamed into place or removed. The kernel drops the lock when the writer dies,
+# however it dies, so a free lock marks a stale folder (pid reuse cannot fool it).
+OWNER_FILE = ".owner"
 
 
 def save_converted(params: dict[str, np.ndarray], hf_config: dict, dst, dtype_name: str) -> None:
@@ -78,8 +85,21 @@ def save_converted(params: dict[str, np.ndarray], hf_config: dict, dst, dtype_na
     dst = pathlib.Path(dst)
     meta = converted_metadata(params, dtype_name)
     (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
-    save_file({k: np.asarray(v) for k, v in params.items()}, str(dst / PARAMS_FILE))
+    _save_tensors({k: np.asarray(v) for k, v in params.items()}, dst / PARAMS_FILE)
     (dst / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def _save_tensors(tensors: dict[str, np.ndarray], path, metadata: dict | None = None) -> None:
+    """`safetensors` save_file, leaving the file with the mode any new file gets (0644 under
+    umask 022): safetensors writes through a private (0600) temporary file."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)  # it can only be read by setting it; meanwhile new files are private
+    os.umask(mask)
+    return mask
 
 
 def check_destination(src, dst, *, overwrite: bool = False) -> None:
@@ -145,7 +165,7 @@ def convert_folder(
         save_converted(params, hf_config, staging, dtype_name)
         for extra in EXTRA_FILES:
             if (src / extra).is_file():
-                shutil.copy(src / extra, staging / extra)
+                shutil.copyfile(src / extra, staging / extra)  # a new file's mode, not SRC's
 
     write_atomically(dst, write, overwrite=overwrite)
 
@@ -173,22 +193,68 @@ def with_rope_scaling(hf_config: dict, rope_scaling: dict) -> dict:
 
 def write_atomically(dst, write: Callable[[pathlib.Path], None], *, overwrite: bool) -> None:
     """Run `write(folder)` into a hidden sibling of `dst`, then rename it into place: a failure
-    at any point leaves `dst` as it was (`check_destination` first)."""
+    at any point leaves `dst` as it was (`check_destination` first). Staging folders of `dst`
+    left by killed conversions are removed first; those of live ones are left alone."""
     dst = pathlib.Path(os.path.abspath(dst))  # "out/", "." or "a/../out": a real name and parent
     staging = _sibling(dst, "converting")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(dst)
         staging.mkdir()
     except OSError as err:
         raise CheckpointError(f"cannot create {dst}: {err}") from err
+    owner = None
     try:
+        owner = _claim(staging)
         write(staging)
+        os.unlink(staging / OWNER_FILE)  # still locked through `owner` until the rename is done
         _move_into_place(staging, dst, overwrite=overwrite)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError):
             raise CheckpointError(f"writing {dst} failed, {dst} left unchanged: {err}") from err
         raise
+    finally:
+        if owner is not None:
+            os.close(owner)
+
+
+def _claim(staging: pathlib.Path) -> int:
+    """Lock `staging`'s owner file and write our pid into it; the descriptor holds the lock."""
+    fd = os.open(staging / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        # Blocking: a concurrent cleaner may hold it for a moment, and skips it while empty.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass  # a file system without locks: the folder is just never taken for stale
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _remove_stale_staging(dst: pathlib.Path) -> None:
+    """Remove the staging folders of `dst` (absolute) whose conversion was killed."""
+    pattern = re.compile(re.escape(f".{dst.name}.converting-") + "[0-9a-f]{12}")
+    for folder in dst.parent.iterdir():
+        if pattern.fullmatch(folder.name) and _owner_is_gone(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner_is_gone(folder: pathlib.Path) -> bool:
+    """The owner file holds a pid (written once locked) and its lock is free. No owner file: a
+    conversion being set up or finishing (or not ours), never touched. A writer that finished
+    between our open and lock has renamed the folder away, so removing the name is then a no-op.
+    """
+    try:
+        fd = os.open(folder / OWNER_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return os.read(fd, 32).strip().isdigit()
+    except OSError:  # held by a live conversion, or no locks on this file system
+        return False
+    finally:
+        os.close(fd)
 
 
 def _move_into_place(staging: pathlib.Path, dst: pathlib.Path, *, overwrite: bool) -> None:
@@ -237,4 +303,4 @@ def export_hf(model: CausalLM, hf_config: dict, dst) -> None:
     dst = pathlib.Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    _save_tensors(out, dst / "model.safetensors", metadata={"format": "pt"})

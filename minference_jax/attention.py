@@ -14,7 +14,14 @@ import jax.numpy as jnp
 from minference_jax import patterns as P
 from minference_jax.index_approx import IndexPlan, build_planned_index, plan_index
 from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
-from minference_jax.sparse_index import SparseIndex, check_index_matches_inputs
+from minference_jax.sparse_index import (
+    SparseIndex,
+    check_attention_inputs,
+    check_block_sizes,
+    check_index_matches_inputs,
+    check_patterns,
+    resolve_softmax_scale,
+)
 from pallas_kernels import sparse_flash_mgpu
 from pallas_kernels.sparse_flash import sparse_flash_attention
 
@@ -57,30 +64,6 @@ def _short_gpu_prompt(seq_len: int) -> bool:
 
 
 IMPLEMENTATIONS = ("pallas", "mosaic", "xla", "reference")
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def check_attention_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
-    """Raise a clear error for inputs the attention paths do not accept."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {x.dtype}; expected float32, bfloat16 or float16")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
-    b, n, hq, d = q.shape
-    if (k.shape[0], k.shape[1], k.shape[3]) != (b, n, d):
-        raise ValueError(
-            f"q {q.shape} and k {k.shape} must agree on batch, seq (causal prefill: q_len == "
-            "kv_len) and head_dim"
-        )
-    if n == 0:
-        raise ValueError("empty sequence: seq length must be >= 1")
-    if hq % k.shape[2]:
-        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({hq})")
 
 
 def sparse_attention(
@@ -102,7 +85,8 @@ def sparse_attention(
         dividing q_heads (query head h reads kv head h // (q_heads // kv_heads)). Causal with
         q_len == kv_len: query i attends keys j <= i that its pattern selects.
       patterns: one pattern for all heads, or one per query head (static).
-      softmax_scale: defaults to head_dim ** -0.5.
+      softmax_scale: defaults to head_dim ** -0.5; else a concrete number, finite and > 0 in
+        float32 and at most float32_max / (head_dim * log2(e)) (`resolve_softmax_scale`).
       implementation: "pallas" (the Pallas-Triton kernel; GPU, or CPU in interpret mode),
         "mosaic" (the Pallas Mosaic GPU kernel: sm_90, bf16/f16, head_dim 64 or 128,
         block_q 64 or 128, block_kv 64 or 128; CPU runs its interpreter), "xla" (gathered
@@ -125,12 +109,13 @@ def sparse_attention(
     queries computed in the same tile (0 * inf = NaN), even queries whose pattern masks that key.
     """
     check_attention_inputs(q, k, v)
+    check_patterns(patterns)
     patterns = P.normalize_layer_patterns(patterns, q.shape[2])
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}"
         )
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     if index is not None:
         check_index_matches_inputs(index, q)  # the one check, whatever the implementation
         return _attend_jit(q, k, v, index, scale=scale, implementation=implementation)
@@ -162,19 +147,17 @@ def layer_plan(
 
     Block sizes left None follow `default_blocks` for the layer's dtype and head_dim.
     """
+    check_patterns(patterns)
     patterns = P.normalize_layer_patterns(patterns, num_heads)
+    default_q, default_kv = default_blocks(patterns, implementation, dtype, head_dim)
+    block_q = default_q if block_q is None else block_q
+    block_kv = default_kv if block_kv is None else block_kv
+    check_block_sizes(block_q, block_kv)  # also where the layer runs dense and ignores them
     if implementation is None and (
         all(isinstance(p, P.Dense) for p in patterns) or _short_gpu_prompt(seq_len)
     ):
         return None, None
-    default_q, default_kv = default_blocks(patterns, implementation, dtype, head_dim)
-    return plan_index(
-        patterns,
-        seq_len,
-        num_heads,
-        block_q=default_q if block_q is None else block_q,
-        block_kv=default_kv if block_kv is None else block_kv,
-    )
+    return plan_index(patterns, seq_len, num_heads, block_q=block_q, block_kv=block_kv)
 
 
 # Up to this many tokens a prefill's compile time outweighs its run time: layers whose plans

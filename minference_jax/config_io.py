@@ -24,10 +24,12 @@ import numbers
 import os
 import pathlib
 import re
+import stat
 import uuid
 from collections.abc import Sequence
 
 from minference_jax.patterns import (
+    MAX_SIZE,
     AdaptiveVerticalSlash,
     AntiDiagonalBlockSparse,
     AShape,
@@ -36,10 +38,10 @@ from minference_jax.patterns import (
     HeadPatterns,
     Pattern,
     VerticalSlash,
+    check_layer_patterns,
 )
 
 REFERENCE_BLOCK_SPARSE_TOP_K = 100
-MAX_SIZE = 2**31 - 1  # sizes become int32 budgets of the index
 HEAD_KEY = re.compile(r"0|[1-9][0-9]{0,8}")  # "3", never "03", " 3", "+3" or 5000 digits
 # The reference implementation's published configs, shipped with the package.
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
@@ -55,10 +57,27 @@ ADAPTIVE_TYPE_NAMES = {
 }
 
 
+class _JsonObject(dict):
+    """A decoded JSON object that remembers the first key given twice (JSON parsers keep the
+    last value silently, so a head pasted twice would lose its first entry unnoticed)."""
+
+    duplicate: str | None = None
+
+
+def _object_from_pairs(pairs: list[tuple[str, object]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        obj.duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return obj
+
+
 def _adaptive_from_entry(entry, where: str) -> tuple[Pattern, float]:
     kind, fields, unused, score = entry
     if not isinstance(fields, dict) or unused != 0:
         raise PatternConfigError(f"{where}: expected [{kind!r}, {{field: value}}, 0, score]")
+    if getattr(fields, "duplicate", None) is not None:
+        raise PatternConfigError(f"{where}: field {fields.duplicate!r} is given twice")
     if not isinstance(score, int | float) or isinstance(score, bool) or not math.isfinite(score):
         raise PatternConfigError(f"{where}: score must be a finite number, got {score!r}")
     try:
@@ -102,7 +121,12 @@ def _pattern_from_entry(entry, where: str) -> tuple[Pattern, float]:
 def parse_pattern_config(
     layers_json, *, num_layers: int | None = None, num_heads: int | None = None
 ) -> tuple[HeadPatterns, tuple[tuple[float, ...], ...]]:
-    """Parse the decoded JSON (a list per layer) into patterns and the per-head scores."""
+    """Parse the decoded JSON (a list per layer) into patterns and the per-head scores.
+
+    Every pattern is checked as it is made, and every layer's heads together
+    (`patterns.check_layer_patterns`: they must fit one index plan of the default block sizes).
+    A key given twice in one object (`load_pattern_config` decodes objects to remember it) is
+    refused rather than the last value kept."""
     if not isinstance(layers_json, list) or not layers_json:
         raise PatternConfigError(
             "a pattern config is a non-empty JSON list with one entry per layer"
@@ -113,6 +137,8 @@ def parse_pattern_config(
             raise PatternConfigError(
                 f"layer {layer_id}: expected a non-empty {{head: entry}} object"
             )
+        if getattr(layer, "duplicate", None) is not None:
+            raise PatternConfigError(f"layer {layer_id}: head {layer.duplicate!r} is given twice")
         bad_keys = [h for h in layer if not HEAD_KEY.fullmatch(h)]
         if bad_keys:
             raise PatternConfigError(
@@ -125,6 +151,10 @@ def parse_pattern_config(
                 f"layer {layer_id}: heads must be numbered 0..{len(heads) - 1}, got {heads}"
             )
         parsed = [_pattern_from_entry(layer[str(h)], f"layer {layer_id} head {h}") for h in heads]
+        try:
+            check_layer_patterns([p for p, _ in parsed])
+        except ValueError as err:
+            raise PatternConfigError(f"layer {layer_id}: {err}") from err
         layers.append(tuple(p for p, _ in parsed))
         scores.append(tuple(s for _, s in parsed))
     widths = {len(layer) for layer in layers}
@@ -149,7 +179,7 @@ def load_pattern_config(
     """Load a pattern config; with `num_layers`/`num_heads`, also check it fits the model."""
     try:
         with open(path, "rb") as f:
-            layers_json = json.loads(f.read().decode("utf-8"))
+            layers_json = json.loads(f.read().decode("utf-8"), object_pairs_hook=_object_from_pairs)
     except FileNotFoundError as err:
         raise PatternConfigError(f"pattern config not found: {path}") from err
     except IsADirectoryError as err:
@@ -227,20 +257,34 @@ def save_pattern_config(
     path: str | os.PathLike,
     scores: Sequence[Sequence[float]] | None = None,
 ) -> None:
-    """Validate, then write atomically: a failed call leaves an existing file untouched."""
+    """Validate, then write atomically: a failed call leaves an existing file untouched.
+
+    A symbolic link is written through: its target gets the new config and the link stays. An
+    existing file keeps its permission bits; a new one gets the umask's, as with open(path, "w").
+    OS errors name `path`, never the temporary file written next to the target.
+    """
     text = json.dumps(dump_pattern_config(patterns, scores))
-    path = pathlib.Path(path)
-    if path.is_dir():
+    target = pathlib.Path(os.path.realpath(path))
+    if target.is_dir():
         raise PatternConfigError(f"{path} is a directory, not a file")
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with 0o666 lets the umask set the mode, as open(path, "w") would.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except OSError:  # no file yet (or none reachable: os.open below says why)
+        mode = None
+    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        # 0o666 lets the umask set a new file's mode, as open(path, "w") would.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise type(err)(err.errno, err.strerror, os.fspath(path)) from None
     try:
         with os.fdopen(fd, "w") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temp, path)
+        os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

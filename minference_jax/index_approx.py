@@ -22,10 +22,14 @@ from minference_jax import patterns as P
 from minference_jax.sparse_index import (
     SENTINEL,
     SparseIndex,
+    check_attention_inputs,
     check_block_sizes,
+    check_patterns,
+    check_positive_int,
     diag_mask_from_slashes,
     finalize_index,
     num_blocks,
+    resolve_softmax_scale,
 )
 from pallas_kernels import vs_estimate
 
@@ -129,6 +133,14 @@ def _radix_select(bits: jax.Array, k: jax.Array, k_max: int) -> jax.Array:
     return jnp.where(slots <= rank[..., -1:], position, SENTINEL).astype(jnp.int32)
 
 
+ESTIMATORS = ("pallas", "xla")
+
+
+def _check_estimator(estimator) -> None:
+    if estimator is not None and estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose 'pallas', 'xla' or None")
+
+
 def default_estimator(dtype, seq_len: int, rows: int, head_dim: int, *, on_gpu: bool) -> str:
     """The VS estimator to use: pallas on GPU for bf16/f16 inputs it takes, else xla.
 
@@ -154,6 +166,7 @@ def vertical_slash_scores(
     Each head's columns (and diagonals) sum to the number of rows used. `estimator`: see
     `estimate_vertical_slash`.
     """
+    _check_estimator(estimator)
     n = q.shape[1]
     rows = min(last_q, n)
     on_gpu = jax.default_backend() == "gpu"
@@ -173,15 +186,13 @@ def vertical_slash_scores(
                 k,
                 one_at_a_time=True,
             )
-    elif estimator == "xla":
+    else:
         columns, diagonals = _map_over_kv_heads(
             functools.partial(_vertical_slash_scores, scale=scale),
             _grouped(q_last, k.shape[2]),
             k,
             one_at_a_time=q.shape[0] * q.shape[2] * rows * n * 4 > _SCORE_BYTES_PER_STEP,
         )
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}; choose 'pallas', 'xla' or None")
     return columns, diagonals
 
 
@@ -625,19 +636,14 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
         "max_slash": np.zeros(num_heads, np.int32),
         "max_blocks": np.zeros(num_heads, np.int32),
     }
+    # plan_index has checked (check_layer_patterns) that they share one rule, one stride and
+    # block_kv, which the stride divides.
     rules = {p.rule for _, p in adaptive}
     strides = {p.stride for _, p in adaptive if isinstance(p, P.AntiDiagonalBlockSparse)}
-    if len(rules) > 1 or len(strides) > 1:
-        raise ValueError(
-            f"adaptive heads of one layer must share the rule and the stride; got rules "
-            f"{sorted(rules)}, strides {sorted(strides)}"
-        )
-    for h, p in adaptive:  # plan_index has checked their key-block sizes
+    for h, p in adaptive:
         arrays["threshold"][h] = p.threshold
         arrays["max_blocks"][h] = p.max_blocks
         if isinstance(p, P.AntiDiagonalBlockSparse):
-            if block_kv % p.stride:
-                raise ValueError(f"head {h}: stride {p.stride} must divide block_kv={block_kv}")
             arrays["is_adb"][h] = 1
         else:
             arrays["is_avs"][h] = 1
@@ -781,7 +787,11 @@ def plan_index(
     """Split a layer's patterns into a static IndexPlan and per-head budget arrays (int32
     counts and flags; float32 thresholds of the adaptive heads)."""
     check_block_sizes(block_q, block_kv)
+    for name, value in (("seq_len", seq_len), ("num_heads", num_heads), ("last_q", last_q)):
+        check_positive_int(name, value)  # last_q < 1 would estimate from no queries at all
+    check_patterns(patterns)
     patterns = P.normalize_layer_patterns(patterns, num_heads)
+    P.check_layer_patterns(patterns, block_kv=block_kv)
     ratio = block_q // block_kv
     n_slots = num_blocks(seq_len, block_q) * ratio
     fields = (
@@ -798,11 +808,6 @@ def plan_index(
     budgets = {name: np.zeros(num_heads, np.int32) for name in fields}
     budgets["last_diag"][:] = ratio - 1  # the causal diagonal blocks only
     for h, p in enumerate(patterns):
-        if P.key_block_size(p) not in (None, block_kv):
-            raise ValueError(
-                f"head {h}: {type(p).__name__}.block_size={p.block_size} must equal "
-                f"block_kv={block_kv}"
-            )
         if isinstance(p, P.Dense):
             budgets["last_diag"][h] = n_slots - 1
         elif isinstance(p, P.VerticalSlash):
@@ -865,13 +870,17 @@ def build_sparse_index(
     """Estimate the SparseIndex of one layer. q [B, N, Hq, D], k [B, N, Hkv, D]; jitted.
 
     `patterns`: one pattern for all heads or one per query head. Heads that pick key blocks
-    (`patterns.key_block_size`) need `block_size == block_kv`. `estimator`: see
-    `estimate_vertical_slash`.
+    (`patterns.key_block_size`) need `block_size == block_kv`. `softmax_scale`: as in
+    `sparse_attention`. `last_q` (>= 1): how many of the last queries the estimates read.
+    `estimator`: see `estimate_vertical_slash`. Inputs are checked as `sparse_attention` checks
+    them (TypeError / ValueError).
     """
+    check_attention_inputs(q, k)
+    _check_estimator(estimator)
     plan, budgets = plan_index(
         patterns, q.shape[1], q.shape[2], block_q=block_q, block_kv=block_kv, last_q=last_q
     )
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     return build_planned_index(q, k, budgets, plan=plan, scale=scale, estimator=estimator)
 
 

@@ -3,9 +3,9 @@
 `nnx.MultiHeadAttention` calls its `attention_fn(query, key, value, **options)` with
 [batch, length, heads, head_dim] arrays, the same layout `sparse_attention` takes, plus keyword
 options (mask, dropout, dtype, ...). `nnx_attention_fn(patterns)` returns such a function. The
-sparse attention is causal prefill attention, so the layer must be called with
-`is_causal=True` and without a mask, dropout or weight sowing; anything else raises instead of
-being silently ignored.
+sparse attention is causal prefill self-attention, so the layer must be built with
+`decode=False` (no KV cache: decoding is not supported) and called with `is_causal=True` and
+without a mask, dropout or weight sowing; anything else raises instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from minference_jax import patterns as P
 from minference_jax.attention import sparse_attention
+from minference_jax.sparse_index import check_patterns
 
 
 def nnx_attention_fn(patterns: P.Pattern | Sequence[P.Pattern], **sparse_options) -> Callable:
@@ -26,6 +27,7 @@ def nnx_attention_fn(patterns: P.Pattern | Sequence[P.Pattern], **sparse_options
       patterns: one pattern for all query heads, or one per query head (as `sparse_attention`).
       **sparse_options: passed on to `sparse_attention` (`implementation`, `block_q`, ...).
     """
+    check_patterns(patterns)
 
     def attention_fn(
         query: jax.Array,
@@ -44,6 +46,12 @@ def nnx_attention_fn(patterns: P.Pattern | Sequence[P.Pattern], **sparse_options
         is_causal: bool = False,
     ) -> jax.Array:
         del broadcast_dropout, dropout_rng, promote_dtype  # only meaningful with dropout / mixed
+        if query.shape[-3] != key.shape[-3]:  # decode: one query against the whole KV cache
+            raise ValueError(
+                "sparse attention is prefill-only (query length == key length): decode=True "
+                "(autoregressive decoding with a KV cache) and cross-attention are not "
+                f"supported; got query length {query.shape[-3]}, key length {key.shape[-3]}"
+            )
         if not is_causal:
             raise ValueError(
                 "sparse attention is causal: call the layer with is_causal=True (and no mask)"

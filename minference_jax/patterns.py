@@ -16,13 +16,17 @@ N_LOCAL_SLASHES = 100  # most local diagonals that are always kept
 MIN_VERTICAL = 30
 MIN_SLASH = 50
 
+MAX_SIZE = 2**31 - 1  # every size field: sizes become int32 budgets and offsets of the index
 
-def _check_non_negative(name: str, **sizes: int) -> None:
+
+def _check_sizes(name: str, minimum: int, **sizes: int) -> None:
     for key, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name}.{key} must be an int, got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{name}.{key} must be >= 0, got {value}")
+        if value < minimum:
+            raise ValueError(f"{name}.{key} must be >= {minimum}, got {value}")
+        if value > MAX_SIZE:
+            raise ValueError(f"{name}.{key} must be <= {MAX_SIZE}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +52,7 @@ class AShape:
     n_local: int
 
     def __post_init__(self):
-        _check_non_negative("AShape", n_init=self.n_init, n_local=self.n_local)
+        _check_sizes("AShape", 0, n_init=self.n_init, n_local=self.n_local)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,7 @@ class VerticalSlash:
     n_slash: int
 
     def __post_init__(self):
-        _check_non_negative("VerticalSlash", n_vertical=self.n_vertical, n_slash=self.n_slash)
+        _check_sizes("VerticalSlash", 0, n_vertical=self.n_vertical, n_slash=self.n_slash)
 
     def budgets(self, seq_len: int) -> tuple[int, int]:
         """(n_vertical, n_slash) clamped as the reference implementation does."""
@@ -80,11 +84,7 @@ class BlockSparse:
     block_size: int = 64
 
     def __post_init__(self):
-        _check_non_negative("BlockSparse", top_k=self.top_k, block_size=self.block_size)
-        if self.top_k < 1:
-            raise ValueError(f"BlockSparse.top_k must be >= 1, got {self.top_k}")
-        if self.block_size < 1:
-            raise ValueError(f"BlockSparse.block_size must be >= 1, got {self.block_size}")
+        _check_sizes("BlockSparse", 1, top_k=self.top_k, block_size=self.block_size)
 
 
 SELECTION_RULES = ("cumulative", "relative")
@@ -97,13 +97,6 @@ def _check_threshold(name: str, threshold, rule: str) -> None:
         raise TypeError(f"{name}.threshold must be a number, got {type(threshold).__name__}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"{name}.threshold must be in [0, 1], got {threshold}")
-
-
-def _check_positive(name: str, **sizes: int) -> None:
-    _check_non_negative(name, **sizes)
-    for key, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"{name}.{key} must be >= 1, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +119,9 @@ class AntiDiagonalBlockSparse:
 
     def __post_init__(self):
         _check_threshold("AntiDiagonalBlockSparse", self.threshold, self.rule)
-        _check_positive(
+        _check_sizes(
             "AntiDiagonalBlockSparse",
+            1,
             stride=self.stride,
             max_blocks=self.max_blocks,
             block_size=self.block_size,
@@ -168,8 +162,9 @@ class AdaptiveVerticalSlash:
 
     def __post_init__(self):
         _check_threshold("AdaptiveVerticalSlash", self.threshold, self.rule)
-        _check_positive(
+        _check_sizes(
             "AdaptiveVerticalSlash",
+            1,
             max_vertical=self.max_vertical,
             max_slash=self.max_slash,
             max_blocks=self.max_blocks,
@@ -203,6 +198,54 @@ def key_block_size(pattern: Pattern) -> int | None:
     if isinstance(pattern, AdaptiveVerticalSlash) and pattern.query_aware > 0:
         return pattern.block_size
     return None
+
+
+# The key-block sizes of the index plans `attention.default_blocks` picks: 64 everywhere, 128
+# where the Mosaic kernel runs. Pattern configs and the command lines leave block_kv to it.
+DEFAULT_KEY_BLOCK_SIZES = (64, 128)
+
+
+def check_layer_patterns(
+    patterns: Pattern | Sequence[Pattern], *, block_kv: int | None = None
+) -> None:
+    """Raise ValueError unless one layer's per-head patterns can share one index plan.
+
+    The heads that select key blocks (`key_block_size`) must all use the index's `block_kv`
+    (None: one of DEFAULT_KEY_BLOCK_SIZES, the same for every such head); the adaptive heads
+    must share one selection rule and the anti-diagonal ones one stride (which divides their
+    block_size, checked when the pattern was made, so it divides block_kv too). These are the
+    rules `index_approx.plan_index` enforces, with its messages. TypeError on a non-pattern.
+    """
+    layer = (patterns,) if isinstance(patterns, PATTERN_TYPES) else tuple(patterns)
+    normalize_layer_patterns(layer, len(layer))
+    first = None  # (head, size) of the first head that selects key blocks
+    for h, p in enumerate(layer):
+        size = key_block_size(p)
+        if size is None:
+            continue
+        if block_kv is not None and size != block_kv:
+            raise ValueError(
+                f"head {h}: {type(p).__name__}.block_size={size} must equal block_kv={block_kv}"
+            )
+        if block_kv is None and size not in DEFAULT_KEY_BLOCK_SIZES:
+            raise ValueError(
+                f"head {h}: {type(p).__name__}.block_size={size} must be one of "
+                f"{DEFAULT_KEY_BLOCK_SIZES}, the key-block sizes of the default index plans"
+            )
+        if first is None:
+            first = (h, size)
+        elif size != first[1]:
+            raise ValueError(
+                f"heads {first[0]} and {h} select key blocks of different sizes ({first[1]} and "
+                f"{size}); one layer's index has one key-block size"
+            )
+    rules = {p.rule for p in layer if isinstance(p, ADAPTIVE_TYPES)}
+    strides = {p.stride for p in layer if isinstance(p, AntiDiagonalBlockSparse)}
+    if len(rules) > 1 or len(strides) > 1:
+        raise ValueError(
+            f"adaptive heads of one layer must share the rule and the stride; got rules "
+            f"{sorted(rules)}, strides {sorted(strides)}"
+        )
 
 
 def normalize_layer_patterns(patterns: Pattern | Sequence[Pattern], num_heads: int) -> tuple:

@@ -39,6 +39,7 @@ from minference_jax.cli import (
 )
 from minference_jax.config_io import PatternConfigError, save_pattern_config
 from minference_jax.index_approx import build_sparse_index
+from minference_jax.models.memory import DoesNotFitError, check_fits
 from minference_jax.models.modeling import CausalLM, layer_body
 from minference_jax.models.rope import rope_tables
 from minference_jax.sparse_index import block_mask_from_index
@@ -121,6 +122,7 @@ def search_patterns(
         raise ValueError(f"score_queries must be >= 1, got {score_queries}")
     if min_recall is not None and not 0.0 <= min_recall <= 1.0:
         raise ValueError(f"min_recall must be in [0, 1], got {min_recall}")
+    _check_candidates(candidates, block)
     num_layers, num_heads = config.num_layers, config.num_heads
     recall = np.zeros((len(candidates), num_layers, num_heads))
     cost = np.zeros_like(recall)
@@ -161,6 +163,15 @@ def search_patterns(
         reference_recall=recall[reference],
         reference_cost=cost[reference],
     )
+
+
+def _check_candidates(candidates: Sequence[P.Pattern], block: int = 64) -> None:
+    """Raise ValueError unless the candidates can share a layer: any head may pick any of them,
+    so a searched layer holds any mix, and its index has `block`-token key blocks."""
+    try:
+        P.check_layer_patterns(candidates, block_kv=block)
+    except ValueError as err:
+        raise ValueError(f"the candidates cannot share one layer: {err}") from err
 
 
 # Candidate kinds: pattern, its leading fields (the values after the colon), fixed fields.
@@ -248,7 +259,35 @@ def _check_args(args) -> None:
             f"--score-queries ({args.score_queries}) exceeds the prompt length "
             f"(--synthetic-tokens {args.synthetic_tokens})"
         )
+    if args.candidates:
+        try:
+            _check_candidates(args.candidates)
+        except ValueError as err:
+            raise CliError(f"--candidates: {err}") from err
+    _check_out_reads_nothing(args)
     _check_writable(pathlib.Path(args.out))
+
+
+def _check_out_reads_nothing(args) -> None:
+    """Refuse an --out that names a file the run reads: saving would replace it (through a
+    symbolic link too, as the config is written to the link's target)."""
+    out = os.path.realpath(args.out)
+    for prompt in args.prompt_file or ():
+        if prompt != "-" and (out == os.path.realpath(prompt) or _same_file(out, prompt)):
+            raise CliError(f"--out {args.out} is the prompt file {prompt}: it would be overwritten")
+    model = os.path.realpath(args.model)
+    if out == model or out.startswith(model.rstrip(os.sep) + os.sep):
+        raise CliError(
+            f"--out {args.out} is inside the checkpoint folder {args.model}: write the config "
+            "elsewhere"
+        )
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet)
+        return False
 
 
 def _check_writable(out: pathlib.Path) -> None:
@@ -272,15 +311,23 @@ def _read_prompt_files(args) -> list[tuple[str, str]]:
     return texts
 
 
-def _prompts(args, config, texts: list[tuple[str, str]]) -> list[np.ndarray]:
-    if not texts:
+def _check_fits(config, tokens: int, dtype, what: str) -> None:
+    try:
+        check_fits(config, tokens, dtype, what=what)
+    except DoesNotFitError as err:
+        raise CliError(str(err)) from err
+
+
+def _prompts(args, config, dtype, texts: list[tuple[str, str]]) -> list[np.ndarray]:
+    if not texts:  # checked before any synthetic prompt is allocated
+        _check_fits(config, args.synthetic_tokens, dtype, "--synthetic-tokens")
         rng = np.random.default_rng(args.seed)
         return [
             rng.integers(0, config.vocab_size, args.synthetic_tokens)
             for _ in range(args.num_prompts)
         ]
     try:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, config.vocab_size)
     except TokenizerError as err:
         raise CliError(str(err)) from err
     if tokenizer is None:
@@ -293,6 +340,7 @@ def _prompts(args, config, texts: list[tuple[str, str]]) -> list[np.ndarray]:
                 f"prompt file {path} has {len(ids)} tokens, fewer than --score-queries "
                 f"({args.score_queries})"
             )
+        _check_fits(config, len(ids), dtype, f"prompt file {path}")
         prompts.append(ids)
     return prompts
 
@@ -309,7 +357,7 @@ def run(args) -> SearchResult:
         model, config = load_model(args.model)
     except (CheckpointError, ModelConfigError) as err:
         raise CliError(str(err)) from err
-    prompts = _prompts(args, config, texts)
+    prompts = _prompts(args, config, model.dtype, texts)
     longest = max(len(p) for p in prompts)
     if longest > config.max_position_embeddings:
         warn(

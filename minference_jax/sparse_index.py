@@ -24,11 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from minference_jax import patterns as P
+from pallas_kernels.constants import LOG2E
 
 SENTINEL = 2**30
 
@@ -83,6 +88,8 @@ class SparseIndex:
 
 
 def check_block_sizes(block_q: int, block_kv: int) -> None:
+    for name, value in (("block_q", block_q), ("block_kv", block_kv)):
+        _check_int(name, value)
     if block_q < 1 or block_kv < 1 or block_q % block_kv:
         raise ValueError(
             f"block_q ({block_q}) must be a positive multiple of block_kv ({block_kv})"
@@ -95,6 +102,8 @@ def check_index_matches_inputs(index: SparseIndex, q: jax.Array) -> None:
     Every implementation relies on this: an index of another batch size, head count, length or
     block size would otherwise be applied to the wrong rows without a word.
     """
+    if not isinstance(index, SparseIndex):
+        raise TypeError(f"index must be a SparseIndex, got {type(index).__name__}")
     batch, n, heads, _ = q.shape
     index_batch, index_heads = index.diag_count.shape[:2]
     if (index_batch, index_heads, index.seq_len) != (batch, heads, n):
@@ -124,6 +133,118 @@ def check_index_matches_inputs(index: SparseIndex, q: jax.Array) -> None:
                 f"index.{field} has shape {tuple(shape)}, expected {want} for block_q "
                 f"{index.block_q} / block_kv {index.block_kv} at seq {n}"
             )
+
+
+# --- argument checks shared by the public entry points (static: shapes, dtypes, Python values) ---
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_attention_inputs(q: jax.Array, k: jax.Array, v: jax.Array | None = None) -> None:
+    """Raise TypeError / ValueError for q [B, N, Hq, D], k and v [B, N, Hkv, D] that the
+    attention paths do not take (v None: the index builders read q and k only).
+
+    Lists are refused rather than converted, as `jax.numpy` refuses them: an implicit
+    conversion would pick a dtype the caller never chose.
+    """
+    arrays = {"q": q, "k": k} | ({} if v is None else {"v": v})
+    for name, x in arrays.items():
+        if not isinstance(x, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{name} must be a jax.Array or numpy array [batch, seq, heads, head_dim], "
+                f"got {type(x).__name__}"
+            )
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; expected float32, bfloat16 or float16")
+        heads = "query heads" if name == "q" else "kv heads"
+        for axis, what in enumerate(("batch size", "seq length", heads, "head_dim")):
+            if x.shape[axis] == 0:
+                empty = "empty sequence: " if axis == 1 else ""
+                raise ValueError(
+                    f"{empty}{name} has {what} 0 (shape {x.shape}); every dimension must be >= 1"
+                )
+    if len({x.dtype for x in arrays.values()}) > 1:
+        dtypes = ", ".join(str(x.dtype) for x in arrays.values())
+        raise TypeError(f"{', '.join(arrays)} dtypes differ: {dtypes}")
+    if v is not None and k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    seq = "seq length (causal prefill: q_len == kv_len)"
+    for axis, what in ((0, "batch size"), (1, seq), (3, "head_dim")):
+        if q.shape[axis] != k.shape[axis]:
+            raise ValueError(f"q {q.shape} and k {k.shape} differ in {what}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]}): each kv head "
+            "serves a contiguous group of q_heads / kv_heads query heads"
+        )
+
+
+def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """The scale to use: head_dim ** -0.5 for None, else `softmax_scale` once checked.
+
+    It must be a concrete real number (the kernels compile it in), finite and > 0 (0 would weigh
+    every key alike, a negative scale prefer the least similar keys), not rounding to 0 in
+    float32 (the kernels' precision), and at most float32_max / (head_dim * log2(e)): the
+    kernels fold log2(e) into the scale, and the logit of q and k rows of ones,
+    scale * head_dim * log2(e), must stay finite in float32.
+    """
+    if softmax_scale is None:
+        return head_dim**-0.5
+    if isinstance(softmax_scale, jax.core.Tracer):
+        raise TypeError(
+            "softmax_scale must be a concrete number, not a traced value: the kernels compile "
+            "it in (pass it as a static argument of jax.jit)"
+        )
+    if not _is_real_number(softmax_scale):
+        raise TypeError(f"softmax_scale must be a real number, got {type(softmax_scale).__name__}")
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax_scale must be finite and > 0, got {scale!r}")
+    largest = _FLOAT32_MAX / (head_dim * LOG2E)
+    if scale > largest:
+        raise ValueError(
+            f"softmax_scale {scale:g} is too large for head_dim {head_dim}: at most {largest:.3g}"
+            ", so that scale * head_dim * log2(e) (the logit of q and k rows of ones, as the "
+            "kernels compute it) stays finite in float32"
+        )
+    if np.float32(scale) == 0:
+        raise ValueError(f"softmax_scale {scale!r} rounds to 0 in float32, the kernels' precision")
+    return scale
+
+
+def _is_real_number(x) -> bool:
+    if isinstance(x, (np.ndarray, jax.Array)) and x.shape == ():  # concrete: tracers are refused
+        return jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_patterns(patterns) -> None:
+    """TypeError unless `patterns` is one pattern or a sequence of them (one per query head).
+
+    Strings and mappings are sequences or iterables of something else: without this, "dense"
+    would read as five per-head patterns.
+    """
+    if isinstance(patterns, P.PATTERN_TYPES):
+        return
+    if isinstance(patterns, (str, bytes)) or not isinstance(patterns, Sequence):
+        raise TypeError(
+            "patterns must be a Pattern (Dense(), VerticalSlash(...), ...) or a sequence of "
+            f"patterns, one per query head; got {type(patterns).__name__}"
+        )
+
+
+def check_positive_int(name: str, value) -> None:
+    _check_int(name, value)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def num_blocks(n: int, block: int) -> int:

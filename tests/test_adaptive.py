@@ -437,7 +437,7 @@ def test_pattern_for_mode():
 def test_json_round_trip_with_adaptive_types(tmp_path):
     layer = (
         P.AntiDiagonalBlockSparse(0.85, stride=16, rule="relative"),
-        P.AdaptiveVerticalSlash(0.9, max_vertical=128, query_aware=0.2),
+        P.AdaptiveVerticalSlash(0.9, max_vertical=128, query_aware=0.2, rule="relative"),
         P.VerticalSlash(10, 20),
         P.Dense(),
     )
@@ -447,9 +447,10 @@ def test_json_round_trip_with_adaptive_types(tmp_path):
     assert load_pattern_config(path) == table
     raw = json.loads(path.read_text())
     assert raw[0]["0"][0] == "anti_diagonal_block_sparse" and raw[0]["0"][2] == 0
-    raw[0]["1"] = ["adaptive_vertical_and_slash", {"threshold": 0.5}, 0, 1.0]  # defaults fill in
+    # defaults fill in
+    raw[0]["1"] = ["adaptive_vertical_and_slash", {"threshold": 0.5, "rule": "relative"}, 0, 1.0]
     path.write_text(json.dumps(raw))
-    assert load_pattern_config(path)[0][1] == P.AdaptiveVerticalSlash(0.5)
+    assert load_pattern_config(path)[0][1] == P.AdaptiveVerticalSlash(0.5, rule="relative")
     for bad in ({"threshold": 2.0}, {"gamma": 0.5}, [0.5]):
         raw[0]["1"] = ["adaptive_vertical_and_slash", bad, 0, 1.0]
         path.write_text(json.dumps(raw))

@@ -1,6 +1,6 @@
 """The Python API under bad input: converted checkpoints that disagree with their config or
-metadata, an index used with inputs it was not built for, float16 on CPU, and the documented
-block rounding of A-shape's local window."""
+metadata, an index used with inputs it was not built for, float16 on CPU, the documented
+block rounding of A-shape's local window, and arguments the entry points refuse up front."""
 
 import dataclasses
 import json
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from convert.checkpoint import convert_folder
 from minference_jax import (
@@ -22,10 +23,12 @@ from minference_jax import (
     build_sparse_index,
     dense_attention_reference,
     dense_mask_from_index,
+    nnx_attention_fn,
     sparse_attention,
     sparse_attention_reference,
     sparse_attention_xla,
 )
+from minference_jax.index_approx import plan_index
 from minference_jax.models.checkpoint import META_FILE, CheckpointError, load_model
 from tests.oracles import rel_err
 
@@ -85,7 +88,7 @@ def test_config_with_fewer_layers_than_the_params_is_refused(converted, version)
     if version == 1:
         as_version_1(folder)
     edit_json(folder / "config.json", num_hidden_layers=1)
-    assert "unexpected tensors: layers.1." in load_error(folder)
+    assert "num_hidden_layers=1, the stored tensors hold 2 layers" in load_error(folder)
 
 
 @pytest.mark.parametrize("version", [2, 1])
@@ -307,3 +310,183 @@ def test_the_library_never_imports_the_converter():
     importing = re.compile(r"^\s*(from|import)\s+convert\b", re.MULTILINE)
     offenders = [p.name for p in package.rglob("*.py") if importing.search(p.read_text())]
     assert offenders == []
+
+
+# --- arguments the public entry points refuse up front ------------------------------------------
+
+
+def _build_index(q, k, v, patterns, **options):
+    """build_sparse_index with sparse_attention's arguments (it reads no v)."""
+    return build_sparse_index(q, k, patterns, **options)
+
+
+ENTRY_POINTS = [sparse_attention, _build_index]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize(
+    "scale, message",
+    [
+        (float("nan"), "finite and > 0, got nan"),
+        (float("inf"), "finite and > 0, got inf"),
+        (-float("inf"), "finite and > 0, got -inf"),
+        (0.0, "finite and > 0, got 0.0"),
+        (-0.5, "finite and > 0, got -0.5"),
+        (1e300, "too large for head_dim 16: at most 1.47e\\+37"),
+        (1e-60, "rounds to 0 in float32"),
+    ],
+)
+def test_softmax_scale_out_of_range_is_refused(entry, scale, message):
+    q, k, v = _qkv(1)
+    with pytest.raises(ValueError, match=message):
+        entry(q, k, v, VerticalSlash(30, 50), softmax_scale=scale)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_softmax_scale_of_the_wrong_kind_is_refused(entry):
+    q, k, v = _qkv(1)
+    with pytest.raises(TypeError, match="softmax_scale must be a real number, got str"):
+        entry(q, k, v, VerticalSlash(30, 50), softmax_scale="0.1")
+    with pytest.raises(TypeError, match="not a traced value"):
+        jax.jit(lambda s: entry(q, k, v, VerticalSlash(30, 50), softmax_scale=s))(0.1)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30, np.float32(0.25), jnp.float32(0.25), 2])
+def test_finite_positive_softmax_scales_are_accepted(scale):
+    q, k, v = _qkv(1)
+    out = sparse_attention(q, k, v, VerticalSlash(30, 50), softmax_scale=scale)
+    assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize(
+    "option, message, error",
+    [
+        (dict(last_q=0), "last_q must be >= 1, got 0", ValueError),
+        (dict(last_q=-1), "last_q must be >= 1, got -1", ValueError),
+        (dict(last_q=2.5), "last_q must be an int, got float", TypeError),
+        (dict(last_q=True), "last_q must be an int, got bool", TypeError),
+        (dict(block_q=64.0), "block_q must be an int, got float", TypeError),
+        (dict(block_q=0), "positive multiple", ValueError),
+        (dict(estimator="cuda"), "unknown estimator 'cuda'", ValueError),
+    ],
+)
+def test_build_sparse_index_refuses_bad_integer_arguments(option, message, error):
+    q, k, _ = _qkv(1)
+    with pytest.raises(error, match=message):
+        build_sparse_index(q, k, Dense(), **option)  # Dense estimates nothing: checked anyway
+
+
+def test_plan_index_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="seq_len must be >= 1, got 0"):
+        plan_index(Dense(), 0, 4)
+    with pytest.raises(ValueError, match="num_heads must be >= 1, got 0"):
+        plan_index(Dense(), 100, 0)
+    with pytest.raises(ValueError, match="last_q must be >= 1, got 0"):
+        plan_index(VerticalSlash(30, 50), 100, 4, last_q=0)
+
+
+def test_block_sizes_are_checked_where_the_layer_runs_dense():
+    q, k, v = _qkv(1)
+    with pytest.raises(ValueError, match="positive multiple"):
+        sparse_attention(q, k, v, Dense(), block_q=0)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_batch_mismatch_between_q_and_k_is_refused(entry):
+    q, _, _ = _qkv(1)
+    _, k, v = _qkv(2)
+    with pytest.raises(ValueError, match=r"q \(1, 100, 4, 16\) and k \(2, 100, 2, 16\) differ in"):
+        entry(q, k, v, VerticalSlash(30, 50))
+
+
+def test_batch_mismatch_between_k_and_v_is_refused():
+    q, k, _ = _qkv(1)
+    _, _, v = _qkv(2)
+    with pytest.raises(ValueError, match="k and v shapes differ"):
+        sparse_attention(q, k, v, VerticalSlash(30, 50))
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.uint8])
+def test_non_floating_inputs_are_refused(entry, dtype):
+    q, k, v = (x.astype(dtype) for x in _qkv(1))
+    with pytest.raises(TypeError, match=f"q has dtype {jnp.dtype(dtype)}; expected float32"):
+        entry(q, k, v, VerticalSlash(30, 50))
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_mixed_dtypes_are_refused(entry):
+    q, k, v = _qkv(1)
+    with pytest.raises(TypeError, match="dtypes differ: float32, bfloat16"):
+        entry(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), VerticalSlash(30, 50))
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (dict(batch=0), "q has batch size 0"),
+        (dict(batch=1, n=0), "empty sequence: q has seq length 0"),
+        (dict(batch=1, heads=0, kv_heads=0), "q has query heads 0"),
+        (dict(batch=1, kv_heads=0), "k has kv heads 0"),
+        (dict(batch=1, d=0), "q has head_dim 0"),
+    ],
+)
+def test_empty_dimensions_are_refused_by_name(entry, sizes, message):
+    q, k, v = _qkv(**sizes)
+    with pytest.raises(ValueError, match=message):
+        entry(q, k, v, VerticalSlash(30, 50))
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_python_lists_are_refused(entry):
+    q, k, v = (np.asarray(x).tolist() for x in _qkv(1, n=8))
+    with pytest.raises(TypeError, match="q must be a jax.Array or numpy array .* got list"):
+        entry(q, k, v, Dense())
+
+
+def test_numpy_arrays_are_accepted():
+    q, k, v = (np.asarray(x) for x in _qkv(1))
+    expected = sparse_attention(*map(jnp.asarray, (q, k, v)), AShape(16, 40))
+    np.testing.assert_array_equal(sparse_attention(q, k, v, AShape(16, 40)), expected)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_kv_heads_must_divide_query_heads(entry):
+    q, k, v = _qkv(1, heads=4, kv_heads=3)
+    with pytest.raises(ValueError, match=r"kv heads \(3\) must divide query heads \(4\)"):
+        entry(q, k, v, VerticalSlash(30, 50))
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("patterns", ["dense", b"vs", 5, None, {"layer": Dense()}])
+def test_patterns_of_the_wrong_kind_are_refused(entry, patterns):
+    q, k, v = _qkv(1)
+    with pytest.raises(
+        TypeError, match="patterns must be a Pattern .* got " + type(patterns).__name__
+    ):
+        entry(q, k, v, patterns)
+
+
+def test_nnx_attention_fn_refuses_bad_patterns_when_built():
+    with pytest.raises(TypeError, match="patterns must be a Pattern .* got str"):
+        nnx_attention_fn("dense")
+
+
+def test_index_of_the_wrong_kind_is_refused():
+    q, k, v = _qkv(1)
+    with pytest.raises(TypeError, match="index must be a SparseIndex, got dict"):
+        sparse_attention(q, k, v, Dense(), index={})
+
+
+def test_nnx_decode_says_decoding_is_not_supported():
+    layer = nnx.MultiHeadAttention(
+        num_heads=2,
+        in_features=16,
+        attention_fn=nnx_attention_fn(AShape(4, 16)),
+        decode=True,
+        rngs=nnx.Rngs(0),
+    )
+    layer.init_cache((1, 64, 16))
+    with pytest.raises(ValueError, match="prefill-only .* decode=True .* not supported"):
+        layer(jnp.ones((1, 1, 16)), is_causal=True)

@@ -1,7 +1,8 @@
 """`python -m convert` under bad input: exit code 2 with one stderr line, and never lost data.
 
-Data-safety cases hash every file under the folders involved before and after: a refused or
-failed conversion must leave them byte-identical, and leave no temporary folder behind.
+Data-safety cases hash every file under the folders involved before and after: a refused, failed
+or interrupted conversion must leave them byte-identical, and leave no temporary folder behind;
+one killed outright leaves its temporary folder, which the next conversion removes.
 """
 
 import hashlib
@@ -10,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ import pytest
 
 import convert.checkpoint as convert_checkpoint
 from convert.__main__ import main as convert_main
+from convert.checkpoint import export_hf
 from minference_jax.models.checkpoint import CheckpointError, load_model
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -260,3 +263,122 @@ def test_every_help_entry_has_a_help_text_and_default(capsys):
     }
     for option in options:
         assert "default" in option, option
+
+
+# A conversion that stops mid-write: the safetensors writer has written part of its file, says
+# where, and waits to be signalled (or finishes after 300 s).
+PAUSED_CONVERSION = """
+import pathlib, sys, time
+import convert.checkpoint
+from convert.__main__ import main
+
+def paused_save_file(tensors, path, *args, **kwargs):
+    pathlib.Path(path).write_bytes(b"partial")
+    print(pathlib.Path(path).parent, flush=True)
+    time.sleep(300)
+
+convert.checkpoint.save_file = paused_save_file
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_paused_conversion(src, dst) -> tuple[subprocess.Popen, pathlib.Path]:
+    """A `python -m convert SRC DST` process stopped while writing; returns it and its staging
+    folder."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_CONVERSION, str(src), str(dst), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        pytest.fail(f"the paused conversion did not start: {proc.communicate()[1]}")
+    staging = pathlib.Path(line)
+    assert staging.parent == dst.parent and ".converting-" in staging.name
+    return proc, staging
+
+
+def test_killed_conversion_leaves_staging_that_the_next_one_removes(src, tmp_path):
+    dst = tmp_path / "out"
+    proc, staging = start_paused_conversion(src, dst)
+    proc.kill()
+    proc.wait(timeout=60)
+    # SIGKILL cannot be handled: the half-written folder stays, its owner's pid recorded.
+    assert (staging / "params.safetensors").read_bytes() == b"partial"
+    assert (staging / ".owner").read_text().strip() == str(proc.pid)
+    result = run_cli(str(src), str(dst))
+    assert result.returncode == 0, result.stderr
+    assert not staging.exists() and leftovers(tmp_path) == []
+    load_model(dst)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_terminated_conversion_cleans_up_with_one_line(src, occupied, stop):
+    dst = occupied.parent / "out"
+    before = tree_digest(occupied.parent)
+    proc, staging = start_paused_conversion(src, dst)
+    proc.send_signal(stop)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + stop, err
+    assert err.strip() == f"error: interrupted by {stop.name}; {dst} left as it was"
+    assert not staging.exists()
+    assert tree_digest(occupied.parent) == before
+
+
+def test_live_conversions_and_unknown_folders_are_never_removed(src, tmp_path):
+    dst = tmp_path / "out"
+    # Named like staging folders: one without an owner file (being set up, or not ours), one
+    # of another destination; and a dead one of this destination (its pid, its lock free).
+    unowned = tmp_path / ".out.converting-0123456789ab"
+    other = tmp_path / ".other.converting-0123456789ab"
+    dead = tmp_path / ".out.converting-ba9876543210"
+    for folder in (unowned, other, dead):
+        folder.mkdir()
+        (folder / "params.safetensors").write_bytes(b"partial")
+    (other / ".owner").write_text("1\n")
+    (dead / ".owner").write_text("1\n")
+    proc, live = start_paused_conversion(src, dst)
+    try:
+        assert convert_main([str(src), str(dst), "--quiet"]) == 0
+        assert live.is_dir() and unowned.is_dir() and other.is_dir() and not dead.exists()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and not live.exists()
+    load_model(dst)  # the finished conversion, untouched by the stopped one
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=oct)
+def test_written_files_get_the_mode_a_new_file_gets(src, tmp_path, umask):
+    (src / "tokenizer.json").chmod(0o444)  # copied side files take the umask's mode, not SRC's
+    previous = os.umask(umask)
+    try:
+        assert convert_main([str(src), str(tmp_path / "out"), "--quiet"]) == 0
+        model, _ = load_model(tmp_path / "out")
+        export_hf(model, json.loads((src / "config.json").read_text()), tmp_path / "hf")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    modes["model.safetensors"] = (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777
+    assert "params.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["SRC", "DST", "--dtype", "int8"], r"--dtype: invalid choice: 'int8'"),
+        (["SRC"], "required: dst"),
+        (["SRC", "DST", "EXTRA"], "unrecognized arguments: EXTRA"),
+        (["SRC", "DST", "--rope-scaling", "[1]"], "--rope-scaling: must be a JSON object"),
+    ],
+)
+def test_usage_errors_are_one_line(args, pattern):
+    result = run_cli(*args)
+    assert_one_line_error(result.returncode, result.stderr, pattern)
+    assert "usage:" not in result.stderr and result.stdout == ""

@@ -1,14 +1,17 @@
 """Bad input to `python -m minference_jax.search`: exit code 2, one line on stderr, no traceback,
 checked before the search starts, and an existing --out file byte-identical afterwards."""
 
+import dataclasses
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from minference_jax import patterns as P
 from minference_jax.models.defaults import PASSKEY_TINY as CHECKPOINT
 from minference_jax.search import main
 
@@ -65,6 +68,8 @@ def assert_untouched(out: pathlib.Path) -> None:
         (["--candidates", "vs:1,99999999999"], "sizes must be in [0, 2147483647]"),
         (["--num-prompts", "x"], "invalid int value"),
         (["--prompt-file", "/no/such/prompt.txt"], "cannot read prompt file"),
+        (["--synthetic-tokens", "100000000000"], "int32 position range"),
+        (["--synthetic-tokens", "2000000000"], "GiB (weights and KV cache)"),
     ],
 )
 def test_bad_arguments_leave_the_old_config(capsys, out, argv, message):
@@ -91,6 +96,24 @@ def test_bad_prompt_files(capsys, out, tmp_path, content, message):
     assert_untouched(out)
 
 
+def test_tokenizer_with_ids_past_vocab_size_is_refused(capsys, out, tmp_path, monkeypatch):
+    from minference_jax.models import checkpoint
+
+    load_model = checkpoint.load_model
+
+    def smaller_vocab(folder, *args, **kwargs):  # the byte tokenizer produces ids up to 255
+        model, config = load_model(folder, *args, **kwargs)
+        return model, dataclasses.replace(config, vocab_size=200)
+
+    monkeypatch.setattr(checkpoint, "load_model", smaller_vocab)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("text " * 40)
+    argv = ["--model", str(CHECKPOINT), "--out", str(out), "--prompt-file", str(prompt)]
+    message = "token ids up to 255, but the model's vocab_size"
+    assert_one_line_error(*run_main(capsys, argv), message)
+    assert_untouched(out)
+
+
 def test_prompt_file_needs_a_tokenizer(capsys, out, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("text " * 40)
@@ -113,6 +136,57 @@ def test_unwritable_out_is_refused_before_the_search(capsys, out, tmp_path, monk
     monkeypatch.setattr(os, "access", lambda *_: False)  # as a non-root user in a 0o555 folder
     code, err = run_main(capsys, ["--model", LLAMA, "--out", str(out), *FAST])
     assert_one_line_error(code, err, "is not writable")
+    assert_untouched(out)
+
+
+def test_out_naming_the_prompt_file_is_refused(capsys, tmp_path):
+    prompt = tmp_path / "p.py"
+    prompt.write_text("text " * 40)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.py").symlink_to(prompt)
+    os.link(prompt, tmp_path / "hard.py")
+    for target in ("p.py", "sub/../p.py", "link.py", "hard.py"):
+        out = str(tmp_path / target)
+        argv = ["--model", LLAMA, "--out", out, "--prompt-file", str(prompt), *FAST]
+        assert_one_line_error(*run_main(capsys, argv), f"--out {out} is the prompt file")
+        assert prompt.read_text() == "text " * 40
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_out_inside_the_checkpoint_folder_is_refused(capsys, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(LLAMA, model)  # a copy: the unfixed search would overwrite its files
+    before = _files(model)
+    (tmp_path / "model_link").symlink_to(model)
+    (tmp_path / "out_link.json").symlink_to(model / "config.json")
+    cases = [
+        (model, model / "config.json"),
+        (model, model / "new.json"),
+        (model, model),
+        (model, tmp_path / "model_link" / "config.json"),
+        (model, tmp_path / "out_link.json"),
+        (tmp_path / "model_link", model / "config.json"),
+    ]
+    for model_arg, out in cases:
+        argv = ["--model", str(model_arg), "--out", str(out), *FAST]
+        code, err = run_main(capsys, argv)
+        assert_one_line_error(code, err, f"--out {out} is inside the checkpoint folder {model_arg}")
+    assert _files(model) == before
+    assert [p.name for p in model.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_candidates_that_cannot_share_a_layer_are_refused(capsys, out):
+    argv = ["--model", LLAMA, "--out", str(out), *FAST, "--candidates"]
+    code, err = run_main(capsys, [*argv, "adb:0.95,8", "adbr:0.2,8", "adb:0.5,32"])
+    assert_one_line_error(
+        code,
+        err,
+        "--candidates: the candidates cannot share one layer: adaptive heads of one layer must "
+        "share the rule and the stride; got rules ['cumulative', 'relative'], strides [8, 32]",
+    )
     assert_untouched(out)
 
 
@@ -154,3 +228,8 @@ def test_search_api_checks_its_arguments():
         search_patterns(model, prompt, score_queries=0)
     with pytest.raises(ValueError, match="min_recall must be in \\[0, 1\\], got nan"):
         search_patterns(model, prompt, min_recall=float("nan"))
+    mixed = [P.AntiDiagonalBlockSparse(stride=8), P.AntiDiagonalBlockSparse(stride=16)]
+    with pytest.raises(ValueError, match="candidates cannot share one layer: .* strides"):
+        search_patterns(model, prompt, candidates=mixed)
+    with pytest.raises(ValueError, match="BlockSparse.block_size=64 must equal block_kv=128"):
+        search_patterns(model, prompt, block=128)  # the default candidates' blocks are 64

@@ -220,7 +220,8 @@ def map_hf_tensors(
                     f"config expects {expected[target]}"
                 )
             else:
-                params[target] = np.ascontiguousarray(piece.astype(np_dtype))
+                with np.errstate(over="ignore"):  # an overflow is reported just below
+                    params[target] = np.ascontiguousarray(piece.astype(np_dtype))
                 bad = np.size(params[target]) - np.count_nonzero(np.isfinite(params[target]))
                 if bad:  # NaN stored, or a value beyond the target dtype's range
                     problems.append(
