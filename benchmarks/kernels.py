@@ -7,6 +7,10 @@ Shapes: batch 1, 32 q / 8 kv heads, head_dim 128, bf16, causal. Cases (budgets a
 PyTorch original's published measurements):
   vs_fixed     Vertical-Slash, fixed structured index: 30 sink + 970 random verticals per head,
                slash offsets 0..6095 (a 6096-wide local band).
+  vs_spread    Vertical-Slash, fixed index whose slashes spread over many block diagonals, as
+               estimated indices of real heads do: the same verticals, offsets 0..1023 plus 317
+               runs of 16 consecutive offsets at random places (6096 slashes in all).
+  full         every causal tile as one index (slashes 0..N-1): the kernel's own dense rate.
   vs_estimated Vertical-Slash(1000, 6096) estimated from structured synthetic q/k
                (benchmarks/synthetic.py: sinks, local decay, heavy tokens).
   block_sparse BlockSparse(top_k=100) estimated from the same synthetic q/k.
@@ -16,8 +20,10 @@ PyTorch original's published measurements):
   adaptive_vs[_relative]    AdaptiveVerticalSlash (cumulative / max-relative rule)
   adaptive_vs_query_aware   AdaptiveVerticalSlash with the query-aware switch (JS distance 0.3)
 For each: kernel time (index given; index time is benchmarks/index_approx.py), computed tiles,
-achieved TFLOP/s on computed tiles, and the "ideal" time = computed-tile FLOPs at the dense
-kernel's measured rate. Dense cuDNN beyond --dense-max tokens is extrapolated as t * (N/N0)^2
+achieved TFLOP/s on computed tiles, the "ideal" time = computed-tile FLOPs at the dense
+kernel's measured rate, and the rate = ideal / kernel time (1.0: the sparse kernel computes its
+tiles as fast as cuDNN computes dense ones; a regression shows here first). Dense cuDNN
+beyond --dense-max tokens is extrapolated as t * (N/N0)^2
 from the longest measured length, and marked so. A spot check of the kernel against the XLA
 sparse path (f32 math) on a few query blocks runs at every length. Estimated cases also report
 the index estimation time, the speedup with it included, and the error vs dense attention on the
@@ -40,7 +46,7 @@ from benchmarks.timing import DEFAULT_OUT, device_name, time_fn, write_table
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index
 from minference_jax.reference import sparse_attention_xla
-from minference_jax.sparse_index import vertical_slash_index
+from minference_jax.sparse_index import SENTINEL, vertical_slash_index
 from pallas_kernels.sparse_flash import sparse_flash_attention
 from pallas_kernels.sparse_flash_mgpu import sparse_flash_attention_mgpu
 
@@ -87,19 +93,37 @@ def tile_flops(index) -> float:
     )
 
 
-def fixed_vs_index(n: int, seed: int, block_q: int, block_kv: int):
+FIXED_CASES = ("vs_fixed", "vs_spread", "full")
+SPREAD_BAND, SPREAD_RUNS, SPREAD_RUN = 1024, 317, 16  # 1024 + 317 x 16 = 6096 offsets
+
+
+def spread_slashes(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Offsets 0..1023 and 317 runs of 16 at random starts: [HEADS, <= 6096], SENTINEL-padded."""
+    rows = []
+    for _ in range(HEADS):
+        starts = rng.integers(SPREAD_BAND, max(n - SPREAD_RUN, SPREAD_BAND + 1), SPREAD_RUNS)
+        runs = (starts[:, None] + np.arange(SPREAD_RUN)).reshape(-1)
+        rows.append(np.unique(np.concatenate([np.arange(SPREAD_BAND), runs])))
+    width = max(len(r) for r in rows)
+    return np.stack([np.pad(r, (0, width - len(r)), constant_values=SENTINEL) for r in rows])
+
+
+def fixed_vs_index(case: str, n: int, seed: int, block_q: int, block_kv: int):
+    """The index of a fixed case (FIXED_CASES): 30 sinks + 970 random verticals per head (none
+    for `full`) and the case's slash offsets."""
     rng = np.random.default_rng(seed)
-    n_random = min(970, max(n - 30, 0))
-    verticals = np.concatenate(
-        [
-            np.broadcast_to(np.arange(30), (1, HEADS, 30)),
-            np.stack([rng.choice(np.arange(30, n), n_random, replace=False) for _ in range(HEADS)])[
-                None
-            ],
-        ],
-        axis=-1,
-    )
-    slashes = np.broadcast_to(np.arange(min(6096, n)), (1, HEADS, min(6096, n)))
+    if case == "full":
+        verticals = np.zeros((1, HEADS, 0), np.int64)
+    else:
+        n_random = min(970, max(n - 30, 0))
+        randoms = [rng.choice(np.arange(30, n), n_random, replace=False) for _ in range(HEADS)]
+        sinks = np.broadcast_to(np.arange(min(30, n)), (HEADS, min(30, n)))
+        verticals = np.concatenate([sinks, np.stack(randoms)], axis=-1)[None]
+    if case == "vs_spread":
+        slashes = spread_slashes(n, rng)[None]
+    else:
+        width = n if case == "full" else min(6096, n)
+        slashes = np.broadcast_to(np.arange(width), (1, HEADS, width))
     return vertical_slash_index(
         jnp.asarray(verticals, jnp.int32),
         jnp.asarray(slashes, jnp.int32),
@@ -210,7 +234,7 @@ def main(argv=None):
             )
         )
         for case in args.cases
-        if case != "vs_fixed"
+        if case not in FIXED_CASES
     }
     rows, dense_ref = [], None
     for n in args.seq_lens:
@@ -231,8 +255,8 @@ def main(argv=None):
         )
         for case in args.cases:
             index = (
-                fixed_vs_index(n, n, args.block_q, args.block_kv)
-                if case == "vs_fixed"
+                fixed_vs_index(case, n, n, args.block_q, args.block_kv)
+                if case in FIXED_CASES
                 else build[case](q, k)
             )
             warmup = 0 if args.interpret else 1
@@ -269,6 +293,7 @@ def main(argv=None):
                 computed_fraction=round(flops / causal_flops(n), 4),
                 ideal_ms=round(flops / dense_rate * 1e3, 3),
                 tflops=round(flops / (ms * 1e-3) / 1e12, 1),
+                rate=round(flops / dense_rate * 1e3 / ms, 3),
                 spot_rel_err=float(f"{err:.2e}"),
                 index_ms=None if index_ms is None else round(index_ms, 3),
                 speedup_with_index=None
@@ -279,7 +304,8 @@ def main(argv=None):
             rows.append(row)
             print(
                 f"  {case:13s} {args.backend:6s} {ms:9.2f} ms  x{row['speedup']:<6} "
-                f"ideal {row['ideal_ms']:8.2f} ms  {row['tflops']:6.1f} TFLOP/s  "
+                f"ideal {row['ideal_ms']:8.2f} ms  rate {row['rate']:.3f}  "
+                f"{row['tflops']:6.1f} TFLOP/s  "
                 f"computed {row['computed_fraction']:.4f}  err {err:.1e}  "
                 f"index {row['index_ms']} ms  x{row['speedup_with_index']} with index  "
                 f"err vs dense {err_dense:.1e}",
@@ -300,14 +326,15 @@ def main(argv=None):
             f"num_warps {args.num_warps or 'default'}, num_stages {args.num_stages or 'default'}, "
             f"median of {args.repeats}.",
             "",
-            "| N | case | backend | kernel ms | dense ms | speedup | ideal ms "
+            "| N | case | backend | kernel ms | dense ms | speedup | ideal ms | rate "
             "| TFLOP/s (computed tiles) | computed / causal | spot rel err | index ms "
             "| speedup with index | err vs dense |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         + [
             f"| {r['seq_len']} | {r['case']} | {r['backend']} | {r['kernel_ms']} | {r['dense_ms']}"
             f"{'*' if r['dense'] != 'measured' else ''} | {r['speedup']} | {r['ideal_ms']} | "
+            f"{r['rate']} | "
             f"{r['tflops']} | {r['computed_fraction']} | {r['spot_rel_err']} | "
             f"{'-' if r['index_ms'] is None else r['index_ms']} | "
             f"{'-' if r['speedup_with_index'] is None else r['speedup_with_index']} | "

@@ -137,7 +137,7 @@ def sweep(seq_lens, variants, cases, log):
             backends = [("triton", 64, 64, None)] + [("mosaic", *var) for var in variants]
             for name, block_q, block_kv, stages in backends:
                 if case == "vs_fixed":
-                    index = fixed_vs_index(n, n, block_q, block_kv)
+                    index = fixed_vs_index("vs_fixed", n, n, block_q, block_kv)
                 else:
                     pattern = {
                         "block_sparse": P.BlockSparse(100, block_kv),
@@ -230,7 +230,7 @@ def one_million_check(log, block_q=128, block_kv=64):
     q = jax.random.normal(keys[0], (1, n, HEADS, HEAD_DIM)).astype(jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, n, KV_HEADS, HEAD_DIM)).astype(jnp.bfloat16)
     v = jax.random.normal(keys[2], (1, n, KV_HEADS, HEAD_DIM)).astype(jnp.bfloat16)
-    index = fixed_vs_index(n, 0, block_q, block_kv)
+    index = fixed_vs_index("vs_fixed", n, 0, block_q, block_kv)
     fn = jax.jit(sparse_flash_attention_mgpu)
     ms = time_fn(fn, q, k, v, index, warmup=1, repeats=3)
     log(f"1M x 32 heads vs_fixed {block_q}x{block_kv}: {ms:.1f} ms")

@@ -31,7 +31,7 @@ from minference_jax.sparse_index import (
     num_blocks,
     resolve_softmax_scale,
 )
-from pallas_kernels import vs_estimate
+from pallas_kernels import antidiag_scores, vs_estimate
 
 # Above this many bytes of f32 estimation scores, loop over kv heads instead of vmapping.
 _SCORE_BYTES_PER_STEP = 2 << 30
@@ -456,21 +456,40 @@ def _strided_rows(x: jax.Array, stride: int, *, reverse: bool) -> jax.Array:
     return jnp.moveaxis(x, 2, 3).reshape(b, n // stride, h, stride * d)
 
 
-def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_kv):
+def antidiagonal_estimator(dtype, head_dim: int, *, on_gpu: bool) -> str:
+    """The anti-diagonal block scorer to use: the Pallas kernel on GPU for bf16/f16 and a
+    power-of-two head_dim (Triton tensor shapes), else XLA (which materialises the logits)."""
+    sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    pow2 = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    return "pallas" if on_gpu and sixteen_bit and pow2 else "xla"
+
+
+def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_kv, estimator=None):
     """(score_fn, n_q_blocks, chunk): score_fn(first_q_block, width) -> [B, Hq, chunk, width]
     attention mass of each query block on key blocks 0..width-1 (static; at least every key
     block the chunk's query blocks can see), rows summing to 1 (0 past the causal limit).
 
     Heads where `pooled_heads` [Hq] is True score from mean-pooled q and k (softmax over key
     blocks; None: no such head); the others from strided anti-diagonals (`stride`; 0: no
-    anti-diagonal head)."""
-    batch, n, num_heads, _ = q.shape
+    anti-diagonal head), by `estimator` ("pallas": `antidiag_scores`, interpreted off GPU;
+    "xla"; None: `antidiagonal_estimator`)."""
+    batch, n, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
     ratio = block_q // block_kv
     n_q_blocks, n_kv_blocks = num_blocks(n, block_q), num_blocks(n, block_kv)
+    on_gpu = jax.default_backend() == "gpu"
+    if estimator is None:
+        estimator = antidiagonal_estimator(q.dtype, head_dim, on_gpu=on_gpu)
+    fused = bool(stride) and estimator == "pallas"
     strided_cols = n_kv_blocks * block_kv // stride if stride else 0
     pooled_cols = 0 if pooled_heads is None else n_kv_blocks
-    per_q_block = batch * num_heads * 4 * (pooled_cols + block_q // max(stride, 1) * strided_cols)
+    # Bytes per query block of what a chunk holds: the XLA path's f32 logits, or the kernel's
+    # per-row sums (`group` columns each) and the selection's scores.
+    anti_floats = block_q // max(stride, 1) * strided_cols
+    if fused:
+        group = antidiag_scores.column_group(block_kv // stride)
+        anti_floats = anti_floats // group + n_kv_blocks
+    per_q_block = batch * num_heads * 4 * (pooled_cols + anti_floats)
     chunk = max(1, min(n_q_blocks, _SCORE_BYTES_PER_STEP // per_q_block))
     n_chunks = num_blocks(n_q_blocks, chunk)
     padded_rows = n_chunks * chunk * block_q
@@ -479,7 +498,18 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
         pooled_q = _grouped(_pool_blocks(q, block_q), num_kv)  # [B, nqb, Hkv, G, D]
         pooled_q = jnp.pad(pooled_q, ((0, 0), (0, n_chunks * chunk - n_q_blocks)) + ((0, 0),) * 3)
         pooled_k = _pool_blocks(k, block_kv)  # [B, nkb, Hkv, D]
-    if stride:
+    if fused:
+        tile_rows, tile_cols = antidiag_scores.TILE_ROWS, antidiag_scores.TILE_COLS
+        # Every chunk reads a whole number of row tiles, the last one past the padding too.
+        total_rows = padded_rows + tile_rows * stride
+        cols_pad = num_blocks(strided_cols, tile_cols) * tile_cols
+        q_strided = antidiag_scores.strided_queries(
+            jnp.pad(q, ((0, 0), (0, total_rows - n), (0, 0), (0, 0))), stride
+        )
+        k_strided = antidiag_scores.strided_keys(
+            jnp.pad(k, ((0, 0), (0, cols_pad * stride - n), (0, 0), (0, 0))), stride
+        )
+    elif stride:
         pad_q = ((0, 0), (0, padded_rows - n), (0, 0), (0, 0))
         pad_k = ((0, 0), (0, n_kv_blocks * block_kv - n), (0, 0), (0, 0))
         q_strided = _grouped(_strided_rows(jnp.pad(q, pad_q), stride, reverse=True), num_kv)
@@ -493,10 +523,30 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
         pooled = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
         return pooled.reshape(batch, num_heads, chunk, width)
 
-    def scores(first, width):
-        if not stride:
-            return pooled_scores(first, width)
-        q_blocks = first + jnp.arange(chunk)
+    def fused_probs(first, width):
+        """[B, Hkv, G, chunk * rows_per_block, width * cols_per_block / group]: each strided
+        row's softmax mass per group of columns, from the kernel."""
+        rows = chunk * block_q // stride
+        rows_pad = num_blocks(rows, tile_rows) * tile_rows
+        cols = num_blocks(width * block_kv // stride, tile_cols) * tile_cols
+        row0 = first * (block_q // stride)
+        chunk_q = jax.lax.dynamic_slice_in_dim(q_strided, row0, rows_pad, axis=2)
+        parts = antidiag_scores.antidiagonal_row_sums(
+            chunk_q,
+            k_strided[:, :, :cols],
+            row0,
+            scale=scale,
+            seq_len=n,
+            num_heads=num_heads,
+            group=group,
+            interpret=not on_gpu,
+        )
+        probs = antidiag_scores.combine_row_sums(*parts, group=group)
+        probs = probs[:, :rows, : width * block_kv // stride // group]
+        return probs.reshape(batch, num_kv, num_heads // num_kv, rows, -1)
+
+    def xla_probs(first, width):
+        """The same from the materialised f32 logits of the chunk."""
         rows_per_block, cols_per_block = block_q // stride, block_kv // stride
         chunk_q = jax.lax.dynamic_slice_in_dim(
             q_strided, first * rows_per_block, chunk * rows_per_block, axis=1
@@ -506,11 +556,20 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
         row = first * rows_per_block + jnp.arange(chunk * rows_per_block)  # strided query rows
         col = jnp.arange(width * cols_per_block)
         allowed = (col[None, :] <= row[:, None]) & (col[None, :] * stride < n)
-        probs = jax.nn.softmax(jnp.where(allowed, s * (scale / stride), -jnp.inf), axis=-1)
+        return jax.nn.softmax(jnp.where(allowed, s * (scale / stride), -jnp.inf), axis=-1)
+
+    def scores(first, width):
+        if not stride:
+            return pooled_scores(first, width)
+        q_blocks = first + jnp.arange(chunk)
+        rows_per_block = block_q // stride
+        probs = (fused_probs if fused else xla_probs)(first, width)
+        row = first * rows_per_block + jnp.arange(chunk * rows_per_block)  # strided query rows
         probs = jnp.where((row * stride < n)[:, None], probs, 0.0)
-        sums = probs.reshape(batch, num_kv, -1, chunk, rows_per_block, width, cols_per_block).sum(
-            axis=(4, 6)
+        sums = probs.reshape(
+            batch, num_kv, -1, chunk, rows_per_block, width, probs.shape[-1] // width
         )
+        sums = sums.sum(axis=(4, 6))
         real_rows = jnp.clip(n - q_blocks * block_q, 1, block_q) / stride
         anti = (sums / jnp.ceil(real_rows)[:, None]).reshape(batch, num_heads, chunk, width)
         if pooled_heads is None:
@@ -521,7 +580,19 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
 
 
 def select_key_blocks(
-    q, k, thresholds, limits, *, scale, capacity, rule, stride, pooled_heads, block_q, block_kv
+    q,
+    k,
+    thresholds,
+    limits,
+    *,
+    scale,
+    capacity,
+    rule,
+    stride,
+    pooled_heads,
+    block_q,
+    block_kv,
+    estimator=None,
 ) -> jax.Array:
     """[B, Hq, n_q_blocks, capacity] key blocks per query block, chosen by threshold.
 
@@ -535,6 +606,7 @@ def select_key_blocks(
         pooled_heads=pooled_heads,
         block_q=block_q,
         block_kv=block_kv,
+        estimator=estimator,
     )
     n_kv_blocks = num_blocks(q.shape[1], block_kv)
     ratio = block_q // block_kv
@@ -722,6 +794,7 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
             pooled_heads=pooled_heads,
             block_q=block_q,
             block_kv=block_kv,
+            estimator=estimator,
         )
         # Key block 0 (the sink) always; blocks are ascending, so blocks[..., 0] tells if it is in.
         sink = jnp.where(blocks[..., :1] == 0, SENTINEL, 0).astype(jnp.int32)

@@ -301,7 +301,8 @@ def _pad_axis(x, axis, size, value=0):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("softmax_scale", "stages", "interpret", "in_place", "poison")
+    jax.jit,
+    static_argnames=("softmax_scale", "stages", "interpret", "in_place", "poison", "q_innermost"),
 )
 def sparse_flash_attention_mgpu(
     q: jax.Array,
@@ -314,6 +315,7 @@ def sparse_flash_attention_mgpu(
     interpret: bool = False,
     in_place: bool | None = None,
     poison: bool = False,
+    q_innermost: bool = False,
 ) -> jax.Array:
     """Sparse causal prefill attention. q [B, N, Hq, D], k/v [B, N, Hkv, D] -> [B, N, Hq, D].
 
@@ -408,8 +410,9 @@ def sparse_flash_attention_mgpu(
     launch = functools.partial(
         plgpu.kernel,
         entry,
-        grid=(n_q_blocks, batch, num_heads),
-        grid_names=("q", "batch", "heads"),
+        # The last grid axis varies fastest in launch order.
+        grid=(batch, num_heads, n_q_blocks) if q_innermost else (n_q_blocks, batch, num_heads),
+        grid_names=("batch", "heads", "q") if q_innermost else ("q", "batch", "heads"),
         num_threads=compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

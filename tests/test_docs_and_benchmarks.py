@@ -49,14 +49,32 @@ def test_kernel_benchmark_interpret_smoke(tmp_path):
             "--cases",
             "a_shape",
             "vs_fixed",
+            "vs_spread",
+            "full",
             "--out",
             str(tmp_path),
         ]
     )
     (result,) = tmp_path.glob("*.json")
     rows = json.loads(result.read_text())
-    assert {r["case"] for r in rows} == {"a_shape", "vs_fixed"}
+    assert {r["case"] for r in rows} == {"a_shape", "vs_fixed", "vs_spread", "full"}
     assert all(r["spot_rel_err"] < 1e-2 for r in rows)
+    assert all(r["rate"] == pytest.approx(r["ideal_ms"] / r["kernel_ms"], rel=0.01) for r in rows)
+    full = next(r for r in rows if r["case"] == "full")  # every causal tile
+    assert all(r["computed_fraction"] <= full["computed_fraction"] for r in rows)
+
+
+def test_spread_slashes_cover_many_block_diagonals():
+    import numpy as np
+
+    from benchmarks import kernels
+
+    slashes = kernels.spread_slashes(131072, np.random.default_rng(0))
+    assert slashes.shape[0] == kernels.HEADS
+    for row in slashes:
+        row = row[row < 131072]
+        assert 5800 <= len(row) <= 6096 and (row[:1024] == np.arange(1024)).all()
+        assert len(np.unique(row // 128)) > 250  # hundreds of 128-wide block diagonals
 
 
 def test_e2e_benchmark_writes_table_and_plot(tmp_path):
