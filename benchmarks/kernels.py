@@ -192,6 +192,18 @@ def main(argv=None):
     parser.add_argument(
         "--cases", nargs="+", default=["vs_fixed", "vs_estimated", "block_sparse", "a_shape"]
     )
+    parser.add_argument(
+        "--q-innermost",
+        action="store_true",
+        help="mosaic: launch a head's query blocks one after another (default: the heads of a "
+        "query block), to compare how K/V tiles are shared through L2",
+    )
+    parser.add_argument(
+        "--estimator",
+        choices=["pallas", "xla"],
+        default=None,
+        help="index estimation for the estimated cases (default: build_sparse_index's)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--interpret", action="store_true", help="CPU smoke run (interpret mode)")
     parser.add_argument(
@@ -202,7 +214,13 @@ def main(argv=None):
     if args.backend == "mosaic":
         kernel = jax.jit(
             lambda q, k, v, index: sparse_flash_attention_mgpu(
-                q, k, v, index, stages=args.num_stages or 2, interpret=args.interpret
+                q,
+                k,
+                v,
+                index,
+                stages=args.num_stages or 2,
+                interpret=args.interpret,
+                q_innermost=args.q_innermost,
             )
         )
     else:
@@ -231,6 +249,7 @@ def main(argv=None):
                 patterns=case_pattern(case, args.block_kv),
                 block_q=args.block_q,
                 block_kv=args.block_kv,
+                estimator=args.estimator,
             )
         )
         for case in args.cases
@@ -286,6 +305,8 @@ def main(argv=None):
                 block_kv=args.block_kv,
                 num_warps=args.num_warps,
                 num_stages=args.num_stages,
+                q_innermost=args.q_innermost,
+                estimator=args.estimator,
                 kernel_ms=round(ms, 3),
                 dense_ms=round(dense_ms, 3),
                 dense=dense_note,
@@ -318,6 +339,7 @@ def main(argv=None):
         f"kernels_{device.replace(':', '_').replace(' ', '_')}"
         f"{'' if args.backend == 'pallas' else '_' + args.backend}"
         f"_{args.block_q}x{args.block_kv}_w{args.num_warps}_s{args.num_stages}"
+        f"{'_qin' if args.q_innermost else ''}{'_est-' + args.estimator if args.estimator else ''}"
     )
     lines = (
         [

@@ -457,11 +457,12 @@ def _strided_rows(x: jax.Array, stride: int, *, reverse: bool) -> jax.Array:
 
 
 def antidiagonal_estimator(dtype, head_dim: int, *, on_gpu: bool) -> str:
-    """The anti-diagonal block scorer to use: the Pallas kernel on GPU for bf16/f16 and a
-    power-of-two head_dim (Triton tensor shapes), else XLA (which materialises the logits)."""
-    sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    pow2 = 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
-    return "pallas" if on_gpu and sixteen_bit and pow2 else "xla"
+    """The anti-diagonal block scorer used by default: XLA, which materialises each chunk's
+    strided logits. The fused kernel (`antidiag_scores`, `estimator="pallas"`) is checked
+    against it on CPU but its GPU speed is not measured yet (benchmarks/NOTES.md, "Anti-diagonal
+    scores without the logits"), so it is opt-in."""
+    del dtype, head_dim, on_gpu
+    return "xla"
 
 
 def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_kv, estimator=None):
@@ -945,8 +946,9 @@ def build_sparse_index(
     `patterns`: one pattern for all heads or one per query head. Heads that pick key blocks
     (`patterns.key_block_size`) need `block_size == block_kv`. `softmax_scale`: as in
     `sparse_attention`. `last_q` (>= 1): how many of the last queries the estimates read.
-    `estimator`: see `estimate_vertical_slash`. Inputs are checked as `sparse_attention` checks
-    them (TypeError / ValueError).
+    `estimator`: the Vertical-Slash scorer as in `estimate_vertical_slash`; "pallas" also scores
+    anti-diagonal heads with the fused kernel (`antidiagonal_estimator`). Inputs are checked as
+    `sparse_attention` checks them (TypeError / ValueError).
     """
     check_attention_inputs(q, k)
     _check_estimator(estimator)

@@ -103,6 +103,16 @@ def test_kernel_interpret_matches_reference(
     assert rel_err(out, ref) < 1e-2
 
 
+def test_query_blocks_innermost_launch_order_gives_the_same_output():
+    q, k, v = random_qkv(11, 2, 300, 2, 1, 64, jnp.bfloat16)
+    patterns = (P.VerticalSlash(20, 60), P.AShape(16, 64))
+    index = build_sparse_index(q, k, patterns, block_q=128, block_kv=128)
+    out = sparse_flash_attention_mgpu(q, k, v, index, interpret=True, poison=True, q_innermost=True)
+    ref = sparse_attention_reference(q, k, v, index)
+    assert not np.isnan(np.asarray(out, np.float32)).any(), "unwritten (NaN-poisoned) elements"
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_poisoned_output_shows_elements_the_kernel_did_not_write(monkeypatch):
     """The NaN-poisoned buffer is what the kernel writes into: a kernel body that writes
     nothing leaves every element NaN (so the checks above would catch a skipped tile)."""
