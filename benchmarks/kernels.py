@@ -10,6 +10,7 @@ PyTorch original's published measurements):
   vs_spread    Vertical-Slash, fixed index whose slashes spread over many block diagonals, as
                estimated indices of real heads do: the same verticals, offsets 0..1023 plus 317
                runs of 16 consecutive offsets at random places (6096 slashes in all).
+  vs_spread_shared  the same with head 0's offsets for every head (their K/V tiles shared).
   full         every causal tile as one index (slashes 0..N-1): the kernel's own dense rate.
   vs_estimated Vertical-Slash(1000, 6096) estimated from structured synthetic q/k
                (benchmarks/synthetic.py: sinks, local decay, heavy tokens).
@@ -93,7 +94,7 @@ def tile_flops(index) -> float:
     )
 
 
-FIXED_CASES = ("vs_fixed", "vs_spread", "full")
+FIXED_CASES = ("vs_fixed", "vs_spread", "vs_spread_shared", "full")
 SPREAD_BAND, SPREAD_RUNS, SPREAD_RUN = 1024, 317, 16  # 1024 + 317 x 16 = 6096 offsets
 
 
@@ -121,6 +122,9 @@ def fixed_vs_index(case: str, n: int, seed: int, block_q: int, block_kv: int):
         verticals = np.concatenate([sinks, np.stack(randoms)], axis=-1)[None]
     if case == "vs_spread":
         slashes = spread_slashes(n, rng)[None]
+    elif case == "vs_spread_shared":  # head 0's offsets for every head: K/V tiles shared in L2
+        first = spread_slashes(n, rng)[:1]
+        slashes = np.broadcast_to(first, (HEADS, first.shape[1]))[None]
     else:
         width = n if case == "full" else min(6096, n)
         slashes = np.broadcast_to(np.arange(width), (1, HEADS, width))

@@ -50,6 +50,7 @@ def test_kernel_benchmark_interpret_smoke(tmp_path):
             "a_shape",
             "vs_fixed",
             "vs_spread",
+            "vs_spread_shared",
             "full",
             "--out",
             str(tmp_path),
@@ -57,7 +58,13 @@ def test_kernel_benchmark_interpret_smoke(tmp_path):
     )
     (result,) = tmp_path.glob("*.json")
     rows = json.loads(result.read_text())
-    assert {r["case"] for r in rows} == {"a_shape", "vs_fixed", "vs_spread", "full"}
+    assert {r["case"] for r in rows} == {
+        "a_shape",
+        "vs_fixed",
+        "vs_spread",
+        "vs_spread_shared",
+        "full",
+    }
     assert all(r["spot_rel_err"] < 1e-2 for r in rows)
     assert all(r["rate"] == pytest.approx(r["ideal_ms"] / r["kernel_ms"], rel=0.01) for r in rows)
     full = next(r for r in rows if r["case"] == "full")  # every causal tile
