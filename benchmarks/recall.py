@@ -15,10 +15,10 @@ Patterns: VerticalSlash at several budgets (the first, VerticalSlash(1000, 6096)
 reference), the per-head config of the input ("Config": layer 0 of the shipped
 Llama-3-8B-262k config; for pytext the shipped searched config), AShape, BlockSparse top-k,
 and each adaptive mode (AntiDiagonalBlockSparse, AdaptiveVerticalSlash, with and without the
-query-aware switch; cumulative and relative rules) at several thresholds. Two oracle curves
-bound them all: knowing the exact dense attention of the measured query blocks, the most mass a
-block-sparse index ("Oracle blocks") or any index ("Oracle keys": the heaviest keys, gathered 64
-per tile) keeps per tile budget.
+query-aware switch; cumulative, relative and absolute rules) at several thresholds. Two
+oracle curves bound them all: knowing the exact dense attention of the measured query blocks,
+the most mass a block-sparse index ("Oracle blocks") or any index ("Oracle keys": the heaviest
+keys, gathered 64 per tile) keeps per tile budget.
 Inputs: `synthetic` (benchmarks.synthetic.structured_qk: sinks, local decay, heavy tokens; 32 q
 / 8 kv heads, d 128), `e2e` (layer 0 q/k of the e2e benchmark's structured random Llama-3-8B
 shape, benchmarks.e2e_prefill) and `pytext` (the trained heads of the shipped pytext-12m, all 8
@@ -58,6 +58,9 @@ THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 # Max-relative thresholds: block scores are flatter than column / diagonal scores.
 RELATIVE_BLOCKS = (0.6, 0.45, 0.3, 0.2, 0.1)
 RELATIVE_VS = (0.3, 0.1, 0.03, 0.01, 0.003)
+# Absolute thresholds (share of the row's estimated mass an entry must hold): the oracle's rule.
+ABSOLUTE_BLOCKS = (0.03, 0.01, 0.005, 0.002, 0.001)
+ABSOLUTE_VS = (0.003, 0.001, 3e-4, 1e-4, 3e-5)
 # Jensen-Shannon distance below which a head switches to blocks: 1.0 always switches, so the
 # family shows the query-aware block pattern itself (on the synthetic inputs the distances are
 # 0.5-0.6 and FlexPrefill's 0.1 would never switch).
@@ -78,6 +81,7 @@ def cases() -> list[tuple[str, float | str, P.Pattern]]:
     for rule, block_values, vs_values in (
         ("cumulative", THRESHOLDS, THRESHOLDS),
         ("relative", RELATIVE_BLOCKS, RELATIVE_VS),
+        ("absolute", ABSOLUTE_BLOCKS, ABSOLUTE_VS),
     ):
         out += [
             (f"AntiDiagonal {rule}", t, P.AntiDiagonalBlockSparse(t, rule=rule))

@@ -391,6 +391,9 @@ def threshold_keep(scores: jax.Array, threshold, rule: str) -> jax.Array:
       first, ties to the lower index), up to a 2^-16 relative slack; 0 keeps none, 1 keeps every
       positive entry. Sort-free (`_largest_reaching`): 16 steps of one masked-sum reduction.
     - "relative": every positive entry >= `threshold` x the row maximum (one max, one compare).
+    - "absolute": every positive entry >= `threshold` x the row total: the rule of the exact
+      oracle, which keeps the tiles of largest mass over all rows and heads alike, so a row whose
+      mass is spread keeps fewer entries than the cumulative rule would give it.
     """
     x = jnp.where(scores > 0, scores, 0.0).astype(jnp.float32)
     t = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), x.shape[:-1])[..., None]
@@ -400,10 +403,12 @@ def threshold_keep(scores: jax.Array, threshold, rule: str) -> jax.Array:
 def _keep_and_search(x: jax.Array, t: jax.Array, rule: str, search=None):
     """(`threshold_keep` of x >= 0 at t [..., 1], the `_largest_reaching` mask of `search`, an
     (x, weight, target) of x's shape, or None). The cumulative rule runs `search` in its own
-    radix loop (no second loop); the relative rule has no loop, so it leaves `search` (None)."""
+    radix loop (no second loop); the other rules have no loop, so they leave `search` (None)."""
     positive = x > 0
     if rule == "relative":
         return positive & (x >= t * x.max(axis=-1, keepdims=True)), None
+    if rule == "absolute":
+        return positive & (x >= t * x.sum(axis=-1, keepdims=True)), None
     if rule != "cumulative":
         raise ValueError(f"unknown selection rule {rule!r}; choose from {P.SELECTION_RULES}")
     target = t * x.sum(axis=-1, keepdims=True) * (1.0 - _MASS_SLACK)
@@ -672,7 +677,7 @@ def estimate_adaptive_vertical_slash(
     keep, top = _keep_and_search(x, t, rule, top_of_others)
     rest = keep & ~always
     overflow = rest.sum(axis=-1, keepdims=True, dtype=jnp.int32) > limit
-    if top is None:  # the relative rule: the limit cut only when some row overflows
+    if top is None:  # a rule without the radix loop: the limit cut only when some row overflows
         top = jax.lax.cond(
             overflow.any(), lambda: _largest_reaching(*top_of_others), lambda: jnp.zeros_like(rest)
         )

@@ -87,7 +87,7 @@ class BlockSparse:
         _check_sizes("BlockSparse", 1, top_k=self.top_k, block_size=self.block_size)
 
 
-SELECTION_RULES = ("cumulative", "relative")
+SELECTION_RULES = ("cumulative", "relative", "absolute")
 
 
 def _check_threshold(name: str, threshold, rule: str) -> None:
@@ -144,7 +144,10 @@ class AdaptiveVerticalSlash:
     - "cumulative": the fewest entries whose summed score reaches `threshold` of the row's total
       (top-p; a sort-free radix search over the f32 bit patterns, 16 masked-sum passes);
     - "relative": every entry >= `threshold` x the row's maximum (one max, one count: cheaper,
-      but its count follows the peak, not the mass).
+      but its count follows the peak, not the mass);
+    - "absolute": every entry holding >= `threshold` of the row's total (e.g. 0.005): the exact
+      oracle's rule, which spends entries where each adds the most mass, so a head with spread
+      attention keeps fewer of them than under the cumulative rule.
     Query-aware switch: with `query_aware > 0`, a head whose last queries' key-block
     distribution is within `query_aware` (Jensen-Shannon distance, sqrt of the divergence, in
     [0, 1]) of the distribution estimated from mean-pooled q and k uses a block pattern instead:

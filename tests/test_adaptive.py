@@ -30,6 +30,8 @@ def keep_oracle(row, threshold, rule):
     x = np.where(row > 0, row, 0).astype(np.float32)
     if rule == "relative":
         return (x > 0) & (x >= np.float32(threshold) * x.max())
+    if rule == "absolute":
+        return (x > 0) & (x >= np.float32(threshold) * x.sum(dtype=np.float32))
     if threshold >= 1:
         return x > 0
     order = np.argsort(-x, kind="stable")  # largest first, ties to the lower index
@@ -89,6 +91,10 @@ def test_threshold_extremes():
     np.testing.assert_array_equal(threshold_keep(scores, 0.0, "relative"), positive)
     maxima = np.asarray(scores) == np.asarray(scores).max(-1, keepdims=True)
     np.testing.assert_array_equal(threshold_keep(scores, 1.0, "relative"), maxima)
+    np.testing.assert_array_equal(threshold_keep(scores, 0.0, "absolute"), positive)
+    one = jnp.zeros((2, 9)).at[:, 4].set(0.5)  # a row's only positive entry is its whole mass
+    np.testing.assert_array_equal(threshold_keep(one, 1.0, "absolute"), np.asarray(one) > 0)
+    assert not np.asarray(threshold_keep(scores, 1.0, "absolute")[scores.sum(-1) > 0]).all()
 
 
 @pytest.mark.parametrize("capacity", [1, 5, 40])
@@ -175,11 +181,11 @@ def qkv():
     return [np.asarray(x, np.float64) for x in random_qkv(21, 2, N, 4, 2, 16, jnp.float32)]
 
 
-def test_anti_diagonal_index_matches_oracle(qkv):
-    """The cumulative rule here; the relative one runs end to end in the `mixed` layer."""
-    rule = "cumulative"
+@pytest.mark.parametrize("rule", ["cumulative", "absolute"])
+def test_anti_diagonal_index_matches_oracle(qkv, rule):
+    """The relative rule runs end to end in the `mixed` layer."""
     q, k, _ = qkv
-    thresholds = (0.3, 0.6, 0.9, 1.0)
+    thresholds = (0.3, 0.6, 0.9, 1.0) if rule == "cumulative" else (0.0, 0.05, 0.15, 0.3)
     heads = tuple(
         P.AntiDiagonalBlockSparse(t, stride=4, max_blocks=64, rule=rule, block_size=BLOCK)
         for t in thresholds
