@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.device_guard import declare
 from benchmarks.heldout import heldout_docs
 from minference_jax.models.checkpoint import DTYPES, CheckpointError, load_model
 from minference_jax.models.generation import layer_step
@@ -174,7 +175,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    declare(parser, "dump_qkv")
+    args = parser.parse_args(argv)
     try:
         result = run(args)
     except (ValueError, CheckpointError, TokenizerError, OSError) as err:

@@ -33,7 +33,8 @@ estimated from the layers' indices and from the config's cost model: `benchmarks
 and the communication share (the layer's collectives timed alone at the same sizes / the layer
 time).
 Writes e2e_prefill_<device>.{json,md,png} (latency and speedup vs length) to --out (default
-benchmarks/results/local/, git-ignored).
+benchmarks/results/local/, git-ignored); `--replot A.json [B.json ...] --name NAME` redraws the
+plot from JSON files alone (merged), on any machine.
 """
 
 from __future__ import annotations
@@ -52,8 +53,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks import tp_stats
+from benchmarks.device_guard import declare
 from benchmarks.synthetic import structure_attention
-from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
+from benchmarks.timing import (
+    DEFAULT_OUT,
+    card_name,
+    device_name,
+    report_written,
+    time_fn,
+    tokens_label,
+)
 from minference_jax import patterns as P
 from minference_jax.attention import default_blocks, layer_plan, planned_attention
 from minference_jax.config_io import load_pattern_config, shipped_configs
@@ -151,7 +160,21 @@ def main(argv=None):
     parser.add_argument(
         "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
+    parser.add_argument(
+        "--replot",
+        type=pathlib.Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: redraw the plot of these e2e JSON files (merged) into --out",
+    )
+    parser.add_argument(
+        "--name", help="file name of the --replot figure (default: the first JSON's)"
+    )
+    declare(parser, "e2e_prefill")
     args = parser.parse_args(argv)
+    if args.replot:
+        report_written(replot(args.replot, args.out / (args.name or args.replot[0].stem)))
+        return []
     config = TINY if args.tiny else LLAMA3_8B
     full_layers = config.num_layers
     if args.layers:
@@ -411,11 +434,6 @@ def tp_columns(row: dict) -> str:
 
 def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None:
     """Markdown table (speedup vs dense of the same length) and a latency/speedup plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     dense_rows = {r["seq_len"]: r for r in rows if r["mode"] == "dense" and r["devices"] == 1}
     dense = {n: r["full_model_s"] for n, r in dense_rows.items()}
     single = {(r["seq_len"], r["mode"]): r["full_model_s"] for r in rows if r["devices"] == 1}
@@ -458,12 +476,45 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
             f"{tp_columns(r)} |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
-    series = sorted({(r["mode"], r["devices"], r.get("layout", "-")) for r in rows})
+    plot(rows, stem.with_suffix(".png"), full_layers)
+
+
+MODE_LABELS = {
+    "dense": "dense (cuDNN)",
+    "vs": "vs: every head VerticalSlash(1000, 6096)",
+    "config": "config (minference): the shipped Llama-3-8B-262k per-head config",
+}
+
+
+def mode_label(mode: str) -> str:
+    """A plot line's label: the mode's name, and what it runs."""
+    name, _, threshold = mode.partition(":")
+    if name in ADAPTIVE_MODES:
+        pattern = P.pattern_for_mode(name, (float(threshold),) if threshold else None)
+        return f"{mode}: every head {type(pattern).__name__}, threshold {pattern.threshold}"
+    return MODE_LABELS.get(mode, mode)
+
+
+def plot(rows: list[dict], path: pathlib.Path, full_layers: int) -> None:
+    """Prefill seconds and speedup vs prompt length, one line per mode (and device count), the
+    card and how many layers each time was extrapolated from in the title. Reads the rows alone,
+    so `--replot` redraws it from the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [dict(r, devices=r.get("devices", 1)) for r in rows]  # older files: one device
+    dense = {
+        r["seq_len"]: r["full_model_s"] for r in rows if r["mode"] == "dense" and r["devices"] == 1
+    }
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = list(dict.fromkeys((r["mode"], r["devices"], r.get("layout", "-")) for r in rows))
+    several_layouts = len({r.get("layout", "-") for r in rows if r["devices"] > 1}) > 1
     for i, (mode, devices, layout) in enumerate(series):
-        label = mode if devices == 1 else f"{mode} x{devices} devices"
-        if layout != "-" and any(r.get("layout", layout) != layout for r in rows):
-            label += f" ({layout})"  # several layouts were run: tell them apart
+        label = mode_label(mode) if devices == 1 else f"{mode_label(mode)}, {devices} GPUs"
+        if several_layouts and layout != "-":
+            label += f" ({layout})"
         style = dict(marker="o", label=label, color=f"C{i}")  # one colour per series, both panels
         pts = sorted(
             (r["seq_len"], r["full_model_s"])
@@ -475,15 +526,53 @@ def write_report(rows: list[dict], stem: pathlib.Path, full_layers: int) -> None
             sp = [(n, dense[n] / t) for n, t in pts if n in dense]
             if sp:
                 ax_s.plot(*zip(*sp, strict=True), **style)
-    for ax, label in ((ax_t, "prefill seconds"), (ax_s, "speedup vs dense")):
+    lengths = sorted({r["seq_len"] for r in rows})
+    for ax, label in ((ax_t, f"prefill seconds, {full_layers} layers"), (ax_s, "speedup vs dense")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [tokens_label(n) for n in lengths])
+        ax.minorticks_off()
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel(label)
-        ax.legend()
+        ax.grid(alpha=0.3)
     ax_t.set_yscale("log")
+    cards = sorted({card_name(r["device"]) for r in rows})
+    gpus = max(r["devices"] for r in rows)
+    card = " / ".join(cards) if gpus == 1 else f"{' / '.join(cards)}, 1 and {gpus} GPUs"
+    fig.suptitle(
+        f"Prefill, Llama-3-8B shape, random weights, {card}" + extrapolation(rows, full_layers),
+        fontsize=10,
+    )
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    # Hung below the axes (inside, it covers the curves' ends); bbox_inches="tight" makes room.
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def extrapolation(rows: list[dict], full_layers: int) -> str:
+    """'' when every time ran all layers; else which layer counts the times are scaled from."""
+    run = sorted({r["layers"] for r in rows if r["extrapolated"]}, reverse=True)
+    if not run:
+        return ""
+    by_count = []
+    for layers in run:
+        lengths = sorted(
+            {r["seq_len"] for r in rows if r["extrapolated"] and r["layers"] == layers}
+        )
+        where = "" if len(run) == 1 else f" at {', '.join(tokens_label(n) for n in lengths)}"
+        by_count.append(f"{layers} layer{'s' if layers > 1 else ''}{where}")
+    return f"\n{full_layers}-layer times extrapolated from {' and '.join(by_count)} run"
+
+
+def replot(paths: list[pathlib.Path], stem: pathlib.Path) -> pathlib.Path:
+    """Redraw the plot of one or more e2e JSON files (merged, e.g. runs at different lengths)."""
+    rows = [row for path in paths for row in json.loads(path.read_text())]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    first = rows[0]  # full_model_s = prefill_s x full layers / layers run
+    full_layers = round(first["full_model_s"] / first["prefill_s"] * first["layers"])
+    plot(rows, stem.with_suffix(".png"), full_layers)
+    return stem.with_suffix(".png")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 import time
 
 from benchmarks import niah
+from benchmarks.device_guard import declare
 from benchmarks.timing import DEFAULT_OUT
 
 MODEL = pathlib.Path(__file__).parents[1] / "minference_jax" / "checkpoints" / "pytext-12m"
@@ -52,6 +53,7 @@ def main(argv=None) -> list[dict]:
         "--deadline", type=float, default=240, help="seconds: start no new length after this"
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    declare(parser, "eval_pytext")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -78,6 +80,7 @@ def main(argv=None) -> list[dict]:
                 str(args.deadline),
                 "--out",
                 str(args.out),
+                *(["--allow-cpu"] if args.allow_cpu else []),
             ]
         )
         print(f"total {time.perf_counter() - start:.0f} s")

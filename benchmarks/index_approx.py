@@ -17,6 +17,7 @@ import pathlib
 
 import jax
 
+from benchmarks.device_guard import declare
 from benchmarks.timing import DEFAULT_OUT, device_name, time_fn, write_table
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.index_approx import build_sparse_index, index_footprint_bytes
@@ -58,6 +59,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
+    declare(parser, "index_approx")
     args = parser.parse_args(argv)
 
     try:

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.device_guard import declare
 from benchmarks.synthetic import structured_qk
 from benchmarks.timing import DEFAULT_OUT, device_name, time_fn, write_table
 from minference_jax import patterns as P
@@ -213,6 +214,7 @@ def main(argv=None):
     parser.add_argument(
         "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
+    declare(parser, "kernels")
     args = parser.parse_args(argv)
     device = device_name()
     if args.backend == "mosaic":

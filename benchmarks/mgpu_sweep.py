@@ -8,8 +8,10 @@
    every pattern, GQA, batch 2, N not a multiple of the tile, bf16 and f16, both PV forms.
 3. Per length and case (benchmarks/kernels.py's cases): cuDNN dense, the Triton kernel (64x64),
    and each Mosaic variant (block_q x block_kv, stages); "rate" is the ideal time (computed-tile
-   FLOPs at cuDNN's measured rate) over the kernel time, the issue's >= 0.9 target.
+   FLOPs at cuDNN's measured rate) over the kernel time; >= 0.9 was the target.
 4. Block-sparse index selection: the radix selection vs `lax.top_k` on the same scores.
+Writes mgpu_sweep.json and mgpu_sweep.log (everything printed) under --out (default
+benchmarks/results/local/, git-ignored).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from benchmarks.device_guard import declare
 from benchmarks.kernels import HEAD_DIM, HEADS, KV_HEADS, causal_flops, fixed_vs_index
 from benchmarks.synthetic import structured_qk
-from benchmarks.timing import device_name, time_fn
+from benchmarks.timing import DEFAULT_OUT, device_name, report_written, time_fn
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index, estimate_block_sparse
 from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
@@ -102,7 +105,7 @@ def correctness(log) -> bool:
                     nan = bool(np.isnan(np.asarray(out, np.float32)).any())
                     good = err < 1e-2 and not nan
                     msg = f"err {err:.2e} nan {nan}"
-                except Exception as e:  # report and go on: one call must return every result
+                except Exception as e:  # report and go on: one run must report every result
                     good, msg = False, f"FAILED {type(e).__name__}: {str(e)[-300:]}"
                     log(traceback.format_exc())
                 ok &= good
@@ -263,10 +266,13 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", default=["vs_fixed", "block_sparse", "a_shape"])
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--one-million", action="store_true", help="1M x 32 heads spot check")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/mgpu_sweep"))
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
+    )
+    declare(parser, "mgpu_sweep")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_file = open(args.out / "log.txt", "w")  # noqa: SIM115
+    log_file = open(args.out / "mgpu_sweep.log", "w")  # noqa: SIM115
 
     def log(line):
         print(line, flush=True)
@@ -292,7 +298,9 @@ def main(argv=None):
             one_million_check(log)
         except Exception:
             log("1M check FAILED\n" + traceback.format_exc())
-    (args.out / "sweep.json").write_text(json.dumps(dict(kernels=rows, index=index_rows), indent=1))
+    (args.out / "mgpu_sweep.json").write_text(
+        json.dumps(dict(kernels=rows, index=index_rows), indent=1)
+    )
     log("\n| N | case | backend | tile | stages | ms | ideal ms | rate | TFLOP/s |")
     log("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -300,6 +308,8 @@ def main(argv=None):
             f"| {r['seq_len']} | {r['case']} | {r['backend']} | {r['block_q']}x{r['block_kv']} "
             f"| {r['stages']} | {r['kernel_ms']} | {r['ideal_ms']} | {r['rate']} | {r['tflops']} |"
         )
+    log_file.close()
+    report_written(args.out / "mgpu_sweep.json", args.out / "mgpu_sweep.log")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import time
 
 import jax
@@ -45,7 +46,8 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import heldout
-from benchmarks.timing import DEFAULT_OUT, device_name, report_written
+from benchmarks.device_guard import declare
+from benchmarks.timing import DEFAULT_OUT, card_name, device_name, report_written, tokens_label
 from minference_jax import passkey
 from minference_jax import patterns as P
 from minference_jax.attention import forced_sparse_implementation, plan_layers
@@ -289,12 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
+    parser.add_argument(
+        "--replot",
+        type=pathlib.Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: redraw the heat maps of these niah JSON files (merged) into --out",
+    )
+    parser.add_argument(
+        "--name", help="file name of the --replot figure (default: the first JSON's)"
+    )
     return parser
 
 
 def main(argv=None):
     start = time.perf_counter()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    declare(parser, "niah")
+    args = parser.parse_args(argv)
+    if args.replot:
+        report_written(replot(args.replot, args.out / (args.name or args.replot[0].stem)))
+        return []
     model, config = load_model(args.model, getattr(jnp, args.dtype))
     modes = build_modes(args, config)
     device = device_name()
@@ -312,13 +329,6 @@ def main(argv=None):
         write_report(rows, stem, device, args, modes, sorted(done))
     report_written(*(stem.with_suffix(s) for s in (".json", ".md", ".png")))
     return rows
-
-
-def tokens_label(n: int) -> str:
-    """512 -> '512', 2048 -> '2K', 3072 -> '3K', 1536 -> '1.5K'."""
-    if n < 1024:
-        return str(n)
-    return f"{n // 1024}K" if n % 1024 == 0 else f"{n / 1024:.1f}K"
 
 
 def summary(rows, modes: list[Mode], lengths) -> dict:
@@ -344,11 +354,6 @@ def summary(rows, modes: list[Mode], lengths) -> dict:
 
 
 def write_report(rows, stem: pathlib.Path, device: str, args, modes: list[Mode], lengths) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     stats = summary(rows, modes, lengths)
     dense = stats.get("dense")
     haystack = "held-out real text" if use_heldout(args) else "synthetic filler"
@@ -392,28 +397,81 @@ def write_report(rows, stem: pathlib.Path, device: str, args, modes: list[Mode],
             lines.append(f"| {d:.0%} | " + " | ".join(f"{grid[n, d]:.2f}" for n in lengths) + " |")
         lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    title = f"NIAH, {args.model.name} ({card_name(device)}, {haystack}, {args.dtype})"
+    heat_maps(rows, stem.with_suffix(".png"), title)
 
+
+def heat_maps(rows: list[dict], path: pathlib.Path, title: str) -> None:
+    """Accuracy by length and depth, one panel per mode, titled by the mode's name (the pattern
+    reprs of the .md overlap at this width), at most 4 panels a row. Reads the rows alone, so
+    `--replot` redraws it from the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in rows if r["kind"] == "niah"]
+    modes = list(dict.fromkeys(r["mode"] for r in cells))
+    lengths = sorted({r["length"] for r in cells})
+    depths = sorted({r["depth"] for r in cells})
+    grid_rows = -(-len(modes) // 4)
+    cols = -(-len(modes) // grid_rows)  # rows as full as they can be evenly
+    width = min(3.4, 1.6 + 0.4 * len(lengths))  # per panel: wide enough for its columns
     fig, axes = plt.subplots(
-        1, len(modes), figsize=(1.2 + 3.6 * len(modes), 3.6), squeeze=False, sharey=True
+        grid_rows,
+        cols,
+        figsize=(1.0 + width * cols, 0.6 + 3.2 * grid_rows),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
     )
+    for ax in axes.flat[len(modes) :]:
+        ax.axis("off")
     image = None
-    for ax, mode in zip(axes[0], modes, strict=True):
-        s = stats[mode.name]
-        grid = np.array([[s["grid"][n, d] for n in lengths] for d in args.depths])
+    for ax, mode in zip(axes.flat, modes, strict=False):
+        correct = {
+            (r["length"], r["depth"]): r["correct"] / r["samples"]
+            for r in cells
+            if r["mode"] == mode
+        }
+        grid = np.array([[correct.get((n, d), np.nan) for n in lengths] for d in depths])
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [tokens_label(n) for n in lengths])
-        ax.set_yticks(range(len(args.depths)), [f"{d:.0%}" for d in args.depths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("prompt tokens")
-        computed = "" if mode.name == "dense" else f", {np.mean(s['fraction']):.0%} of tiles"
-        # The mode's short name: the full pattern reprs (in the .md) overlap at this width.
-        ax.set_title(f"{mode.name}\n{s['overall']:.0%} correct{computed}", fontsize=9)
-    axes[0][0].set_ylabel("needle depth")
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", fraction=0.03, pad=0.02)
-    fig.suptitle(f"NIAH, {args.model.name} ({haystack}, {device})", fontsize=10, y=1.06)
-    fig.savefig(stem.with_suffix(".png"), dpi=110, bbox_inches="tight")
+        fractions = [
+            r["computed_fraction"]
+            for r in rows
+            if r["kind"] == "ppl" and r["mode"] == mode and "computed_fraction" in r
+        ]
+        computed = f", {np.mean(fractions):.0%} of tiles" if fractions and mode != "dense" else ""
+        ax.set_title(f"{mode}\n{np.nanmean(grid):.0%} correct{computed}", fontsize=9)
+    for row in axes:
+        row[0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy", shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(paths: list[pathlib.Path], stem: pathlib.Path) -> pathlib.Path:
+    """Redraw the heat maps of one or more niah JSON files (merged: e.g. two runs over different
+    lengths) into stem.png. The title's model, haystack, card and dtype come from the first
+    file's .md report, whose first line names them."""
+    rows = [row for path in paths for row in json.loads(path.read_text())]
+    report = paths[0].with_suffix(".md")
+    first = report.read_text().splitlines()[0] if report.is_file() else ""
+    found = re.search(r"(?:tiles:|perplexity,) ([^,]+), ((?:gpu|cpu):[^,;]+)", first)
+    model, device = found.groups() if found else ("?", "?")
+    haystack = re.search(r"haystack: ([^;]+);", first)
+    dtype = re.search(r"\b(float32|bfloat16)\b", first)
+    details = [card_name(device), *(m.group(1) for m in (haystack, dtype) if m)]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    heat_maps(rows, stem.with_suffix(".png"), f"NIAH, {model} ({', '.join(details)})")
+    return stem.with_suffix(".png")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,22 @@
 
     python -m benchmarks.profile_index --seq-len 131072
 
-Prints the median ms of each stage alone (XLA and Pallas estimators side by side), so the notes
-can say where the index time goes. Earlier variants (bf16 logits, skewed logits, a grouped
-conv) and their numbers are in NOTES.md.
+Prints the median ms of each stage alone (XLA and Pallas estimators side by side): where the
+index time goes. Writes the same table to profile_index_<device>.{json,md} under --out (default
+benchmarks/results/local/, git-ignored). Earlier variants (bf16 logits, skewed logits, a grouped
+conv) and their numbers are in benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import device_name, time_fn
+from benchmarks.device_guard import declare
+from benchmarks.timing import DEFAULT_OUT, device_name, time_fn, write_table
 from minference_jax import patterns as P
 from minference_jax.index_approx import (
     _grouped,
@@ -28,11 +31,15 @@ from pallas_kernels import vs_estimate
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
+    )
+    declare(parser, "profile_index")
     args = parser.parse_args(argv)
     n, h, hkv, d = args.seq_len, args.heads, args.kv_heads, 128
     interpret = jax.default_backend() != "gpu"
@@ -80,12 +87,25 @@ def main(argv=None):
         ),
     }
     scores = jax.random.uniform(kq, (1, h, n), jnp.float32)
-    print(f"device {device_name()}, N={n}, {h} q / {hkv} kv heads, d={d}, bf16")
+    device = device_name()
+    print(f"device {device}, N={n}, {h} q / {hkv} kv heads, d={d}, bf16")
+    rows = []
     for name, fn in stages.items():
         inputs = (scores,) if name.startswith("top") else (q, k)
-        print(
-            f"{name:42s} {time_fn(jax.jit(fn), *inputs, repeats=args.repeats):8.3f} ms", flush=True
-        )
+        ms = time_fn(jax.jit(fn), *inputs, repeats=args.repeats)
+        rows.append(dict(device=device, seq_len=n, heads=h, kv_heads=hkv, stage=name, ms=ms))
+        print(f"{name:42s} {ms:8.3f} ms", flush=True)
+    lines = [
+        f"Vertical-slash estimator stages, N={n}, {h} q / {hkv} kv heads, d={d}, bf16, "
+        f"{device}; median of {args.repeats} after warm-up.",
+        "",
+        "| stage | ms |",
+        "|---|---|",
+    ] + [f"| {r['stage']} | {r['ms']:.3f} |" for r in rows]
+    write_table(
+        args.out / f"profile_index_{device.replace(':', '_').replace(' ', '_')}", rows, lines
+    )
+    return rows
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import heldout
+from benchmarks.device_guard import declare
 from benchmarks.niah import searched_config
-from benchmarks.timing import report_written
+from benchmarks.timing import DEFAULT_OUT, report_written
 from minference_jax import passkey
 from minference_jax import patterns as P
 from minference_jax.config_io import load_pattern_config, parse_pattern_config
@@ -35,7 +36,6 @@ from minference_jax.models.modeling import layer_body
 from minference_jax.models.rope import rope_tables
 
 CHECKPOINT = pathlib.Path(__file__).parents[1] / "minference_jax" / "checkpoints" / "pytext-12m"
-OUT = pathlib.Path(__file__).parent / "results" / "pytext_12m"
 QUERIES = 64  # last queries scored, as the search scores them
 SINK, LOCAL = 64, 256
 RETRIEVAL_SHARE = 0.2
@@ -126,7 +126,10 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--tokens", type=int, default=8192, help="prompt length")
     parser.add_argument("--seed", type=int, default=1, help="prompt seed")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT, help=f"folder (default {OUT})")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
+    )
+    declare(parser, "pytext_heads")
     args = parser.parse_args(argv)
     model, config = load_model(args.model, jnp.float32)
     config_path = args.config or searched_config(args.model)

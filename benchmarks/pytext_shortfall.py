@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import niah
+from benchmarks.device_guard import declare
 from benchmarks.pytext_heads import layer_qk, needle_span
-from benchmarks.timing import device_name, report_written
+from benchmarks.timing import DEFAULT_OUT, device_name, report_written
 from minference_jax import patterns as P
 from minference_jax.attention import default_blocks, forced_sparse_implementation
 from minference_jax.index_approx import build_sparse_index
@@ -41,7 +42,6 @@ from minference_jax.recall import index_row_mask, row_recall, sample_rows
 from minference_jax.search import parse_candidate
 
 CHECKPOINT = pathlib.Path(__file__).parents[1] / "minference_jax" / "checkpoints" / "pytext-12m"
-OUT = pathlib.Path(__file__).parent / "results" / "pytext_12m"
 MODES = ("ashape:64,1024", "adb:0.9", "adbr:0.1", "avsr:0.01")
 RECALL_ROWS = 64
 
@@ -116,7 +116,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=2, help="prompts per depth")
     parser.add_argument("--restore", type=int, default=3, help="suspect heads made dense")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--out", type=pathlib.Path, default=OUT, help=f"folder (default {OUT})")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
+    )
+    declare(parser, "pytext_shortfall")
     args = parser.parse_args(argv)
     if args.restore < 1 or args.tokens < 256 or args.samples < 1:
         parser.error("need --restore >= 1, --tokens >= 256 and --samples >= 1")

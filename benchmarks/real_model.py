@@ -20,7 +20,8 @@ Accuracy runs force the sparse path at every length (as `benchmarks.niah`: the l
 default would run short prompts densely and hide their accuracy). Speed: whole-model prefill
 time (every layer, batch 1, median of `--repeats` after a warm-up) with the library's default
 dispatch, dense cuDNN in the same process. Writes real_model_<device>.{json,md} and one heat map
-per mode (accuracy by length and depth) to --out, after every length.
+per mode (accuracy by length and depth) to --out, after every length; `--replot JSON` redraws
+the heat maps from the JSON alone, on any machine.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import heldout
+from benchmarks.device_guard import declare
 from benchmarks.niah import Mode, build_modes
-from benchmarks.timing import DEFAULT_OUT, device_name, report_written
+from benchmarks.timing import DEFAULT_OUT, card_name, device_name, report_written, tokens_label
 from minference_jax.attention import plan_layers
 from minference_jax.models import AttentionSpec
 from minference_jax.models.checkpoint import load_model
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=pathlib.Path, required=True, help="converted folder")
+    parser.add_argument("--model", type=pathlib.Path, help="converted folder (required)")
     parser.add_argument("--pattern-config", type=pathlib.Path, help="config of `minference`")
     parser.add_argument(
         "--modes",
@@ -350,12 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--replot",
+        type=pathlib.Path,
+        metavar="JSON",
+        help="run nothing: redraw the heat maps of this real_model JSON file into --out",
+    )
     return parser
 
 
 def main(argv=None) -> list[dict]:
     parser = build_parser()
+    declare(parser, "real_model")
     args = parser.parse_args(argv)
+    if args.replot:
+        report_written(replot(args.replot, args.out / args.replot.stem))
+        return []
+    if args.model is None:
+        parser.error("--model is required (except with --replot)")
     if not args.lengths and not args.speed_lengths:
         parser.error("give --lengths (accuracy) and/or --speed-lengths (prefill time)")
     model, native_config = load_model(args.model, getattr(jnp, args.dtype))
@@ -409,12 +423,8 @@ def write_report(rows: list[dict], stem: pathlib.Path, modes: list[Mode], args) 
     print("\n".join(lines), flush=True)
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     if any(r["kind"] == "passkey" for r in rows):
-        paths.append(heat_maps(rows, modes, stem.with_suffix(".png")))
+        paths.append(heat_maps(rows, meta, stem.with_suffix(".png")))
     report_written(*paths)
-
-
-def _label(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 def accuracy_table(rows: list[dict], modes: list[Mode]) -> list[str]:
@@ -422,7 +432,7 @@ def accuracy_table(rows: list[dict], modes: list[Mode]) -> list[str]:
     if not lengths:
         return []
     dense_nll = {r["length"]: r["nll"] for r in rows if r["kind"] == "ppl" and r["mode"] == "dense"}
-    head = " / ".join(_label(n) for n in lengths)
+    head = " / ".join(tokens_label(n) for n in lengths)
     lines = [
         f"| mode | pass key {head} | code {head} | perplexity change vs dense "
         f"{head} | tiles computed {head} |",
@@ -467,39 +477,65 @@ def speed_table(rows: list[dict], modes: list[Mode]) -> list[str]:
         title = next(m.title for m in modes if m.name == r["mode"])
         gain = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         lines.append(
-            f"| {_label(r['length'])} | {title} | {r['seconds']:.3f} | {gain} | "
+            f"| {tokens_label(r['length'])} | {title} | {r['seconds']:.3f} | {gain} | "
             f"{100 * r['computed_fraction']:.1f}% | {', '.join(r['backends'])} |"
         )
     return lines
 
 
-def heat_maps(rows: list[dict], modes: list[Mode], path: pathlib.Path) -> pathlib.Path:
+def heat_maps(rows: list[dict], meta: dict, path: pathlib.Path) -> pathlib.Path:
+    """Pass-key accuracy by length and depth, one panel per mode titled by the mode's name (the
+    pattern reprs overlap at this width). Reads the JSON's rows and meta alone, so `--replot`
+    redraws it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = [r for r in rows if r["kind"] == "passkey"]
+    modes = [m for m in meta["modes"] if any(r["mode"] == m for r in cells)]
     lengths = sorted({r["length"] for r in cells})
     depths = sorted({r["depth"] for r in cells})
-    fig, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(modes),
+        figsize=(1.0 + 2.6 * len(modes), 3.6),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    image = None
     for ax, mode in zip(axes[0], modes, strict=True):
         grid = np.full((len(depths), len(lengths)), np.nan)
         for r in cells:
-            if r["mode"] == mode.name:
+            if r["mode"] == mode:
                 grid[depths.index(r["depth"]), lengths.index(r["length"])] = (
                     r["correct"] / r["samples"]
                 )
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [_label(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-        ax.set_title(mode.title, fontsize=7)
-        ax.set_xlabel("prompt tokens", fontsize=7)
-    axes[0][0].set_ylabel("needle depth", fontsize=7)
-    fig.tight_layout()
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            text = "not run" if np.isnan(value) else f"{value:.0%}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(lengths)), [tokens_label(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_title(mode, fontsize=9)
+        ax.set_xlabel("prompt tokens")
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), label="pass keys retrieved", shrink=0.9)
+    model = pathlib.Path(meta["model"].split(" (")[0]).name
+    fig.suptitle(
+        f"Pass keys in held-out text, {model} ({card_name(meta['device'])}, {meta['dtype']})",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def replot(path: pathlib.Path, stem: pathlib.Path) -> pathlib.Path:
+    report = json.loads(path.read_text())
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return heat_maps(report["rows"], report["meta"], stem.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ Inputs: `synthetic` (benchmarks.synthetic.structured_qk: sinks, local decay, hea
 / 8 kv heads, d 128), `e2e` (layer 0 q/k of the e2e benchmark's structured random Llama-3-8B
 shape, benchmarks.e2e_prefill) and `pytext` (the trained heads of the shipped pytext-12m, all 8
 layers stacked as 48 q / 16 kv heads, d 64, on a held-out passkey prompt; f32).
-Writes recall_<device>.{json,md,png} under --out and prints where; the table ends with, for
+Writes recall_<device>.{json,md,png} under --out and prints where (`--replot JSON` redraws the
+.png from the JSON alone, on any machine); the table ends with, for
 each VerticalSlash budget and the config, the adaptive point with the fewest tiles at a mean
 recall at least the reference's, as a fraction of its tiles, and the fraction each oracle
 needs: no index gets below the "Oracle keys" one.
@@ -41,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.device_guard import declare
 from benchmarks.e2e_prefill import CONFIG
 from benchmarks.synthetic import structured_qk
-from benchmarks.timing import device_name
+from benchmarks.timing import card_name, device_name, report_written, tokens_label
 from minference_jax import patterns as P
 from minference_jax.config_io import load_pattern_config, shipped_configs
 from minference_jax.index_approx import build_sparse_index
@@ -222,11 +224,6 @@ def _cell(value) -> str:
 
 
 def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int, num_blocks: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = [
         f"Recall vs computed tiles on {rows[0]['device']}: batch 1 (synthetic, e2e: {HEADS} q "
         f"/ {KV_HEADS} kv heads, d {HEAD_DIM}, {rows[0]['dtype']}; pytext: pytext-12m's 8 "
@@ -253,6 +250,16 @@ def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int, num_blocks
     ]
     lines += tile_savings(rows)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, stem.with_suffix(".png"))
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    """Recall vs computed tiles, one panel per (input, N), one legend below them all (beside or
+    inside the panels it covers curves). Reads the rows alone, so `--replot` redraws it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     keys = sorted({(r["input"], r["seq_len"]) for r in rows})
     cols = min(3, len(keys))
@@ -279,15 +286,30 @@ def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int, num_blocks
         ax.set_xscale("log")
         ax.set_xlabel("computed tiles / dense causal tiles")
         ax.set_ylabel("recall (dense softmax mass kept)")
-        ax.set_title(f"{key[0]}, N={key[1]}")
+        ax.set_title(f"{key[0]} inputs, {tokens_label(key[1])} tokens")
         ax.grid(alpha=0.3)
     legend = {}
     for ax in axes.flat:
         legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
-    fig.legend(legend.values(), legend.keys(), fontsize=8, loc="center right")
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    fig.suptitle(f"Recall vs computed tiles, {card_name(rows[0]['device'])}", fontsize=11)
+    fig.tight_layout()
+    # Hung below the figure; bbox_inches="tight" grows the image to hold it.
+    fig.legend(
+        legend.values(),
+        legend.keys(),
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=1 + cols,
+    )
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def replot(path: pathlib.Path, stem: pathlib.Path) -> pathlib.Path:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    plot(json.loads(path.read_text()), stem.with_suffix(".png"))
+    return stem.with_suffix(".png")
 
 
 def main(argv=None):
@@ -320,7 +342,17 @@ def main(argv=None):
         default=pathlib.Path(__file__).parent / "results" / "local",
         help="output folder (default benchmarks/results/local/, not tracked)",
     )
+    parser.add_argument(
+        "--replot",
+        type=pathlib.Path,
+        metavar="JSON",
+        help="run nothing: redraw the plot of this recall JSON file into --out",
+    )
+    declare(parser, "recall")
     args = parser.parse_args(argv)
+    if args.replot:
+        report_written(replot(args.replot, args.out / args.replot.stem))
+        return []
     dtype_name = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     dtype = getattr(jnp, dtype_name)
     device = device_name()

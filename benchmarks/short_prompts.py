@@ -23,6 +23,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from benchmarks.device_guard import declare
 from benchmarks.synthetic import structured_qk
 from benchmarks.timing import DEFAULT_OUT, device_name, time_fn, write_table
 from minference_jax import attention
@@ -107,6 +108,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument(
         "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
+    declare(parser, "short_prompts")
     args = parser.parse_args(argv)
     for text in args.patterns:
         try:

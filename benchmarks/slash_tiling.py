@@ -12,20 +12,24 @@ they need, as a fraction of the causal tiles:
   (how the PyTorch original places its ranges).
 Slash o covers, for each query block, the keys at distances [o, o + block_q - 1] from the block's
 last row; the causal window (o = 0) is always in. Columns are not counted (the same in both).
-Prints one line per head kind and the layer mean; measured numbers: benchmarks/NOTES.md, "Where
-the e2e goals stand with the Triton kernel".
+Prints one line per head kind and the layer mean, and writes the per-head table to
+slash_tiling_<N>.{json,md} under --out (default benchmarks/results/local/, git-ignored). Measured
+numbers: benchmarks/NOTES.md, "Where the e2e goals stand with the Triton kernel".
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.device_guard import declare
 from benchmarks.e2e_prefill import LLAMA3_8B, TINY, attention_spec, build_model, layer0_qkv
+from benchmarks.timing import DEFAULT_OUT, write_table
 from minference_jax.attention import layer_plan
 from minference_jax.index_approx import estimate_vertical_slash
 from minference_jax.sparse_index import SENTINEL, diag_mask_from_slashes, num_blocks
@@ -62,6 +66,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--block", type=int, default=64)
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
+    )
+    declare(parser, "slash_tiling")
     args = parser.parse_args(argv)
     base = TINY if args.tiny else LLAMA3_8B
     config = dataclasses.replace(base, num_layers=1, attention_bias=True)
@@ -95,10 +103,24 @@ def main(argv=None) -> list[dict]:
         )
     aligned = np.mean([r["aligned"] for r in rows])
     unaligned = np.mean([r["unaligned"] for r in rows])
-    print(
+    summary = (
         f"N={n}, {len(rows)} VS heads: aligned {aligned:.4f}, unaligned {unaligned:.4f} "
         f"({100 * (1 - unaligned / aligned):.1f}% fewer diagonal tiles)"
     )
+    print(summary)
+    lines = [
+        f"Diagonal tiles of layer 0's estimated slashes ({'tiny' if args.tiny else 'Llama-3-8B'} "
+        f"e2e model, {args.block}x{args.block} tiles), as a fraction of the causal tiles. "
+        + summary,
+        "",
+        "| head | pattern | aligned | unaligned |",
+        "|---|---|---|---|",
+    ] + [
+        f"| {r['head']} | {r['pattern']} | {r['aligned']:.4f} | {r['unaligned']:.4f} |"
+        for r in rows
+    ]
+    name = f"slash_tiling_{n}{'_tiny' if args.tiny else ''}"
+    write_table(args.out / name, [dict(r, seq_len=n, block=args.block) for r in rows], lines)
     return rows
 
 

@@ -42,3 +42,19 @@ def time_fn(fn, *args, warmup: int = 2, repeats: int = 10) -> float:
 def device_name() -> str:
     device = jax.devices()[0]
     return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
+
+
+def card_name(device: str) -> str:
+    """What a figure calls the device of device_name(): "gpu:NVIDIA H200" -> "NVIDIA H200",
+    "cpu:cpu" -> "CPU"."""
+    platform, _, kind = device.partition(":")
+    return "CPU" if platform == "cpu" else kind or platform
+
+
+def tokens_label(n: int) -> str:
+    """512 -> '512', 2048 -> '2K', 1536 -> '1.5K', 1048576 -> '1M'."""
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n < 1024:
+        return str(n)
+    return f"{n // 1024}K" if n % 1024 == 0 else f"{n / 1024:.1f}K"

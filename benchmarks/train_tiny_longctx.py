@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.device_guard import declare
 from convert.checkpoint import export_hf
 from minference_jax import passkey
 from minference_jax.models import CausalLM, ModelConfig
@@ -108,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--lm-weight", type=float, default=0.25, help="haystack loss weight")
     parser.add_argument("--init-from", type=pathlib.Path, help="continue from an HF folder")
+    declare(parser, "train_tiny_longctx")
     args = parser.parse_args(argv)
 
     hf_config = dict(

@@ -1,7 +1,10 @@
-"""The benchmark scripts run (tiny sizes, CPU) and write where they say."""
+"""The benchmark scripts run (tiny sizes, CPU), write where they say, say what device they need
+and refuse CPU runs they cannot finish; the docs state what the code does, in user terms."""
 
+import argparse
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -27,12 +30,16 @@ def test_index_benchmark_writes_tables_to_its_default_folder(tmp_path, monkeypat
     assert f"wrote {tmp_path / table.stem}.json, {table}" in capsys.readouterr().out
 
 
-def test_index_profile_runs_every_stage(capsys):
+def test_index_profile_runs_every_stage(tmp_path, capsys):
     from benchmarks import profile_index
 
-    profile_index.main(["--seq-len", "256", "--heads", "4", "--kv-heads", "2", "--repeats", "1"])
+    argv = ["--seq-len", "256", "--heads", "4", "--kv-heads", "2", "--repeats", "1"]
+    rows = profile_index.main([*argv, "--out", str(tmp_path)])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" ms")]
-    assert len(lines) == 9 and any("pallas" in line for line in lines)
+    assert len(lines) == len(rows) == 9 and any("pallas" in line for line in lines)
+    (table,) = tmp_path.glob("profile_index_*.md")
+    assert all(f"| {r['stage']} | {r['ms']:.3f} |" in table.read_text() for r in rows)
+    assert json.loads(table.with_suffix(".json").read_text()) == rows
 
 
 @pytest.mark.slow
@@ -244,7 +251,7 @@ def test_training_script_smoke(tmp_path):
     assert config.num_layers == 2 and (tmp_path / "tokenizer.json").is_file()
 
 
-def test_slash_tiling_counts_by_hand():
+def test_slash_tiling_counts_by_hand(tmp_path):
     import numpy as np
 
     from benchmarks.slash_tiling import diagonal_tile_fractions, main
@@ -254,5 +261,341 @@ def test_slash_tiling_counts_by_hand():
     # aligned blocks 1, 2, 3 (+ the diagonal 0); unaligned tiles at 100 and 164 (+ 0).
     aligned, unaligned = diagonal_tile_fractions(np.array([100, 150, SENTINEL]), 512, 64)
     assert aligned == (1 + 2 + 3 + 5 * 4) / 36 and unaligned == (1 + 2 + 3 + 5 * 3) / 36
-    rows = main(["--tiny", "--seq-len", "256"])
+    rows = main(["--tiny", "--seq-len", "256", "--out", str(tmp_path)])
     assert rows and all(0 < r["unaligned"] <= r["aligned"] <= 1 for r in rows)
+    table = (tmp_path / "slash_tiling_256_tiny.md").read_text()
+    assert all(f"| {r['head']} | {r['pattern']} |" in table for r in rows)
+
+
+# --- What each benchmark needs, and the CPU runs it refuses --------------------------------
+
+BENCHMARKS = sorted(
+    path.stem for path in (ROOT / "benchmarks").glob("*.py") if "\ndef main(" in path.read_text()
+)
+
+
+def test_every_benchmark_says_in_its_help_and_the_readme_what_device_it_needs(capsys):
+    import importlib
+
+    from benchmarks.device_guard import LIMITS, NEEDS_NO_GPU
+
+    assert len(BENCHMARKS) >= 15 and set(BENCHMARKS) == set(LIMITS) | NEEDS_NO_GPU
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Benchmarks\n") : readme.index("## License\n")]
+    bullets = {}
+    for bullet in section.split("\n- ")[1:]:
+        (name,) = re.findall(r"^`\.venv/bin/python -m benchmarks\.(\w+)", bullet)
+        bullets[name] = " ".join(bullet.split())
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit) as done:
+            importlib.import_module(f"benchmarks.{name}").main(["--help"])
+        assert done.value.code == 0
+        help_text = "".join(capsys.readouterr().out.split())  # argparse wraps at any space, "-"
+        if name in NEEDS_NO_GPU:
+            assert "Device:needsnoGPU." in help_text
+            marker = "(no GPU"
+        else:
+            limits = LIMITS[name]
+            assert "".join(f"On a CPU {limits.cpu};".split()) in help_text, name
+            assert "--allow-cpu" in help_text
+            marker = "(GPU" if limits.gpu else "(CPU"
+        assert marker in bullets[name], f"README's benchmark list: {name} is not marked {marker})"
+
+
+def _guarded_parser(name: str, *flags: tuple[str, dict]) -> argparse.ArgumentParser:
+    from benchmarks.device_guard import declare
+
+    parser = argparse.ArgumentParser()
+    for flag, kwargs in flags:
+        parser.add_argument(flag, **kwargs)
+    declare(parser, name)
+    return parser
+
+
+def test_device_guard_refuses_what_a_cpu_cannot_finish_at_once(monkeypatch, capsys):
+    import jax
+
+    from benchmarks import device_guard
+
+    seq_lens = ("--seq-lens", dict(type=int, nargs="+", default=[4096]))
+    parser = _guarded_parser("index_approx", seq_lens)
+    assert parser.parse_args(["--seq-lens", "300", "32768"]).seq_lens == [300, 32768]
+    for argv in (["--seq-lens", "32768", "131072"], ["--seq-lens", "524288"]):
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args(argv)
+        (line,) = capsys.readouterr().err.splitlines()  # one line, naming limit and override
+        assert refused.value.code == 2 and "over the CPU limit of 32768" in line
+        assert "--allow-cpu" in line and line.startswith("benchmarks.index_approx: ")
+    assert parser.parse_args(["--seq-lens", "524288", "--allow-cpu"]).allow_cpu
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # a GPU runs every size
+    assert parser.parse_args(["--seq-lens", "1048576"]).seq_lens == [1048576]
+    monkeypatch.undo()
+
+    # Memory, not a length: 20 NIAH prompts x 4 heads of dense f32 scores at 8K are 43 GB.
+    assert device_guard.dense_attention_bytes(20, 4, 8192) == pytest.approx(43e9, rel=0.01)
+    from benchmarks import niah
+
+    monkeypatch.setattr(device_guard, "host_memory_bytes", lambda: 23 * 2**30)
+    with pytest.raises(SystemExit):
+        niah.main(["--lengths", "2048", "4096", "8192"])  # refused before the model loads
+    assert "dense attention at 8192 tokens (20 prompts x 4 heads) needs about 43 GB" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit, match="unknown mode"):  # no dense mode: nothing to refuse
+        niah.main(["--lengths", "8192", "--modes", "vs:1"])
+
+    from benchmarks import kernels, mgpu_sweep
+
+    for main, argv, reason in (
+        (kernels.main, ["--seq-lens", "128"], "runs there only with --interpret"),
+        (kernels.main, ["--seq-lens", "8192", "--interpret"], "over the CPU limit of 4096"),
+        (mgpu_sweep.main, [], "needs an NVIDIA H100 or H200"),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert refused.value.code == 2 and reason in capsys.readouterr().err
+
+
+# --- Figures redrawn from their JSON -----------------------------------------------------------
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_shipped_figures_redraw_from_their_json(tmp_path):
+    from benchmarks import e2e_prefill, niah, real_model, recall
+
+    runs = [
+        (e2e_prefill, ["e2e_prefill_H200_mosaic_default", "e2e_prefill_H200_mosaic_1m"]),
+        (niah, ["pytext_12m/niah_H200", "pytext_12m/niah_H200_4k_16k"]),
+        (recall, ["recall_cpu_8k"]),
+        (real_model, ["qwen2_5_coder_1_5b/real_model_H200_64k_128k"]),
+    ]
+    for module, stems in runs:
+        paths = [str(RESULTS / f"{stem}.json") for stem in stems]
+        name = ["--name", module.__name__.split(".")[-1]] if len(paths) > 1 else []
+        assert module.main(["--replot", *paths, *name, "--out", str(tmp_path)]) == []
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == sorted(
+        ["e2e_prefill.png", "niah.png", "recall_cpu_8k.png", "real_model_H200_64k_128k.png"]
+    )
+    assert all(p.stat().st_size > 20_000 for p in tmp_path.glob("*.png"))
+
+
+def test_e2e_plot_names_modes_card_and_extrapolation():
+    from benchmarks import e2e_prefill
+    from benchmarks.timing import card_name, tokens_label
+
+    rows = [
+        row
+        for stem in ("e2e_prefill_H200_mosaic_default", "e2e_prefill_H200_mosaic_1m")
+        for row in json.loads((RESULTS / f"{stem}.json").read_text())
+    ]
+    assert e2e_prefill.extrapolation(rows, 32) == (
+        "\n32-layer times extrapolated from 2 layers at 128K, 512K and 1 layer at 1M run"
+    )
+    assert e2e_prefill.extrapolation([dict(r, extrapolated=False) for r in rows], 32) == ""
+    assert e2e_prefill.mode_label("config").startswith("config (minference): the shipped")
+    assert e2e_prefill.mode_label("adaptive-vs:0.95") == (
+        "adaptive-vs:0.95: every head AdaptiveVerticalSlash, threshold 0.95"
+    )
+    assert card_name(rows[0]["device"]) == "NVIDIA H200" and card_name("cpu:cpu") == "CPU"
+    assert [tokens_label(n) for n in (1536, 131072, 1 << 20)] == ["1.5K", "128K", "1M"]
+
+
+# --- The docs state what the code does ----------------------------------------------------------
+
+DOCS = ("README.md", "benchmarks/RESULTS.md", "benchmarks/NOTES.md", "docs/design.md")
+
+
+def _prose(doc: str) -> str:
+    """The doc's text outside code blocks, on one line."""
+    text = re.sub(r"```.*?```", "", (ROOT / doc).read_text(), flags=re.S)
+    return " ".join(text.split())
+
+
+def _dispatch_claims() -> list[tuple[str, str, tuple]]:
+    """(doc, pattern, the values its groups must read): what the docs say about the dispatch."""
+    from minference_jax import attention as A
+
+    short = A.SHORT_PROMPT_TOKENS
+    fraction = A.dense_fallback_fraction
+    crossover_k = A.DENSE_CROSSOVER_TOKENS // 1024
+    pct = lambda f: round(100 * f)  # noqa: E731
+    return [
+        ("README.md", r"on GPU prompts of at most (\d+)K tokens, go to", (crossover_k,)),
+        ("README.md", r"Up to (\d+)K tokens the library runs dense cuDNN itself", (crossover_k,)),
+        (
+            "README.md",
+            r"up to (\d+)K tokens ([\d.]+) for the Mosaic kernel and ([\d.]+) for Triton; "
+            r"above, ([\d.]+) and ([\d.]+)\)",
+            (
+                short // 1024,
+                fraction(short, "mosaic"),
+                fraction(short, "pallas"),
+                fraction(short + 1, "mosaic"),
+                fraction(short + 1, "pallas"),
+            ),
+        ),
+        (
+            "benchmarks/RESULTS.md",
+            r"Up to (\d+)K tokens the library runs cuDNN itself",
+            (crossover_k,),
+        ),
+        ("benchmarks/RESULTS.md", r"cuDNN for prompts <= (\d+)K on GPU", (crossover_k,)),
+        (
+            "benchmarks/RESULTS.md",
+            r"sends prompts <= (\d+)K to cuDNN and, up to (\d+)K, each layer whose index computes "
+            r"more than (\d+)% of the tiles \(Mosaic kernel; (\d+)% for Triton\)",
+            (
+                crossover_k,
+                short // 1024,
+                pct(fraction(short, "mosaic")),
+                pct(fraction(short, "pallas")),
+            ),
+        ),
+        (
+            "benchmarks/RESULTS.md",
+            r"runs the Mosaic kernel up to (\d+)% of the tiles at <= (\d+)K",
+            (pct(fraction(short, "mosaic")), short // 1024),
+        ),
+        (
+            "benchmarks/NOTES.md",
+            r"`SHARED_WIDTHS_MAX_TOKENS` = (\d+)K",
+            (A.SHARED_WIDTHS_MAX_TOKENS // 1024,),
+        ),
+    ]
+
+
+def test_dispatch_numbers_in_the_docs_are_read_from_the_code():
+    for doc, pattern, expected in _dispatch_claims():
+        found = re.findall(pattern, _prose(doc))
+        assert found, f"{doc} no longer says {pattern!r}: update the claim here"
+        for groups in found:
+            groups = groups if isinstance(groups, tuple) else (groups,)
+            read = tuple(type(want)(got) for got, want in zip(groups, expected, strict=True))
+            assert read == expected, f"{doc}: {pattern!r} reads {read}, the code has {expected}"
+
+
+# Backticked names the docs cite that are not code: environment variables, a config's fields,
+# HF config.json keys, keyword arguments, benchmark case names.
+NOT_CODE = {
+    "MINFERENCE_JAX_CACHE",
+    "MINFERENCE_JAX_CHECK_CAPACITY",
+    "NPROC",
+    "PJRT_NPROC",
+    "PYTEST_ADDOPTS",
+    "XLA_FLAGS",
+}
+ALIASES = {
+    "lax": "jax.lax",
+    "nnx": "flax.nnx",
+    "pl": "jax.experimental.pallas",
+    "plgpu": "jax.experimental.pallas.mosaic_gpu",
+}
+PACKAGES = ("minference_jax", "pallas_kernels", "convert", "benchmarks")
+
+
+def _project_modules() -> list:
+    import importlib
+    import pkgutil
+
+    modules = []
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        modules.append(module)
+        for info in pkgutil.walk_packages(module.__path__, package + "."):
+            modules.append(importlib.import_module(info.name))
+    return modules
+
+
+def _resolves(name: str, modules: list) -> bool:
+    """`a.b.c` imports (as written, or inside one of our packages) with attributes b, c...; a
+    bare first name is looked up in every module of ours (or jax's top level), a bare `name()`
+    also among our classes' methods."""
+    import builtins
+    import importlib
+
+    import jax
+
+    head, *rest = name.split(".")
+    parts = [*ALIASES.get(head, head).split("."), *rest]
+    for prefix in ("", *(f"{p}." for p in PACKAGES), "minference_jax.models."):
+        for cut in range(len(parts), 0, -1):
+            try:
+                found = importlib.import_module(prefix + ".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    found = getattr(found, attr)
+                return True
+            except AttributeError:
+                break
+    for owner in [builtins, jax, *modules]:
+        found = getattr(owner, parts[0], None)
+        for attr in parts[1:]:
+            found = getattr(found, attr, None)
+        if found is not None:
+            return True
+    classes = [c for m in modules for c in vars(m).values() if isinstance(c, type)]
+    return not rest and any(hasattr(c, head) for c in classes)  # a method of one of our classes
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_code_names_the_docs_cite_exist(doc):
+    """Every backticked `module.name`, `CONSTANT_NAME`, `ClassName` or `function(...)` of the
+    doc's prose resolves in the code (file names and NOT_CODE aside)."""
+    modules = _project_modules()
+    cited = set()
+    for name, call in re.findall(r"`([A-Za-z_][\w.]*)(\([^`]*\))?`", _prose(doc)):
+        if re.search(r"\.(json|txt|md|py|log|gz|safetensors|gguf|npz|png|bin)$", name):
+            continue  # a file
+        dotted = "." in name
+        constant = re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", name)
+        class_name = re.fullmatch(r"[A-Z][a-z0-9]+[A-Z]\w*", name)
+        if (dotted or constant or class_name or call) and name not in NOT_CODE:
+            cited.add(name)
+    assert len(cited) >= 5
+    missing = sorted(name for name in cited if not _resolves(name, modules))
+    assert not missing, f"{doc} cites names the code does not have: {missing}"
+
+
+# --- No words from how the project was built ----------------------------------------------------
+
+BUILD_WORDS = re.compile(
+    r"device tool|device time|\blent\b|\blease\b|\bsession\b|\bsubagents?\b"
+    r"|\bhelper (?:session|agent)s?\b|\bissue\b|worktree|/work/|\.wt_\w",
+    re.IGNORECASE,
+)
+
+
+def _user_facing_text():
+    """(file, text): the docs, and the comments and string literals of every Python file (this
+    one aside: it spells the words out)."""
+    import io
+    import tokenize
+
+    docs = [ROOT / "README.md", *(ROOT / "benchmarks").glob("*.md"), *(ROOT / "docs").glob("*.md")]
+    for doc in docs:
+        yield str(doc.relative_to(ROOT)), doc.read_text()
+    kinds = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", -1)}
+    for folder in (*PACKAGES, "tests", "examples"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.resolve() == pathlib.Path(__file__).resolve():
+                continue
+            tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+            yield (
+                str(path.relative_to(ROOT)),
+                "\n".join(t.string for t in tokens if t.type in kinds),
+            )
+
+
+def test_no_words_from_how_the_project_was_built():
+    hits = []
+    for name, text in _user_facing_text():
+        text = re.sub(r"https?://\S+", "", text)  # an upstream bug's address may say "issues"
+        hits += [
+            f"{name}: ...{text[m.start() - 40 : m.end() + 40]!r}"
+            for m in BUILD_WORDS.finditer(text)
+        ]
+    assert not hits, "say it in user terms (e.g. 'needs a CUDA GPU'):\n" + "\n".join(hits)
