@@ -16,10 +16,13 @@ PyTorch original's published measurements):
                (benchmarks/synthetic.py: sinks, local decay, heavy tokens).
   block_sparse BlockSparse(top_k=100) estimated from the same synthetic q/k.
   a_shape      A-shape, 1024 sink tokens + 4096 local window.
-  Adaptive cases, NAME or NAME:THRESHOLD (default 0.9), estimated from the same synthetic q/k:
+  Adaptive cases, NAME or NAME:THRESHOLD (default 0.9 unless said), estimated from the same
+  synthetic q/k:
   anti_diagonal[_relative]  AntiDiagonalBlockSparse (stride 8; cumulative / max-relative rule)
   adaptive_vs[_relative]    AdaptiveVerticalSlash (cumulative / max-relative rule)
   adaptive_vs_query_aware   AdaptiveVerticalSlash with the query-aware switch (JS distance 0.3)
+  sampled_blocks            SampledBlockSparse (8 exact rows per query block; absolute rule,
+                            default threshold 0.005)
 For each: kernel time (index given; index time is benchmarks/index_approx.py), computed tiles,
 achieved TFLOP/s on computed tiles, the "ideal" time = computed-tile FLOPs at the dense
 kernel's measured rate, and the rate = ideal / kernel time (1.0: the sparse kernel computes its
@@ -65,6 +68,7 @@ ADAPTIVE_CASES = {
     "adaptive_vs_query_aware": lambda t, bk: P.AdaptiveVerticalSlash(
         t, query_aware=0.3, block_size=bk
     ),
+    "sampled_blocks": lambda t, bk: P.SampledBlockSparse(t, block_size=bk),
 }
 
 
@@ -73,7 +77,8 @@ def case_pattern(case: str, block_kv: int) -> P.Pattern:
     NAME[:THRESHOLD]."""
     name, _, threshold = case.partition(":")
     if name in ADAPTIVE_CASES:
-        return ADAPTIVE_CASES[name](float(threshold or 0.9), block_kv)
+        default = 0.005 if name == "sampled_blocks" else 0.9  # an absolute share, not a mass
+        return ADAPTIVE_CASES[name](float(threshold or default), block_kv)
     return {
         "vs_estimated": P.VerticalSlash(1000, 6096),
         "block_sparse": P.BlockSparse(100, block_kv),

@@ -15,10 +15,10 @@ Patterns: VerticalSlash at several budgets (the first, VerticalSlash(1000, 6096)
 reference), the per-head config of the input ("Config": layer 0 of the shipped
 Llama-3-8B-262k config; for pytext the shipped searched config), AShape, BlockSparse top-k,
 and each adaptive mode (AntiDiagonalBlockSparse, AdaptiveVerticalSlash, with and without the
-query-aware switch; cumulative, relative and absolute rules) at several thresholds. Two
-oracle curves bound them all: knowing the exact dense attention of the measured query blocks,
-the most mass a block-sparse index ("Oracle blocks") or any index ("Oracle keys": the heaviest
-keys, gathered 64 per tile) keeps per tile budget.
+query-aware switch; cumulative, relative and absolute rules; SampledBlockSparse) at several
+thresholds. Two oracle curves bound them all: knowing the exact dense attention of the measured
+query blocks, the most mass a block-sparse index ("Oracle blocks") or any index ("Oracle keys":
+the heaviest keys, gathered 64 per tile) keeps per tile budget.
 Inputs: `synthetic` (benchmarks.synthetic.structured_qk: sinks, local decay, heavy tokens; 32 q
 / 8 kv heads, d 128), `e2e` (layer 0 q/k of the e2e benchmark's structured random Llama-3-8B
 shape, benchmarks.e2e_prefill) and `pytext` (the trained heads of the shipped pytext-12m, all 8
@@ -94,6 +94,7 @@ def cases() -> list[tuple[str, float | str, P.Pattern]]:
         ("AdaptiveVS query-aware blocks", t, P.AdaptiveVerticalSlash(t, query_aware=QUERY_AWARE))
         for t in THRESHOLDS
     ]
+    out += [("SampledBlocks absolute", t, P.SampledBlockSparse(t)) for t in ABSOLUTE_BLOCKS]
     return out
 
 

@@ -8,9 +8,10 @@ The file is a list with one object per layer, mapping the query-head number (a s
 - `"block_sparse"`: `BlockSparse(top_k=v_size)`; the reference tool ignores both sizes and uses
   100 blocks, so a `v_size` of 0 reads as 100.
 - `"dense"` (our extension; the reference tool does not know it): full causal attention.
-- `"anti_diagonal_block_sparse"`, `"adaptive_vertical_and_slash"` (our extensions): the
-  adaptive patterns, as `[type, {field: value, ...}, 0, score]` with the pattern's fields
-  (`AntiDiagonalBlockSparse`, `AdaptiveVerticalSlash`; omitted fields take their defaults).
+- `"anti_diagonal_block_sparse"`, `"adaptive_vertical_and_slash"`, `"sampled_block_sparse"`
+  (our extensions): the adaptive patterns, as `[type, {field: value, ...}, 0, score]` with
+  the pattern's fields (`AntiDiagonalBlockSparse`, `AdaptiveVerticalSlash`,
+  `SampledBlockSparse`; omitted fields take their defaults).
 
 `score` is what the offline search measured for the chosen pattern; it is kept, never used.
 """
@@ -37,6 +38,7 @@ from minference_jax.patterns import (
     Dense,
     HeadPatterns,
     Pattern,
+    SampledBlockSparse,
     VerticalSlash,
     check_layer_patterns,
 )
@@ -54,6 +56,7 @@ class PatternConfigError(ValueError):
 ADAPTIVE_TYPE_NAMES = {
     "anti_diagonal_block_sparse": AntiDiagonalBlockSparse,
     "adaptive_vertical_and_slash": AdaptiveVerticalSlash,
+    "sampled_block_sparse": SampledBlockSparse,
 }
 
 

@@ -451,6 +451,11 @@ def _capped(scores: jax.Array, keep: jax.Array, capacity: int, limit=None) -> ja
     return jax.lax.cond(overflow.any(), largest, lambda: _compact(keep, capacity))
 
 
+def _heads(mask: jax.Array) -> jax.Array:
+    """[Hq] bool -> broadcastable over [B, Hq, chunk, width] scores."""
+    return mask[None, :, None, None]
+
+
 def _strided_rows(x: jax.Array, stride: int, *, reverse: bool) -> jax.Array:
     """[B, N, H, D] (N a multiple of stride) -> [B, N / stride, H, stride * D]: each group of
     `stride` rows side by side (reversed within the group for queries: anti-diagonals)."""
@@ -470,15 +475,28 @@ def antidiagonal_estimator(dtype, head_dim: int, *, on_gpu: bool) -> str:
     return "xla"
 
 
-def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_kv, estimator=None):
+def _block_scores_by_chunk(
+    q,
+    k,
+    *,
+    scale,
+    stride,
+    pooled_heads,
+    block_q,
+    block_kv,
+    sample_rows=0,
+    sampled_heads=None,
+    estimator=None,
+):
     """(score_fn, n_q_blocks, chunk): score_fn(first_q_block, width) -> [B, Hq, chunk, width]
     attention mass of each query block on key blocks 0..width-1 (static; at least every key
     block the chunk's query blocks can see), rows summing to 1 (0 past the causal limit).
 
-    Heads where `pooled_heads` [Hq] is True score from mean-pooled q and k (softmax over key
-    blocks; None: no such head); the others from strided anti-diagonals (`stride`; 0: no
-    anti-diagonal head), by `estimator` ("pallas": `antidiag_scores`, interpreted off GPU;
-    "xla"; None: `antidiagonal_estimator`)."""
+    Heads where `sampled_heads` [Hq] is True score from the exact softmax of `sample_rows` query
+    rows spread over each query block (None: no such head); heads where `pooled_heads` [Hq] is
+    True from mean-pooled q and k (softmax over key blocks; None: no such head); the others
+    from strided anti-diagonals (`stride`; 0: no anti-diagonal head), by `estimator`
+    ("pallas": `antidiag_scores`, interpreted off GPU; "xla"; None: `antidiagonal_estimator`)."""
     batch, n, num_heads, head_dim = q.shape
     num_kv = k.shape[2]
     ratio = block_q // block_kv
@@ -495,7 +513,8 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
     if fused:
         group = antidiag_scores.column_group(block_kv // stride)
         anti_floats = anti_floats // group + n_kv_blocks
-    per_q_block = batch * num_heads * 4 * (pooled_cols + anti_floats)
+    sampled_floats = sample_rows * n_kv_blocks * block_kv  # the sampled rows' f32 logits
+    per_q_block = batch * num_heads * 4 * (pooled_cols + anti_floats + sampled_floats)
     chunk = max(1, min(n_q_blocks, _SCORE_BYTES_PER_STEP // per_q_block))
     n_chunks = num_blocks(n_q_blocks, chunk)
     padded_rows = n_chunks * chunk * block_q
@@ -564,9 +583,31 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
         allowed = (col[None, :] <= row[:, None]) & (col[None, :] * stride < n)
         return jax.nn.softmax(jnp.where(allowed, s * (scale / stride), -jnp.inf), axis=-1)
 
+    if sample_rows:
+        # Rows floor((j + 1) * block_q / r) - 1 of each query block: evenly spread, the last
+        # row included (the last row of the final block is clamped into the sequence).
+        row_offsets = (np.arange(1, sample_rows + 1) * block_q) // sample_rows - 1
+        k_padded = jnp.pad(k, ((0, 0), (0, n_kv_blocks * block_kv - n), (0, 0), (0, 0)))
+
+    def sampled_scores(first, width):
+        q_blocks = first + jnp.arange(chunk)
+        rows = jnp.minimum(q_blocks[:, None] * block_q + row_offsets[None, :], n - 1).reshape(-1)
+        q_rows = _grouped(jnp.take(q, rows, axis=1), num_kv)  # [B, chunk * r, Hkv, G, D]
+        keys = k_padded[:, : width * block_kv]
+        s = jnp.einsum("brkgd,bnkd->bkgrn", q_rows, keys, preferred_element_type=jnp.float32)
+        key = jnp.arange(width * block_kv)
+        allowed = (key[None, :] <= rows[:, None]) & (key[None, :] < n)
+        probs = jax.nn.softmax(jnp.where(allowed, s * scale, -jnp.inf), axis=-1)
+        sums = probs.reshape(batch, num_kv, -1, chunk, sample_rows, width, block_kv)
+        return sums.sum(axis=(4, 6)).reshape(batch, num_heads, chunk, width) / sample_rows
+
     def scores(first, width):
+        out = sampled_scores(first, width) if sample_rows else None
         if not stride:
-            return pooled_scores(first, width)
+            if pooled_heads is None:
+                return out
+            pooled = pooled_scores(first, width)
+            return pooled if out is None else jnp.where(_heads(sampled_heads), out, pooled)
         q_blocks = first + jnp.arange(chunk)
         rows_per_block = block_q // stride
         probs = (fused_probs if fused else xla_probs)(first, width)
@@ -578,9 +619,9 @@ def _block_scores_by_chunk(q, k, *, scale, stride, pooled_heads, block_q, block_
         sums = sums.sum(axis=(4, 6))
         real_rows = jnp.clip(n - q_blocks * block_q, 1, block_q) / stride
         anti = (sums / jnp.ceil(real_rows)[:, None]).reshape(batch, num_heads, chunk, width)
-        if pooled_heads is None:
-            return anti
-        return jnp.where(pooled_heads[None, :, None, None], pooled_scores(first, width), anti)
+        if pooled_heads is not None:
+            anti = jnp.where(_heads(pooled_heads), pooled_scores(first, width), anti)
+        return anti if out is None else jnp.where(_heads(sampled_heads), out, anti)
 
     return scores, n_q_blocks, chunk
 
@@ -598,6 +639,8 @@ def select_key_blocks(
     pooled_heads,
     block_q,
     block_kv,
+    sample_rows=0,
+    sampled_heads=None,
     estimator=None,
 ) -> jax.Array:
     """[B, Hq, n_q_blocks, capacity] key blocks per query block, chosen by threshold.
@@ -610,6 +653,8 @@ def select_key_blocks(
         scale=scale,
         stride=stride,
         pooled_heads=pooled_heads,
+        sample_rows=sample_rows,
+        sampled_heads=sampled_heads,
         block_q=block_q,
         block_kv=block_kv,
         estimator=estimator,
@@ -693,6 +738,7 @@ class AdaptivePlan:
 
     rule: str
     stride: int  # anti-diagonal stride (0: no AntiDiagonalBlockSparse head)
+    sample_rows: int  # exact query rows per query block (0: no SampledBlockSparse head)
     max_blocks: int  # key-block capacity per query block (0: no head selects blocks)
     max_vertical: int
     max_slash: int
@@ -707,6 +753,7 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
     num_heads = len(patterns)
     arrays = {
         "is_adb": np.zeros(num_heads, np.int32),
+        "is_sbs": np.zeros(num_heads, np.int32),
         "is_avs": np.zeros(num_heads, np.int32),
         "threshold": np.zeros(num_heads, np.float32),
         "query_aware": np.zeros(num_heads, np.float32),
@@ -714,27 +761,30 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
         "max_slash": np.zeros(num_heads, np.int32),
         "max_blocks": np.zeros(num_heads, np.int32),
     }
-    # plan_index has checked (check_layer_patterns) that they share one rule, one stride and
-    # block_kv, which the stride divides.
+    # plan_index has checked (check_layer_patterns) that they share one rule, one stride, one
+    # row count and block_kv, which the stride divides.
     rules = {p.rule for _, p in adaptive}
     strides = {p.stride for _, p in adaptive if isinstance(p, P.AntiDiagonalBlockSparse)}
+    rows = {min(p.rows, block_q) for _, p in adaptive if isinstance(p, P.SampledBlockSparse)}
     for h, p in adaptive:
         arrays["threshold"][h] = p.threshold
         arrays["max_blocks"][h] = p.max_blocks
         if isinstance(p, P.AntiDiagonalBlockSparse):
             arrays["is_adb"][h] = 1
+        elif isinstance(p, P.SampledBlockSparse):
+            arrays["is_sbs"][h] = 1
         else:
             arrays["is_avs"][h] = 1
             arrays["query_aware"][h] = p.query_aware
             arrays["max_vertical"][h], arrays["max_slash"][h] = p.max_vertical, p.max_slash
     avs = [p for _, p in adaptive if isinstance(p, P.AdaptiveVerticalSlash)]
-    block_heads = [
-        p for _, p in adaptive if isinstance(p, P.AntiDiagonalBlockSparse) or p.query_aware > 0
-    ]
+    block_heads = [p for _, p in adaptive if not isinstance(p, P.AdaptiveVerticalSlash)]
+    block_heads += [p for p in avs if p.query_aware > 0]
     n_kv_blocks = num_blocks(seq_len, block_kv)
     plan = AdaptivePlan(
         rule=rules.pop(),
         stride=strides.pop() if strides else 0,
+        sample_rows=rows.pop() if rows else 0,
         max_blocks=min(
             _round_up_pow2(max((p.max_blocks for p in block_heads), default=0)), n_kv_blocks
         ),
@@ -752,10 +802,12 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
     block_q, block_kv = plan.block_q, plan.block_kv
     ratio = block_q // block_kv
     thresholds = budgets["threshold"]
-    is_adb = jnp.broadcast_to(budgets["is_adb"] != 0, (batch, num_heads))
-    block_heads = is_adb
+    block_heads = jnp.broadcast_to(
+        (budgets["is_adb"] != 0) | (budgets["is_sbs"] != 0), (batch, num_heads)
+    )
     # [H]: heads whose block scores come from pooled q, k (the query-aware switch's blocks)
     pooled_heads = (budgets["is_avs"] != 0) if adaptive.query_aware else None
+    sampled_heads = (budgets["is_sbs"] != 0) if adaptive.sample_rows else None
 
     def pad_last(x, width):
         pad = [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])]
@@ -798,6 +850,8 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
             rule=adaptive.rule,
             stride=adaptive.stride,
             pooled_heads=pooled_heads,
+            sample_rows=adaptive.sample_rows,
+            sampled_heads=sampled_heads,
             block_q=block_q,
             block_kv=block_kv,
             estimator=estimator,
@@ -819,6 +873,7 @@ KINDS = {
     P.BlockSparse: "bs",
     P.AntiDiagonalBlockSparse: "adb",
     P.AdaptiveVerticalSlash: "avs",
+    P.SampledBlockSparse: "sbs",
 }
 
 
@@ -837,7 +892,7 @@ class IndexPlan:
     devices holding different heads run one program under `shard_map`.
     """
 
-    families: tuple[str, ...]  # sorted subset of "adb", "ashape", "avs", "bs", "dense", "vs"
+    families: tuple[str, ...]  # sorted subset of "adb", "ashape", "avs", "bs", "dense", "sbs", "vs"
     num_heads: int
     seq_len: int
     block_q: int

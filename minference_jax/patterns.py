@@ -178,8 +178,44 @@ class AdaptiveVerticalSlash:
             raise ValueError(f"AdaptiveVerticalSlash.query_aware must be in [0, 1], got {q!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SampledBlockSparse:
+    """Per query block, the key blocks holding at least `threshold` of its estimated attention.
+
+    Block importance comes from the exact causal softmax of `rows` query rows spread evenly over
+    each query block (their mean mass per key block): as many multiply-adds as anti-diagonal
+    scoring at stride 64 / rows, but a key that dominates some query is seen as it is, not
+    averaged into a strided sum. Selection `rule` as in `AdaptiveVerticalSlash` (default
+    "absolute": every key block holding >= `threshold` of the estimated mass), at most
+    `max_blocks` (a static capacity). The first key block (attention sink) and the causal
+    diagonal blocks are always kept.
+    """
+
+    threshold: float = 0.005
+    rows: int = 8
+    max_blocks: int = 512
+    rule: str = "absolute"
+    block_size: int = 64
+
+    def __post_init__(self):
+        _check_threshold("SampledBlockSparse", self.threshold, self.rule)
+        _check_sizes(
+            "SampledBlockSparse",
+            1,
+            rows=self.rows,
+            max_blocks=self.max_blocks,
+            block_size=self.block_size,
+        )
+
+
 Pattern = (
-    Dense | AShape | VerticalSlash | BlockSparse | AntiDiagonalBlockSparse | AdaptiveVerticalSlash
+    Dense
+    | AShape
+    | VerticalSlash
+    | BlockSparse
+    | AntiDiagonalBlockSparse
+    | AdaptiveVerticalSlash
+    | SampledBlockSparse
 )
 PATTERN_TYPES = (
     Dense,
@@ -188,15 +224,16 @@ PATTERN_TYPES = (
     BlockSparse,
     AntiDiagonalBlockSparse,
     AdaptiveVerticalSlash,
+    SampledBlockSparse,
 )
-ADAPTIVE_TYPES = (AntiDiagonalBlockSparse, AdaptiveVerticalSlash)
+ADAPTIVE_TYPES = (AntiDiagonalBlockSparse, AdaptiveVerticalSlash, SampledBlockSparse)
 
 
 def key_block_size(pattern: Pattern) -> int | None:
     """The size of the key blocks a pattern selects (its index's `block_kv` must equal it), or
     None when it selects none: token-level columns and diagonals fit any key tile, so an
     AdaptiveVerticalSlash without the query-aware switch is as free as a VerticalSlash."""
-    if isinstance(pattern, BlockSparse | AntiDiagonalBlockSparse):
+    if isinstance(pattern, BlockSparse | AntiDiagonalBlockSparse | SampledBlockSparse):
         return pattern.block_size
     if isinstance(pattern, AdaptiveVerticalSlash) and pattern.query_aware > 0:
         return pattern.block_size
@@ -248,6 +285,11 @@ def check_layer_patterns(
         raise ValueError(
             f"adaptive heads of one layer must share the rule and the stride; got rules "
             f"{sorted(rules)}, strides {sorted(strides)}"
+        )
+    rows = {p.rows for p in layer if isinstance(p, SampledBlockSparse)}
+    if len(rows) > 1:
+        raise ValueError(
+            f"SampledBlockSparse heads of one layer must share rows; got {sorted(rows)}"
         )
 
 

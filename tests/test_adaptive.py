@@ -164,6 +164,23 @@ def vs_scores_oracle(q, k, last_q, scale):
     return cols, diags
 
 
+def sampled_rows_scores_oracle(q, k, rows, block, scale):
+    """[B, Hq, nqb, nkb] block scores from the exact causal softmax of `rows` query rows spread
+    over each query block (rows floor((j + 1) * block / rows) - 1, clamped into the sequence)."""
+    b, n, hq, _ = q.shape
+    group = hq // k.shape[2]
+    nb = -(-n // block)
+    out = np.zeros((b, hq, nb, nb))
+    for bi, h, i in np.ndindex(b, hq, nb):
+        for j in range(rows):
+            row = min(i * block + ((j + 1) * block) // rows - 1, n - 1)
+            logits = k[bi, : row + 1, h // group] @ q[bi, row, h] * scale
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            out[bi, h, i] += np.bincount(np.arange(row + 1) // block, probs, nb) / rows
+    return out
+
+
 def block_sets(index):
     """[B, H, nqb, nkb] bool: key blocks each query block touches (from the kernel fields)."""
     mask = np.asarray(block_mask_from_index(index))
@@ -204,6 +221,35 @@ def test_anti_diagonal_index_matches_oracle(qkv, rule):
         want = keep_oracle(scores[b, h, i].astype(np.float32), thresholds[h], rule)
         want[0] = want[i] = True  # sink block and diagonal block, always
         np.testing.assert_array_equal(got[b, h, i, :nb], want, err_msg=f"{rule} {b} {h} {i}")
+
+
+@pytest.mark.parametrize("rows", [1, 4, 32])
+def test_sampled_block_sparse_index_matches_oracle(qkv, rows):
+    q, k, _ = qkv
+    thresholds = (0.0, 0.02, 0.1, 0.3)
+    heads = tuple(
+        P.SampledBlockSparse(t, rows=rows, max_blocks=64, block_size=BLOCK) for t in thresholds
+    )
+    index = build_sparse_index(
+        jnp.asarray(q, jnp.float32),
+        jnp.asarray(k, jnp.float32),
+        heads,
+        block_q=BLOCK,
+        block_kv=BLOCK,
+    )
+    scores = sampled_rows_scores_oracle(q, k, rows, BLOCK, 16**-0.5)
+    got = block_sets(index)
+    nb = scores.shape[-1]
+    for b, h, i in np.ndindex(scores.shape[:3]):
+        want = keep_oracle(scores[b, h, i].astype(np.float32), thresholds[h], "absolute")
+        want[0] = want[i] = True  # sink block and diagonal block, always
+        np.testing.assert_array_equal(got[b, h, i, :nb], want, err_msg=f"{rows} {b} {h} {i}")
+
+
+def test_layer_mixing_sampled_rows_is_rejected():
+    heads = (P.SampledBlockSparse(rows=4), P.SampledBlockSparse(rows=8))
+    with pytest.raises(ValueError, match="must share rows"):
+        P.check_layer_patterns(heads)
 
 
 def test_chunked_block_scores_select_the_same_blocks(qkv, monkeypatch):

@@ -287,7 +287,7 @@ SIZED = [(kind, name) for kind in P.PATTERN_TYPES for name in _int_fields(kind)]
 
 
 def test_every_pattern_has_its_sizes_checked():
-    assert len(SIZED) == 13  # a new size field gets a row here, and the checks below
+    assert len(SIZED) == 16  # a new size field gets a row here, and the checks below
 
 
 @pytest.mark.parametrize("kind, field", SIZED, ids=lambda x: getattr(x, "__name__", x))
