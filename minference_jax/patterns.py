@@ -353,6 +353,7 @@ MODE_PATTERNS = {
     "block-sparse": (BlockSparse, ("top_k",), (100,)),
     "anti-diagonal": (AntiDiagonalBlockSparse, ("threshold", "stride"), (0.9, 8)),
     "adaptive-vs": (AdaptiveVerticalSlash, ("threshold", "query_aware"), (0.9, 0.0)),
+    "sampled-blocks": (SampledBlockSparse, ("threshold", "rows"), (0.005, 8)),
 }
 
 

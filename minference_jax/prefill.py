@@ -48,6 +48,7 @@ FAMILY_NAMES = {
     "bs": "block-sparse",
     "adb": "anti-diagonal",
     "avs": "adaptive-vs",
+    "sbs": "sampled-blocks",
     "dense": "dense",
 }
 # "The pass key is 71432. Remember it. 71432 is the pass key." -> 71432

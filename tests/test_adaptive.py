@@ -480,6 +480,7 @@ def test_pattern_for_mode():
     assert P.pattern_for_mode("adaptive-vs", (0.95, 0.1)) == P.AdaptiveVerticalSlash(
         0.95, query_aware=0.1
     )
+    assert P.pattern_for_mode("sampled-blocks", (0.01,)) == P.SampledBlockSparse(0.01, 8)
     with pytest.raises(ValueError, match="unknown mode"):
         P.pattern_for_mode("sorted")
     with pytest.raises(ValueError, match="1 to 2"):

@@ -54,6 +54,7 @@ def _tiny_config(path):
         (["--mode", "minference", "--budget", "30,50"], {"vertical-slash"}),
         (["--mode", "a-shape", "--budget", "16,64"], {"a-shape"}),
         (["--mode", "block-sparse", "--budget", "2"], {"block-sparse"}),
+        (["--mode", "sampled-blocks", "--budget", "0.3,4"], {"sampled-blocks"}),
         (["--pattern-config", "CONFIG"], {"vertical-slash", "a-shape", "block-sparse"}),
     ],
 )
