@@ -57,6 +57,7 @@ from benchmarks.device_guard import declare
 from benchmarks.synthetic import structure_attention
 from benchmarks.timing import (
     DEFAULT_OUT,
+    add_replot_arguments,
     card_name,
     device_name,
     report_written,
@@ -160,16 +161,7 @@ def main(argv=None):
     parser.add_argument(
         "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
-    parser.add_argument(
-        "--replot",
-        type=pathlib.Path,
-        nargs="+",
-        metavar="JSON",
-        help="run nothing: redraw the plot of these e2e JSON files (merged) into --out",
-    )
-    parser.add_argument(
-        "--name", help="file name of the --replot figure (default: the first JSON's)"
-    )
+    add_replot_arguments(parser, "the plot")
     declare(parser, "e2e_prefill")
     args = parser.parse_args(argv)
     if args.replot:

@@ -47,7 +47,14 @@ from flax import nnx
 
 from benchmarks import heldout
 from benchmarks.device_guard import declare
-from benchmarks.timing import DEFAULT_OUT, card_name, device_name, report_written, tokens_label
+from benchmarks.timing import (
+    DEFAULT_OUT,
+    add_replot_arguments,
+    card_name,
+    device_name,
+    report_written,
+    tokens_label,
+)
 from minference_jax import passkey
 from minference_jax import patterns as P
 from minference_jax.attention import forced_sparse_implementation, plan_layers
@@ -291,16 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"folder (default {DEFAULT_OUT})"
     )
-    parser.add_argument(
-        "--replot",
-        type=pathlib.Path,
-        nargs="+",
-        metavar="JSON",
-        help="run nothing: redraw the heat maps of these niah JSON files (merged) into --out",
-    )
-    parser.add_argument(
-        "--name", help="file name of the --replot figure (default: the first JSON's)"
-    )
+    add_replot_arguments(parser, "the heat maps")
     return parser
 
 

@@ -58,3 +58,17 @@ def tokens_label(n: int) -> str:
     if n < 1024:
         return str(n)
     return f"{n // 1024}K" if n % 1024 == 0 else f"{n / 1024:.1f}K"
+
+
+def add_replot_arguments(parser, what: str) -> None:
+    """--replot JSON... (and --name): redraw `what` from earlier runs' JSON files, merged."""
+    parser.add_argument(
+        "--replot",
+        type=pathlib.Path,
+        nargs="+",
+        metavar="JSON",
+        help=f"run nothing: redraw {what} of these JSON files (merged) into --out",
+    )
+    parser.add_argument(
+        "--name", help="file name of the --replot figure (default: the first JSON's)"
+    )

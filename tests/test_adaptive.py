@@ -198,15 +198,10 @@ def qkv():
     return [np.asarray(x, np.float64) for x in random_qkv(21, 2, N, 4, 2, 16, jnp.float32)]
 
 
-@pytest.mark.parametrize("rule", ["cumulative", "absolute"])
-def test_anti_diagonal_index_matches_oracle(qkv, rule):
-    """The relative rule runs end to end in the `mixed` layer."""
+def assert_blocks_match_oracle(qkv, heads, scores, thresholds, rule):
+    """The key blocks each head's index keeps: the rule applied to `scores` (the oracle's),
+    plus the sink block and the diagonal block."""
     q, k, _ = qkv
-    thresholds = (0.3, 0.6, 0.9, 1.0) if rule == "cumulative" else (0.0, 0.05, 0.15, 0.3)
-    heads = tuple(
-        P.AntiDiagonalBlockSparse(t, stride=4, max_blocks=64, rule=rule, block_size=BLOCK)
-        for t in thresholds
-    )
     index = build_sparse_index(
         jnp.asarray(q, jnp.float32),
         jnp.asarray(k, jnp.float32),
@@ -214,7 +209,6 @@ def test_anti_diagonal_index_matches_oracle(qkv, rule):
         block_q=BLOCK,
         block_kv=BLOCK,
     )
-    scores = anti_diagonal_scores_oracle(q, k, 4, BLOCK, 16**-0.5)
     got = block_sets(index)
     nb = scores.shape[-1]
     for b, h, i in np.ndindex(scores.shape[:3]):
@@ -223,27 +217,26 @@ def test_anti_diagonal_index_matches_oracle(qkv, rule):
         np.testing.assert_array_equal(got[b, h, i, :nb], want, err_msg=f"{rule} {b} {h} {i}")
 
 
+@pytest.mark.parametrize("rule", ["cumulative", "absolute"])
+def test_anti_diagonal_index_matches_oracle(qkv, rule):
+    """The relative rule runs end to end in the `mixed` layer."""
+    thresholds = (0.3, 0.6, 0.9, 1.0) if rule == "cumulative" else (0.0, 0.05, 0.15, 0.3)
+    heads = tuple(
+        P.AntiDiagonalBlockSparse(t, stride=4, max_blocks=64, rule=rule, block_size=BLOCK)
+        for t in thresholds
+    )
+    scores = anti_diagonal_scores_oracle(*qkv[:2], 4, BLOCK, 16**-0.5)
+    assert_blocks_match_oracle(qkv, heads, scores, thresholds, rule)
+
+
 @pytest.mark.parametrize("rows", [1, 4, 32])
 def test_sampled_block_sparse_index_matches_oracle(qkv, rows):
-    q, k, _ = qkv
     thresholds = (0.0, 0.02, 0.1, 0.3)
     heads = tuple(
         P.SampledBlockSparse(t, rows=rows, max_blocks=64, block_size=BLOCK) for t in thresholds
     )
-    index = build_sparse_index(
-        jnp.asarray(q, jnp.float32),
-        jnp.asarray(k, jnp.float32),
-        heads,
-        block_q=BLOCK,
-        block_kv=BLOCK,
-    )
-    scores = sampled_rows_scores_oracle(q, k, rows, BLOCK, 16**-0.5)
-    got = block_sets(index)
-    nb = scores.shape[-1]
-    for b, h, i in np.ndindex(scores.shape[:3]):
-        want = keep_oracle(scores[b, h, i].astype(np.float32), thresholds[h], "absolute")
-        want[0] = want[i] = True  # sink block and diagonal block, always
-        np.testing.assert_array_equal(got[b, h, i, :nb], want, err_msg=f"{rows} {b} {h} {i}")
+    scores = sampled_rows_scores_oracle(*qkv[:2], rows, BLOCK, 16**-0.5)
+    assert_blocks_match_oracle(qkv, heads, scores, thresholds, "absolute")
 
 
 def test_layer_mixing_sampled_rows_is_rejected():
