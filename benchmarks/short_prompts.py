@@ -68,7 +68,7 @@ def measure(pattern_text: str, q, k, v, dense_ms: float, repeats: int) -> dict:
     )
     forced_layer = jax.jit(
         lambda q, k, v: attention.sparse_attention(
-            q, k, v, pattern, block_q=block_q, block_kv=block_kv, implementation=forced
+            q, k, v, patterns=pattern, block_q=block_q, block_kv=block_kv, implementation=forced
         )
     )
     dispatch_ms = time_fn(dispatch, q, k, v, warmup=1, repeats=repeats)

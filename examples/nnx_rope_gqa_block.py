@@ -45,7 +45,8 @@ class Attention(nnx.Module):
         q = rope(self.q(x).reshape(batch, length, num_heads, head_dim))
         k = rope(self.k(x).reshape(batch, length, num_kv_heads, head_dim))
         v = self.v(x).reshape(batch, length, num_kv_heads, head_dim)
-        out = sparse_attention(q, k, v, self.patterns)  # [batch, length, num_heads, head_dim]
+        # [batch, length, num_heads, head_dim]
+        out = sparse_attention(q, k, v, patterns=self.patterns)
         return self.o(out.reshape(batch, length, num_heads * head_dim))
 
 

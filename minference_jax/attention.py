@@ -1,4 +1,5 @@
-"""Public attention API: `sparse_attention(q, k, v, patterns, *, implementation=...)`.
+"""Public attention API: `sparse_attention(query, key, value, *, patterns=..., implementation=...)`,
+shaped like `jax.nn.dot_product_attention`.
 
 Dispatch lives here and only here: which backend runs, and when a layer is plain dense.
 """
@@ -6,21 +7,27 @@ Dispatch lives here and only here: which backend runs, and when a layer is plain
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from minference_jax import patterns as P
 from minference_jax.index_approx import IndexPlan, build_planned_index, plan_index
 from minference_jax.reference import sparse_attention_reference, sparse_attention_xla
 from minference_jax.sparse_index import (
+    SeqLengths,
     SparseIndex,
     check_attention_inputs,
     check_block_sizes,
+    check_causal_mask,
     check_index_matches_inputs,
     check_patterns,
+    check_seq_lengths,
     resolve_softmax_scale,
+    seq_lengths,
 )
 from pallas_kernels import sparse_flash_mgpu
 from pallas_kernels.sparse_flash import sparse_flash_attention
@@ -67,26 +74,46 @@ IMPLEMENTATIONS = ("pallas", "mosaic", "xla", "reference")
 
 
 def sparse_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    patterns: P.Pattern | Sequence[P.Pattern],
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
     *,
-    softmax_scale: float | None = None,
+    patterns: P.Pattern | Sequence[P.Pattern] | None = None,
+    scale: float | None = None,
+    is_causal: bool = True,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
     implementation: str | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
     index: SparseIndex | None = None,
+    softmax_scale: float | None = None,
 ) -> jax.Array:
     """Causal prefill attention where each query head follows its sparse pattern.
 
+    Shaped like `jax.nn.dot_product_attention(query, key, value, bias, mask, *, scale,
+    is_causal, query_seq_lengths, key_value_seq_lengths, implementation)`; with patterns that
+    cover every causal key (`Dense()`) it computes what that computes with `is_causal=True`.
+
     Args:
-      q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] with kv_heads
-        dividing q_heads (query head h reads kv head h // (q_heads // kv_heads)). Causal with
-        q_len == kv_len: query i attends keys j <= i that its pattern selects.
-      patterns: one pattern for all heads, or one per query head (static).
-      softmax_scale: defaults to head_dim ** -0.5; else a concrete number, finite and > 0 in
-        float32 and at most float32_max / (head_dim * log2(e)) (`resolve_softmax_scale`).
+      query: [batch, seq, q_heads, head_dim]; key, value: [batch, seq, kv_heads, head_dim] with
+        kv_heads dividing q_heads (query head h reads kv head h // (q_heads // kv_heads)).
+        Causal with q_len == kv_len: query i attends keys j <= i that its pattern selects.
+      bias: must be None (no additive bias).
+      mask: None, or a bool mask broadcastable to [batch, q_heads, seq, seq] that leaves the
+        attention causal: True where key <= query (and, with is_causal=False, False elsewhere).
+        It is checked, so it must be concrete (a mask traced under jit is refused).
+      patterns: one pattern for all heads, or one per query head (static). Required.
+      scale: defaults to head_dim ** -0.5; else a concrete number, finite and > 0 in float32
+        and at most float32_max / (head_dim * log2(e)) (`resolve_softmax_scale`).
+      is_causal: must be True (or a causal `mask` given): causal prefill is all this computes.
+      query_seq_lengths, key_value_seq_lengths: int32 [batch] of a right-padded batch, as in
+        jax.nn: rows at or past a sequence's query length are zero, and no key at or past its
+        key-value length is attended (a row left with no key is zero, where jax.nn averages
+        every value). Concrete lengths must lie in [0, seq]; traced ones are clipped to it.
+        The index is estimated from each sequence's own rows and keys.
       implementation: "pallas" (the Pallas-Triton kernel; GPU, or CPU in interpret mode),
         "mosaic" (the Pallas Mosaic GPU kernel: sm_90, bf16/f16, head_dim 64 or 128,
         block_q 64 or 128, block_kv 64 or 128; CPU runs its interpreter), "xla" (gathered
@@ -99,37 +126,123 @@ def sparse_attention(
       block_q, block_kv: the index's query / key block sizes; by default `default_blocks`:
         128 x 128 (128 x 64 when a head is block-sparse) where the Mosaic kernel runs, else
         64 x 64.
-      index: a precomputed SparseIndex (otherwise estimated from q and k here); it must have
-        been built for these inputs' batch, query heads and seq length (checked, ValueError).
+      index: a precomputed SparseIndex (otherwise estimated from query and key here); it must
+        have been built for these inputs' batch, query heads and seq length (checked,
+        ValueError).
+      softmax_scale: deprecated name of `scale` (DeprecationWarning).
     Returns:
-      [batch, seq, q_heads, head_dim] in q.dtype (float16 dense layers on CPU run in float32
-      inside, as XLA:CPU has no float16 matmul with float32 accumulation).
+      [batch, seq, q_heads, head_dim] in query.dtype (float16 dense layers on CPU run in
+      float32 inside, as XLA:CPU has no float16 matmul with float32 accumulation).
+
+    The former call `sparse_attention(q, k, v, patterns)` still works, with a
+    DeprecationWarning: a pattern, or a list or tuple of patterns, in the `bias` slot is taken
+    as `patterns` (no array is a pattern, so it cannot be mistaken for a bias).
 
     Inputs must be finite, as in flash attention: a NaN or Inf in one row of v can reach other
     queries computed in the same tile (0 * inf = NaN), even queries whose pattern masks that key.
     """
-    check_attention_inputs(q, k, v)
+    if _holds_patterns(bias):
+        if patterns is not None:
+            raise TypeError("patterns given twice: in the bias slot and as patterns=")
+        warnings.warn(
+            "passing patterns positionally is deprecated: the 4th argument of sparse_attention "
+            "is bias, as in jax.nn.dot_product_attention; pass patterns=... instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        patterns, bias = bias, None
+    if softmax_scale is not None:
+        if scale is not None:
+            raise TypeError("give scale only (softmax_scale is its deprecated name)")
+        warnings.warn(
+            "softmax_scale is deprecated: pass scale=... (as in jax.nn.dot_product_attention)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        scale = softmax_scale
+    check_attention_inputs(query, key, value)
+    batch, seq_len, num_heads, head_dim = query.shape
+    _check_causal(bias, mask, is_causal, batch, num_heads, seq_len)
     check_patterns(patterns)
-    patterns = P.normalize_layer_patterns(patterns, q.shape[2])
+    patterns = P.normalize_layer_patterns(patterns, num_heads)
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}"
         )
-    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    scale = resolve_softmax_scale(scale, head_dim, name="scale")
+    lengths = _padding(query_seq_lengths, key_value_seq_lengths, batch, seq_len)
     if index is not None:
-        check_index_matches_inputs(index, q)  # the one check, whatever the implementation
-        return _attend_jit(q, k, v, index, scale=scale, implementation=implementation)
+        check_index_matches_inputs(index, query)  # the one check, whatever the implementation
+        return _attend_jit(
+            query, key, value, index, scale=scale, implementation=implementation, lengths=lengths
+        )
     plan, budgets = layer_plan(
         patterns,
-        q.shape[1],
-        q.shape[2],
+        seq_len,
+        num_heads,
         implementation,
         block_q=block_q,
         block_kv=block_kv,
-        dtype=q.dtype,
-        head_dim=q.shape[3],
+        dtype=query.dtype,
+        head_dim=head_dim,
     )
-    return _planned_jit(q, k, v, budgets, plan=plan, scale=scale, implementation=implementation)
+    return _planned_jit(
+        query,
+        key,
+        value,
+        budgets,
+        plan=plan,
+        scale=scale,
+        implementation=implementation,
+        lengths=lengths,
+    )
+
+
+def _holds_patterns(x) -> bool:
+    """Whether x is a pattern or a non-empty list / tuple of them (never true of an array)."""
+    if isinstance(x, P.PATTERN_TYPES):
+        return True
+    return (
+        isinstance(x, (list, tuple))
+        and len(x) > 0
+        and all(isinstance(p, P.PATTERN_TYPES) for p in x)
+    )
+
+
+def _check_causal(bias, mask, is_causal, batch: int, num_heads: int, seq_len: int) -> None:
+    """Refuse what would make the attention other than causal: a bias, a mask that is not the
+    causal mask, or is_causal=False without a causal mask."""
+    if bias is not None:
+        raise ValueError(
+            "sparse attention adds no bias: bias must be None (causality and the patterns "
+            f"decide which keys count); got {type(bias).__name__}"
+        )
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if mask is not None:
+        check_causal_mask(mask, batch, num_heads, seq_len, is_causal)
+    elif not is_causal:
+        raise ValueError(
+            "sparse attention is causal prefill only: pass is_causal=True (or the causal mask)"
+        )
+
+
+def _padding(query_seq_lengths, key_value_seq_lengths, batch: int, seq_len: int):
+    """SeqLengths of the checked lengths, or None where concrete lengths pad nothing (then the
+    unpadded program runs). Key lengths at or above the query lengths change nothing: a valid
+    causal row sees no key at or past its own query length anyway."""
+    query_lengths = check_seq_lengths(query_seq_lengths, "query_seq_lengths", batch, seq_len)
+    kv_lengths = check_seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch, seq_len)
+    if _concrete(query_lengths) and bool((query_lengths == seq_len).all()):
+        query_lengths = None
+    limit = seq_len if query_lengths is None else query_lengths
+    if _concrete(kv_lengths) and _concrete(limit) and bool((kv_lengths >= limit).all()):
+        kv_lengths = None
+    return seq_lengths(query_lengths, kv_lengths, batch, seq_len)
+
+
+def _concrete(x) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
 
 
 def layer_plan(
@@ -231,14 +344,24 @@ def default_blocks(patterns, implementation, dtype, head_dim) -> tuple[int, int]
     return 128, block_kv
 
 
-def planned_attention(q, k, v, budgets, *, plan: IndexPlan | None, scale: float, implementation):
+def planned_attention(
+    q,
+    k,
+    v,
+    budgets,
+    *,
+    plan: IndexPlan | None,
+    scale: float,
+    implementation,
+    lengths: SeqLengths | None = None,
+):
     """Jit-friendly core: static plan (None: every head dense), traced per-head budgets.
 
     Models call this inside their jitted layer step, so layers whose patterns differ only in
-    budgets share one compiled program.
+    budgets share one compiled program. `lengths`: a right-padded batch (`SeqLengths`) or None.
     """
     out, _ = planned_attention_with_fraction(
-        q, k, v, budgets, plan=plan, scale=scale, implementation=implementation
+        q, k, v, budgets, plan=plan, scale=scale, implementation=implementation, lengths=lengths
     )
     return out
 
@@ -248,13 +371,17 @@ def _runs_dense(plan: IndexPlan | None, implementation, seq_len: int) -> bool:
     return plan is None or (implementation is None and _short_gpu_prompt(seq_len))
 
 
-def planned_attention_with_fraction(q, k, v, budgets, *, plan, scale: float, implementation):
+def planned_attention_with_fraction(
+    q, k, v, budgets, *, plan, scale: float, implementation, lengths: SeqLengths | None = None
+):
     """`planned_attention` and the share of the causal key tiles it computed (f32 scalar):
     the estimated index's `computed_fraction()`, or 1.0 where dense attention ran instead."""
     if _runs_dense(plan, implementation, q.shape[1]):
-        return _dense_causal(q, k, v, scale), jnp.float32(1.0)
-    index = build_planned_index(q, k, budgets, plan=plan, scale=scale)
-    out = attend_with_index(q, k, v, index, scale=scale, implementation=implementation)
+        return _dense_causal(q, k, v, scale, lengths), jnp.float32(1.0)
+    index = build_planned_index(q, k, budgets, plan=plan, scale=scale, lengths=lengths)
+    out = attend_with_index(
+        q, k, v, index, scale=scale, implementation=implementation, lengths=lengths
+    )
     fraction = index.computed_fraction()
     if implementation is None and _on_gpu():
         kernel = default_sparse_kernel(q.dtype, q.shape[-1], index)
@@ -262,18 +389,22 @@ def planned_attention_with_fraction(q, k, v, budgets, *, plan, scale: float, imp
     return out, fraction
 
 
-def attend_with_index(q, k, v, index: SparseIndex, *, scale: float, implementation):
+def attend_with_index(
+    q, k, v, index: SparseIndex, *, scale: float, implementation, lengths: SeqLengths | None = None
+):
     """Attention under a given index with the chosen backend (None: sparse kernel or cuDNN on
-    GPU, xla elsewhere)."""
+    GPU, xla elsewhere). `lengths`: a right-padded batch (`SeqLengths`) or None."""
     if implementation is None:
         if not _on_gpu():
-            return sparse_attention_xla(q, k, v, index, softmax_scale=scale)
-        return _sparse_or_dense(q, k, v, index, scale)
+            return sparse_attention_xla(q, k, v, index, softmax_scale=scale, lengths=lengths)
+        return _sparse_or_dense(q, k, v, index, scale, lengths=lengths)
     if implementation == "reference":
-        return sparse_attention_reference(q, k, v, index, softmax_scale=scale)
+        return sparse_attention_reference(q, k, v, index, softmax_scale=scale, lengths=lengths)
     if implementation in ("pallas", "mosaic"):
-        return _sparse_kernel(q, k, v, index, scale, implementation, interpret=not _on_gpu())
-    return sparse_attention_xla(q, k, v, index, softmax_scale=scale)
+        return _sparse_kernel(
+            q, k, v, index, scale, implementation, interpret=not _on_gpu(), lengths=lengths
+        )
+    return sparse_attention_xla(q, k, v, index, softmax_scale=scale, lengths=lengths)
 
 
 def _hopper() -> bool:
@@ -331,22 +462,24 @@ def layer_backend(plan, implementation, dtype, head_dim: int, seq_len: int, frac
     return dense if fraction >= 1.0 else BACKEND_NAMES[kernel]
 
 
-def _sparse_kernel(q, k, v, index, scale, implementation, interpret):
+def _sparse_kernel(q, k, v, index, scale, implementation, interpret, lengths=None):
     if implementation == "mosaic":
         return sparse_flash_mgpu.sparse_flash_attention_mgpu(
-            q, k, v, index, softmax_scale=scale, interpret=interpret
+            q, k, v, index, softmax_scale=scale, interpret=interpret, lengths=lengths
         )
-    return sparse_flash_attention(q, k, v, index, softmax_scale=scale, interpret=interpret)
+    return sparse_flash_attention(
+        q, k, v, index, softmax_scale=scale, interpret=interpret, lengths=lengths
+    )
 
 
-def _sparse_or_dense(q, k, v, index, scale, interpret=False):
+def _sparse_or_dense(q, k, v, index, scale, interpret=False, lengths=None):
     """The sparse kernel, or cuDNN when the index is too dense to pay off (decided on device,
     `dense_fallback_fraction`)."""
     kernel = default_sparse_kernel(q.dtype, q.shape[-1], index)
     return jax.lax.cond(
         _too_dense_for_kernel(index, kernel),
-        lambda: _dense_causal(q, k, v, scale),
-        lambda: _sparse_kernel(q, k, v, index, scale, kernel, interpret),
+        lambda: _dense_causal(q, k, v, scale, lengths),
+        lambda: _sparse_kernel(q, k, v, index, scale, kernel, interpret, lengths),
     )
 
 
@@ -354,7 +487,7 @@ def _too_dense_for_kernel(index: SparseIndex, kernel: str = "pallas") -> jax.Arr
     return index.computed_fraction() > dense_fallback_fraction(index.seq_len, kernel)
 
 
-def _dense_causal(q, k, v, scale):
+def _dense_causal(q, k, v, scale, lengths: SeqLengths | None = None):
     """Dense causal attention: cuDNN flash attention on GPU for 16-bit inputs.
 
     `jax.nn.dot_product_attention` with implementation=None picks XLA, which materialises the
@@ -363,15 +496,24 @@ def _dense_causal(q, k, v, scale):
     if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
         # XLA:CPU has no f16 x f16 -> f32 dot: compute in f32, hand back f16.
         up = (x.astype(jnp.float32) for x in (q, k, v))
-        return _dense_causal(*up, scale).astype(jnp.float16)
-    return jax.nn.dot_product_attention(
+        return _dense_causal(*up, scale, lengths).astype(jnp.float16)
+    out = jax.nn.dot_product_attention(
         q,
         k,
         v,
         scale=scale,
         is_causal=True,
+        query_seq_lengths=None if lengths is None else lengths.queries,
+        key_value_seq_lengths=None if lengths is None else lengths.keys,
         implementation="cudnn" if _uses_cudnn(q.dtype) else None,
     )
+    if lengths is None:
+        return out
+    # Padding rows, and rows without a key (a sequence of key length 0): zero, as on the
+    # sparse paths (jax.nn averages every value there).
+    n = q.shape[1]
+    kept = (jnp.arange(n) < lengths.queries[:, None]) & (lengths.keys[:, None] > 0)  # [B, N]
+    return jnp.where(kept[:, :, None, None], out, 0).astype(out.dtype)
 
 
 def _uses_cudnn(dtype) -> bool:

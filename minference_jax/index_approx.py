@@ -5,6 +5,11 @@ host round trip. Heads with different patterns (and budgets) in one layer are ha
 computing each pattern family present once for the whole layer and selecting per head with masks.
 Budgets are traced data (`plan_index` splits a layer into a static `IndexPlan` of bucketed
 buffer widths and per-head budget arrays), so layers differing only in budgets share a program.
+
+Right-padded batches (`lengths`, a SeqLengths): every estimate reads each sequence's own rows
+and keys only. Vertical-Slash reads the last `last_q` rows before the sequence's query length
+(a per-sequence gather), block scores pool only real rows and keys and never pick a key block
+that lies wholly in the padding. Without lengths the programs are the unpadded ones.
 """
 
 from __future__ import annotations
@@ -21,15 +26,18 @@ import numpy as np
 from minference_jax import patterns as P
 from minference_jax.sparse_index import (
     SENTINEL,
+    SeqLengths,
     SparseIndex,
     check_attention_inputs,
     check_block_sizes,
     check_patterns,
     check_positive_int,
+    check_seq_lengths,
     diag_mask_from_slashes,
     finalize_index,
     num_blocks,
     resolve_softmax_scale,
+    seq_lengths,
 )
 from pallas_kernels import antidiag_scores, vs_estimate
 
@@ -82,14 +90,48 @@ def _skew_diagonal_sums(probs: jax.Array) -> jax.Array:
     return by_u[..., ::-1]
 
 
-def _vertical_slash_scores(q_last, k, *, scale: float):
-    """q_last [B, R, G, D] (last R queries), k [B, N, D] -> column and diagonal scores [B, G, N]."""
+def _vertical_slash_scores(q_last, k, *, scale: float, lengths: SeqLengths | None = None):
+    """q_last [B, R, G, D] (last R queries), k [B, N, D] -> column and diagonal scores [B, G, N].
+
+    With `lengths`, q_last holds each sequence's last R rows before its query length (rows
+    before position 0 and keys past the key length count for nothing)."""
     rows, n = q_last.shape[1], k.shape[1]
     logits = jnp.einsum("brgd,bnd->bgrn", q_last, k, preferred_element_type=jnp.float32) * scale
+    if lengths is not None:
+        return _padded_vertical_slash_scores(logits, lengths)
     causal = jnp.arange(n)[None, :] <= (n - rows + jnp.arange(rows))[:, None]  # [R, N]
     logits = jnp.where(causal, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     return probs.sum(axis=-2), _skew_diagonal_sums(probs)
+
+
+def _last_row_positions(lengths: SeqLengths, rows: int) -> jax.Array:
+    """[B, R] positions of each sequence's last R rows (negative: before the sequence)."""
+    return lengths.queries[:, None] - rows + jnp.arange(rows, dtype=jnp.int32)
+
+
+def _last_rows(q: jax.Array, lengths: SeqLengths, rows: int) -> jax.Array:
+    """[B, R, H, D]: each sequence's last R rows before its query length (row 0 repeated where
+    the sequence is shorter; `_last_row_positions` tells those apart)."""
+    positions = jnp.maximum(_last_row_positions(lengths, rows), 0)
+    return q[jnp.arange(q.shape[0])[:, None], positions]
+
+
+def _padded_vertical_slash_scores(logits, lengths: SeqLengths):
+    """Column and diagonal scores [B, G, N] of logits [B, G, R, N] of each sequence's last R
+    rows (`_last_rows`)."""
+    rows, n = logits.shape[2:]
+    positions = _last_row_positions(lengths, rows)[:, None, :, None]  # [B, 1, R, 1]
+    keys = jnp.arange(n)
+    seen = (keys <= positions) & (keys < lengths.keys[:, None, None, None])  # [B, 1, R, N]
+    probs = jax.nn.softmax(jnp.where(seen, logits, -jnp.inf), axis=-1)
+    probs = jnp.where(seen, probs, 0.0)  # rows that see no key: zero, not NaN
+    # The skew takes row r to sit at position N - R + r, N - length later than it does, so it
+    # files the true offset o under o + (N - length).
+    shifted = _skew_diagonal_sums(probs)
+    offsets = keys + (n - lengths.queries)[:, None, None]  # [B, 1, N]
+    diagonals = jnp.take_along_axis(shifted, jnp.minimum(offsets, n - 1), axis=-1)
+    return probs.sum(axis=-2), jnp.where(offsets < n, diagonals, 0.0)
 
 
 def _top_per_head(scores: jax.Array, budgets: jax.Array, k_max: int) -> jax.Array:
@@ -160,16 +202,30 @@ def vertical_slash_scores(
     scale: float,
     last_q: int = P.LAST_Q,
     estimator: str | None = None,
+    lengths: SeqLengths | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Column and diagonal sums [B, Hq, N] of the last `last_q` queries' causal softmax.
 
     Each head's columns (and diagonals) sum to the number of rows used. `estimator`: see
-    `estimate_vertical_slash`.
+    `estimate_vertical_slash`. `lengths`: a right-padded batch; each sequence's own last rows
+    are read, and padding keys get nothing (the XLA estimator: the Pallas one has no lengths).
     """
     _check_estimator(estimator)
     n = q.shape[1]
     rows = min(last_q, n)
     on_gpu = jax.default_backend() == "gpu"
+    if lengths is not None:
+        if estimator == "pallas":
+            raise ValueError(
+                "the Pallas vertical-slash estimator takes no sequence lengths: use "
+                "estimator='xla' or None for a padded batch"
+            )
+        return _map_over_kv_heads(
+            functools.partial(_vertical_slash_scores, scale=scale, lengths=lengths),
+            _grouped(_last_rows(q, lengths, rows), k.shape[2]),
+            k,
+            one_at_a_time=q.shape[0] * q.shape[2] * rows * n * 4 > _SCORE_BYTES_PER_STEP,
+        )
     if estimator is None:
         estimator = default_estimator(q.dtype, n, rows, q.shape[-1], on_gpu=on_gpu)
     q_last = q[:, n - rows :]
@@ -205,19 +261,20 @@ def estimate_vertical_slash(
     last_q: int = P.LAST_Q,
     max_budgets: tuple[int, int] | None = None,
     estimator: str | None = None,
+    lengths: SeqLengths | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Estimate verticals and slashes for every query head.
 
     q [B, N, Hq, D], k [B, N, Hkv, D]; budgets [Hq, 2] = (n_vertical, n_slash) per head, may be
     traced when `max_budgets` (static top-k widths, >= every budget) is given.
     `estimator`: "pallas" (the fused kernel of pallas_kernels/vs_estimate.py; interpreted off
-    GPU), "xla", or None (`default_estimator`).
+    GPU), "xla", or None (`default_estimator`). `lengths`: see `vertical_slash_scores`.
     Returns (verticals [B, Hq, max_v] key positions, slashes [B, Hq, max_s] offsets i - j), both
     ascending and SENTINEL-padded. The first 30 columns and the 100 most local offsets always win.
     """
     n = q.shape[1]
     columns, diagonals = vertical_slash_scores(
-        q, k, scale=scale, last_q=last_q, estimator=estimator
+        q, k, scale=scale, last_q=last_q, estimator=estimator, lengths=lengths
     )
     positions = jnp.arange(n)
     columns = jnp.where(positions < P.N_SINK_COLUMNS, jnp.inf, columns)
@@ -259,14 +316,28 @@ def _in_causal_groups(one_chunk, n_chunks: int, chunk: int, ratio: int, n_kv_blo
     return out.reshape(*out.shape[:2], n_chunks * chunk, *out.shape[4:])
 
 
-def _pool_blocks(x: jax.Array, block: int) -> jax.Array:
-    """[B, N, H, D] -> [B, nb, H, D] mean over each block's real rows (a partial tail block too)."""
+def _pool_blocks(x: jax.Array, block: int, length: jax.Array | None = None) -> jax.Array:
+    """[B, N, H, D] -> [B, nb, H, D] mean over each block's real rows (a partial tail block too).
+
+    `length` [B]: rows at or past it are padding and left out (a block of padding pools to 0).
+    """
     b, n, h, d = x.shape
     nb = num_blocks(n, block)
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * block - n), (0, 0), (0, 0)))
+    x = x.astype(jnp.float32)
+    if length is not None:
+        x = jnp.where(jnp.arange(n)[None, :, None, None] < length[:, None, None, None], x, 0.0)
+    x = jnp.pad(x, ((0, 0), (0, nb * block - n), (0, 0), (0, 0)))
     sums = x.reshape(b, nb, block, h, d).sum(axis=2)
-    rows = jnp.minimum(n - jnp.arange(nb) * block, block).astype(jnp.float32)
-    return sums / rows[None, :, None, None]
+    if length is None:
+        rows = jnp.minimum(n - jnp.arange(nb) * block, block).astype(jnp.float32)
+        return sums / rows[None, :, None, None]
+    rows = jnp.clip(length[:, None] - jnp.arange(nb) * block, 1, block).astype(jnp.float32)
+    return sums / rows[:, :, None, None]
+
+
+def _key_blocks(lengths: SeqLengths | None, block_kv: int) -> jax.Array | None:
+    """[B] how many key blocks hold a key before each sequence's key length (None: all)."""
+    return None if lengths is None else -(-lengths.keys // block_kv)
 
 
 def estimate_block_sparse(
@@ -278,11 +349,13 @@ def estimate_block_sparse(
     block_q: int,
     block_kv: int,
     max_top_k: int | None = None,
+    lengths: SeqLengths | None = None,
 ) -> jax.Array:
     """Top key blocks per query block from mean-pooled q and k, excluding the diagonal blocks.
 
     q [B, N, Hq, D], k [B, N, Hkv, D]; top_k [Hq] counts all tiles incl. the r diagonal blocks
-    (may be traced when the static `max_top_k` is given).
+    (may be traced when the static `max_top_k` is given). `lengths`: a right-padded batch
+    (blocks pool their real rows; key blocks wholly past the key length are never chosen).
     Returns [B, Hq, n_q_blocks, max(top_k) - r] key-block ids, ascending, SENTINEL-padded: the
     set lax.top_k would pick (equal scores: the lower block), selected without a sort.
     """
@@ -295,9 +368,11 @@ def estimate_block_sparse(
     k_max = int(min(max(max_top_k - ratio, 0), num_blocks(n, block_kv)))
     if k_max == 0:
         return jnp.full((q.shape[0], q.shape[2], n_q_blocks, 0), SENTINEL, jnp.int32)
-    pooled_q = _grouped(_pool_blocks(q, block_q), k.shape[2])  # [B, nqb, Hkv, G, D]
-    pooled_k = _pool_blocks(k, block_kv)  # [B, nkb, Hkv, D]
+    query_length, key_length = (None, None) if lengths is None else lengths
+    pooled_q = _grouped(_pool_blocks(q, block_q, query_length), k.shape[2])  # [B, nqb, Hkv, G, D]
+    pooled_k = _pool_blocks(k, block_kv, key_length)  # [B, nkb, Hkv, D]
     n_kv_blocks = pooled_k.shape[1]
+    key_blocks = _key_blocks(lengths, block_kv)
 
     def top_blocks(first, width):
         chunk_q = jax.lax.dynamic_slice_in_dim(padded_q, first, chunk, axis=1)
@@ -307,11 +382,18 @@ def estimate_block_sparse(
         s = s.reshape(s.shape[0], -1, *s.shape[3:]) * scale  # [B, Hq, C, width]
         q_blocks = first + jnp.arange(chunk)
         n_allowed = jnp.minimum(q_blocks * ratio, n_kv_blocks)  # strictly before the diagonal
-        allowed = jnp.arange(width)[None, :] < n_allowed[:, None]
+        if key_blocks is None:
+            allowed = jnp.arange(width)[None, :] < n_allowed[:, None]
+        else:  # [B, 1, C, 1]: nor wholly in the padding
+            n_allowed = jnp.minimum(n_allowed, key_blocks[:, None])[:, None, :, None]
+            allowed = jnp.arange(width) < n_allowed
         # Allowed scores map to keys >= 1 (order kept), the rest to 0; k never exceeds the
         # allowed count, so a 0 key is never chosen.
         keys = jnp.where(allowed, _order_key(s), jnp.uint32(0))
-        k = jnp.minimum(extra[None, :, None, None], n_allowed[None, None, :, None])
+        if key_blocks is None:
+            k = jnp.minimum(extra[None, :, None, None], n_allowed[None, None, :, None])
+        else:
+            k = jnp.minimum(extra[None, :, None, None], n_allowed)
         return _radix_select(keys, k, k_max)
 
     # Chunk query blocks so the [B, Hq, chunk, nkb] scores (and the selection's few arrays of the
@@ -487,6 +569,7 @@ def _block_scores_by_chunk(
     sample_rows=0,
     sampled_heads=None,
     estimator=None,
+    lengths=None,
 ):
     """(score_fn, n_q_blocks, chunk): score_fn(first_q_block, width) -> [B, Hq, chunk, width]
     attention mass of each query block on key blocks 0..width-1 (static; at least every key
@@ -496,14 +579,20 @@ def _block_scores_by_chunk(
     rows spread over each query block (None: no such head); heads where `pooled_heads` [Hq] is
     True from mean-pooled q and k (softmax over key blocks; None: no such head); the others
     from strided anti-diagonals (`stride`; 0: no anti-diagonal head), by `estimator`
-    ("pallas": `antidiag_scores`, interpreted off GPU; "xla"; None: `antidiagonal_estimator`)."""
+    ("pallas": `antidiag_scores`, interpreted off GPU, unpadded batches only; "xla"; None:
+    `antidiagonal_estimator`). `lengths`: a right-padded batch (padding rows and keys score
+    nothing)."""
     batch, n, num_heads, head_dim = q.shape
+    query_length, key_length = (None, None) if lengths is None else lengths
+    key_blocks = _key_blocks(lengths, block_kv)
     num_kv = k.shape[2]
     ratio = block_q // block_kv
     n_q_blocks, n_kv_blocks = num_blocks(n, block_q), num_blocks(n, block_kv)
     on_gpu = jax.default_backend() == "gpu"
     if estimator is None:
         estimator = antidiagonal_estimator(q.dtype, head_dim, on_gpu=on_gpu)
+    if estimator == "pallas" and lengths is not None:
+        raise ValueError("the Pallas anti-diagonal scorer takes no sequence lengths; use 'xla'")
     fused = bool(stride) and estimator == "pallas"
     strided_cols = n_kv_blocks * block_kv // stride if stride else 0
     pooled_cols = 0 if pooled_heads is None else n_kv_blocks
@@ -520,9 +609,12 @@ def _block_scores_by_chunk(
     padded_rows = n_chunks * chunk * block_q
 
     if pooled_heads is not None:
-        pooled_q = _grouped(_pool_blocks(q, block_q), num_kv)  # [B, nqb, Hkv, G, D]
+        pooled_q = _grouped(_pool_blocks(q, block_q, query_length), num_kv)  # [B, nqb, Hkv, G, D]
         pooled_q = jnp.pad(pooled_q, ((0, 0), (0, n_chunks * chunk - n_q_blocks)) + ((0, 0),) * 3)
-        pooled_k = _pool_blocks(k, block_kv)  # [B, nkb, Hkv, D]
+        pooled_k = _pool_blocks(k, block_kv, key_length)  # [B, nkb, Hkv, D]
+    if stride and lengths is not None:  # padding rows and keys add nothing to a strided dot
+        q = jnp.where(jnp.arange(n)[:, None, None] < query_length[:, None, None, None], q, 0)
+        k = jnp.where(jnp.arange(n)[:, None, None] < key_length[:, None, None, None], k, 0)
     if fused:
         tile_rows, tile_cols = antidiag_scores.TILE_ROWS, antidiag_scores.TILE_COLS
         # Every chunk reads a whole number of row tiles, the last one past the padding too.
@@ -545,7 +637,11 @@ def _block_scores_by_chunk(
         causal = jnp.arange(width)[None, :] <= ((q_blocks + 1) * ratio - 1)[:, None]  # [C, W]
         chunk_q = jax.lax.dynamic_slice_in_dim(pooled_q, first, chunk, axis=1)
         s = jnp.einsum("bckgd,bmkd->bkgcm", chunk_q, pooled_k[:, :width]) * scale
+        if key_blocks is not None:  # [B, 1, 1, C, W]: nor wholly in the padding
+            causal = causal & (jnp.arange(width) < key_blocks[:, None, None, None, None])
         pooled = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+        if key_blocks is not None:  # a sequence without keys: zero, not NaN
+            pooled = jnp.where(causal, pooled, 0.0)
         return pooled.reshape(batch, num_heads, chunk, width)
 
     def fused_probs(first, width):
@@ -581,23 +677,36 @@ def _block_scores_by_chunk(
         row = first * rows_per_block + jnp.arange(chunk * rows_per_block)  # strided query rows
         col = jnp.arange(width * cols_per_block)
         allowed = (col[None, :] <= row[:, None]) & (col[None, :] * stride < n)
-        return jax.nn.softmax(jnp.where(allowed, s * (scale / stride), -jnp.inf), axis=-1)
+        if lengths is not None:  # [B, 1, 1, R, C]: this sequence's keys only
+            allowed = allowed & (col * stride < key_length[:, None, None, None, None])
+        probs = jax.nn.softmax(jnp.where(allowed, s * (scale / stride), -jnp.inf), axis=-1)
+        return probs if lengths is None else jnp.where(allowed, probs, 0.0)  # no key: 0, not NaN
 
     if sample_rows:
         # Rows floor((j + 1) * block_q / r) - 1 of each query block: evenly spread, the last
-        # row included (the last row of the final block is clamped into the sequence).
+        # row included (clamped into the sequence: its length, in a padded batch).
         row_offsets = (np.arange(1, sample_rows + 1) * block_q) // sample_rows - 1
         k_padded = jnp.pad(k, ((0, 0), (0, n_kv_blocks * block_kv - n), (0, 0), (0, 0)))
+        last_row = jnp.full((batch,), n - 1) if lengths is None else query_length - 1
 
     def sampled_scores(first, width):
         q_blocks = first + jnp.arange(chunk)
-        rows = jnp.minimum(q_blocks[:, None] * block_q + row_offsets[None, :], n - 1).reshape(-1)
-        q_rows = _grouped(jnp.take(q, rows, axis=1), num_kv)  # [B, chunk * r, Hkv, G, D]
+        rows = (q_blocks[:, None] * block_q + row_offsets[None, :]).reshape(-1)
+        rows = jnp.clip(rows[None, :], 0, jnp.maximum(last_row, 0)[:, None])  # [B, chunk * r]
+        q_rows = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
         keys = k_padded[:, : width * block_kv]
-        s = jnp.einsum("brkgd,bnkd->bkgrn", q_rows, keys, preferred_element_type=jnp.float32)
+        s = jnp.einsum(
+            "brkgd,bnkd->bkgrn",
+            _grouped(q_rows, num_kv),
+            keys,
+            preferred_element_type=jnp.float32,
+        )
         key = jnp.arange(width * block_kv)
-        allowed = (key[None, :] <= rows[:, None]) & (key[None, :] < n)
+        limit = n if lengths is None else key_length[:, None, None]
+        allowed = (key[None, None, :] <= rows[:, :, None]) & (key[None, None, :] < limit)
+        allowed = allowed[:, None, None]  # [B, 1, 1, R, W * block_kv]
         probs = jax.nn.softmax(jnp.where(allowed, s * scale, -jnp.inf), axis=-1)
+        probs = jnp.where(allowed, probs, 0.0)  # a sequence without keys: zero, not NaN
         sums = probs.reshape(batch, num_kv, -1, chunk, sample_rows, width, block_kv)
         return sums.sum(axis=(4, 6)).reshape(batch, num_heads, chunk, width) / sample_rows
 
@@ -612,13 +721,18 @@ def _block_scores_by_chunk(
         rows_per_block = block_q // stride
         probs = (fused_probs if fused else xla_probs)(first, width)
         row = first * rows_per_block + jnp.arange(chunk * rows_per_block)  # strided query rows
-        probs = jnp.where((row * stride < n)[:, None], probs, 0.0)
+        if lengths is None:
+            probs = jnp.where((row * stride < n)[:, None], probs, 0.0)
+            real_rows = jnp.ceil(jnp.clip(n - q_blocks * block_q, 1, block_q) / stride)[:, None]
+        else:
+            real_row = row[:, None] * stride < query_length[:, None, None, None, None]
+            probs = jnp.where(real_row, probs, 0.0)
+            real_rows = jnp.clip(query_length[:, None] - q_blocks * block_q, 1, block_q) / stride
+            real_rows = jnp.ceil(real_rows)[:, None, None, :, None]  # [B, 1, 1, C, 1]
         sums = probs.reshape(
             batch, num_kv, -1, chunk, rows_per_block, width, probs.shape[-1] // width
         )
-        sums = sums.sum(axis=(4, 6))
-        real_rows = jnp.clip(n - q_blocks * block_q, 1, block_q) / stride
-        anti = (sums / jnp.ceil(real_rows)[:, None]).reshape(batch, num_heads, chunk, width)
+        anti = (sums.sum(axis=(4, 6)) / real_rows).reshape(batch, num_heads, chunk, width)
         if pooled_heads is not None:
             anti = jnp.where(_heads(pooled_heads), pooled_scores(first, width), anti)
         return anti if out is None else jnp.where(_heads(sampled_heads), out, anti)
@@ -642,6 +756,7 @@ def select_key_blocks(
     sample_rows=0,
     sampled_heads=None,
     estimator=None,
+    lengths=None,
 ) -> jax.Array:
     """[B, Hq, n_q_blocks, capacity] key blocks per query block, chosen by threshold.
 
@@ -658,6 +773,7 @@ def select_key_blocks(
         block_q=block_q,
         block_kv=block_kv,
         estimator=estimator,
+        lengths=lengths,
     )
     n_kv_blocks = num_blocks(q.shape[1], block_kv)
     ratio = block_q // block_kv
@@ -674,20 +790,32 @@ def select_key_blocks(
     return _in_causal_groups(one_chunk, n_chunks, chunk, ratio, n_kv_blocks)[:, :, :n_q_blocks]
 
 
-def query_aware_distance(q, k, columns, *, scale, last_q, block_kv) -> jax.Array:
+def query_aware_distance(q, k, columns, *, scale, last_q, block_kv, lengths=None) -> jax.Array:
     """[B, Hq] Jensen-Shannon distance (sqrt of the base-2 divergence, in [0, 1]) between the
     last `last_q` queries' key-block attention (from their column sums `columns` [B, Hq, N]) and
-    the same distribution estimated from mean-pooled q and k."""
+    the same distribution estimated from mean-pooled q and k. `lengths`: a right-padded batch
+    (each sequence's own last rows and keys)."""
     n = q.shape[1]
     rows = min(last_q, n)
     n_kv_blocks = num_blocks(n, block_kv)
     true = jnp.pad(columns, ((0, 0), (0, 0), (0, n_kv_blocks * block_kv - n)))
     true = true.reshape(*columns.shape[:2], n_kv_blocks, block_kv).sum(-1)
     true = true / jnp.maximum(true.sum(-1, keepdims=True), 1e-30)
-    q_mean = _grouped(q[:, n - rows :].astype(jnp.float32).mean(axis=1, keepdims=True), k.shape[2])
-    pooled_k = _pool_blocks(k, block_kv)
+    if lengths is None:
+        q_mean = q[:, n - rows :].astype(jnp.float32).mean(axis=1, keepdims=True)
+    else:
+        real = (_last_row_positions(lengths, rows) >= 0)[:, :, None, None]  # [B, R, 1, 1]
+        q_last = jnp.where(real, _last_rows(q, lengths, rows).astype(jnp.float32), 0.0)
+        q_mean = q_last.sum(axis=1, keepdims=True) / jnp.maximum(real.sum(axis=1, keepdims=True), 1)
+    q_mean = _grouped(q_mean, k.shape[2])
+    pooled_k = _pool_blocks(k, block_kv, None if lengths is None else lengths.keys)
     logits = jnp.einsum("bqkgd,bmkd->bkgm", q_mean, pooled_k) * scale
-    estimate = jax.nn.softmax(logits, axis=-1).reshape(true.shape)
+    if lengths is None:
+        estimate = jax.nn.softmax(logits, axis=-1).reshape(true.shape)
+    else:  # key blocks wholly in the padding get nothing
+        real_blocks = jnp.arange(n_kv_blocks) < _key_blocks(lengths, block_kv)[:, None, None, None]
+        estimate = jax.nn.softmax(jnp.where(real_blocks, logits, -jnp.inf), axis=-1)
+        estimate = jnp.where(real_blocks, estimate, 0.0).reshape(true.shape)
     middle = (true + estimate) / 2
 
     def kl(p):  # KL(p || middle) in bits, 0 log 0 = 0
@@ -795,7 +923,9 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
     return plan, arrays
 
 
-def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candidates, columns):
+def _adaptive_parts(
+    q, k, budgets, *, plan, scale, estimator, diag_mask, candidates, columns, lengths
+):
     """The layer's (diag_mask, candidates, columns) with its adaptive heads' parts filled in."""
     adaptive = plan.adaptive
     batch, n, num_heads, _ = q.shape
@@ -815,7 +945,7 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
 
     if "avs" in plan.families:
         column_scores, diagonal_scores = vertical_slash_scores(
-            q, k, scale=scale, last_q=plan.last_q, estimator=estimator
+            q, k, scale=scale, last_q=plan.last_q, estimator=estimator, lengths=lengths
         )
         verticals, slashes = estimate_adaptive_vertical_slash(
             column_scores,
@@ -829,7 +959,13 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
         use_vs = jnp.broadcast_to(budgets["is_avs"] != 0, (batch, num_heads))
         if adaptive.query_aware:
             distance = query_aware_distance(
-                q, k, column_scores, scale=scale, last_q=plan.last_q, block_kv=block_kv
+                q,
+                k,
+                column_scores,
+                scale=scale,
+                last_q=plan.last_q,
+                block_kv=block_kv,
+                lengths=lengths,
             )
             use_blocks = use_vs & (distance < budgets["query_aware"][None, :])
             use_vs = use_vs & ~use_blocks
@@ -855,6 +991,7 @@ def _adaptive_parts(q, k, budgets, *, plan, scale, estimator, diag_mask, candida
             block_q=block_q,
             block_kv=block_kv,
             estimator=estimator,
+            lengths=lengths,
         )
         # Key block 0 (the sink) always; blocks are ascending, so blocks[..., 0] tells if it is in.
         sink = jnp.where(blocks[..., :1] == 0, SENTINEL, 0).astype(jnp.int32)
@@ -1000,14 +1137,18 @@ def build_sparse_index(
     block_kv: int = 64,
     last_q: int = P.LAST_Q,
     estimator: str | None = None,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
 ) -> SparseIndex:
     """Estimate the SparseIndex of one layer. q [B, N, Hq, D], k [B, N, Hkv, D]; jitted.
 
     `patterns`: one pattern for all heads or one per query head. Heads that pick key blocks
-    (`patterns.key_block_size`) need `block_size == block_kv`. `softmax_scale`: as in
-    `sparse_attention`. `last_q` (>= 1): how many of the last queries the estimates read.
-    `estimator`: the Vertical-Slash scorer as in `estimate_vertical_slash`; "pallas" also scores
-    anti-diagonal heads with the fused kernel (`antidiagonal_estimator`). Inputs are checked as
+    (`patterns.key_block_size`) need `block_size == block_kv`. `softmax_scale`: as
+    `sparse_attention`'s `scale`. `last_q` (>= 1): how many of the last queries the estimates
+    read. `estimator`: the Vertical-Slash scorer as in `estimate_vertical_slash`; "pallas" also
+    scores anti-diagonal heads with the fused kernel (`antidiagonal_estimator`).
+    `query_seq_lengths`, `key_value_seq_lengths`: int32 [batch] of a right-padded batch, as in
+    `sparse_attention`: the estimates read each sequence's own rows and keys. Inputs are checked as
     `sparse_attention` checks them (TypeError / ValueError).
     """
     check_attention_inputs(q, k)
@@ -1016,14 +1157,34 @@ def build_sparse_index(
         patterns, q.shape[1], q.shape[2], block_q=block_q, block_kv=block_kv, last_q=last_q
     )
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    return build_planned_index(q, k, budgets, plan=plan, scale=scale, estimator=estimator)
+    batch, n = q.shape[:2]
+    query_lengths = check_seq_lengths(query_seq_lengths, "query_seq_lengths", batch, n)
+    kv_lengths = check_seq_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch, n)
+    return build_planned_index(
+        q,
+        k,
+        budgets,
+        plan=plan,
+        scale=scale,
+        estimator=estimator,
+        lengths=seq_lengths(query_lengths, kv_lengths, batch, n),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "scale", "estimator"))
 def build_planned_index(
-    q, k, budgets, *, plan: IndexPlan, scale: float, estimator: str | None = None
+    q,
+    k,
+    budgets,
+    *,
+    plan: IndexPlan,
+    scale: float,
+    estimator: str | None = None,
+    lengths: SeqLengths | None = None,
 ) -> SparseIndex:
-    """The index of one layer from a static plan and traced per-head budgets (see plan_index)."""
+    """The index of one layer from a static plan and traced per-head budgets (see plan_index).
+
+    `lengths`: a right-padded batch (`SeqLengths`), or None."""
     batch, n, num_heads, _ = q.shape
     if (n, num_heads) != (plan.seq_len, plan.num_heads):
         raise ValueError(f"plan is for seq {plan.seq_len} x {plan.num_heads} heads, got {q.shape}")
@@ -1053,6 +1214,7 @@ def build_planned_index(
             last_q=plan.last_q,
             max_budgets=(plan.max_vertical, plan.max_slash),
             estimator=estimator,
+            lengths=lengths,
         )
         vs_mask = diag_mask_from_slashes(slashes, n_slots, block_kv, ratio)
         diag_mask = jnp.where(per_head("is_vs", 3), vs_mask, diag_mask)
@@ -1073,6 +1235,7 @@ def build_planned_index(
             block_q=block_q,
             block_kv=block_kv,
             max_top_k=plan.max_top_k,
+            lengths=lengths,
         )
         width = max(candidates.shape[-1], chosen.shape[-1])
         pad = lambda x: jnp.pad(  # noqa: E731
@@ -1096,6 +1259,7 @@ def build_planned_index(
             diag_mask=diag_mask,
             candidates=candidates,
             columns=columns,
+            lengths=lengths,
         )
     return finalize_index(
         diag_mask,

@@ -2,6 +2,8 @@
 
 Layout [batch, seq, heads, head_dim]; causal prefill (q_len == kv_len, query i sees keys <= i);
 GQA with contiguous groups (query head h reads kv head h // (Hq // Hkv)), never repeating K/V.
+`lengths` (a SeqLengths, optional): a right-padded batch; rows past a sequence's query length,
+and rows left without any key before its key length, are zero.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from minference_jax.sparse_index import (
+    SeqLengths,
     SparseIndex,
     check_index_matches_inputs,
     column_is_covered,
@@ -43,23 +46,43 @@ def _grouped_masked_attention(q, k, v, mask, scale):
     return out.reshape(b, t, hq, d)
 
 
-def dense_attention_reference(q, k, v, *, softmax_scale: float | None = None) -> jax.Array:
+def _padded_masked_attention(q, k, v, mask, scale, lengths: SeqLengths | None):
+    """`_grouped_masked_attention`, keys past `lengths.keys` masked and rows that are padding or
+    keep no key set to zero (a fully masked row would otherwise average every value)."""
+    if lengths is None:
+        return _grouped_masked_attention(q, k, v, mask, scale)
+    n = q.shape[1]
+    mask = mask & (jnp.arange(n) < lengths.keys[:, None, None, None])
+    rows = (jnp.arange(n) < lengths.queries[:, None, None]) & mask.any(axis=-1)  # [B, H, N]
+    out = _grouped_masked_attention(q, k, v, mask, scale)
+    return jnp.where(jnp.moveaxis(rows, 1, 2)[..., None], out, 0.0)
+
+
+def dense_attention_reference(
+    q, k, v, *, softmax_scale: float | None = None, lengths: SeqLengths | None = None
+) -> jax.Array:
     """Causal attention in f32 math; returns q.dtype."""
     n = q.shape[1]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
     mask = jnp.broadcast_to(causal, (q.shape[0], q.shape[2], n, n))
-    return _grouped_masked_attention(q, k, v, mask, scale).astype(q.dtype)
+    return _padded_masked_attention(q, k, v, mask, scale, lengths).astype(q.dtype)
 
 
 def sparse_attention_reference(
-    q, k, v, index: SparseIndex, *, softmax_scale: float | None = None
+    q,
+    k,
+    v,
+    index: SparseIndex,
+    *,
+    softmax_scale: float | None = None,
+    lengths: SeqLengths | None = None,
 ) -> jax.Array:
     """The oracle: dense attention under the index's [B, H, N, N] mask. O(N^2) memory."""
     check_index_matches_inputs(index, q)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     mask = dense_mask_from_index(index)
-    return _grouped_masked_attention(q, k, v, mask, scale).astype(q.dtype)
+    return _padded_masked_attention(q, k, v, mask, scale, lengths).astype(q.dtype)
 
 
 def _tile_positions(index: SparseIndex, q_block: jax.Array):
@@ -85,7 +108,14 @@ def _tile_positions(index: SparseIndex, q_block: jax.Array):
 
 
 def sparse_attention_xla(
-    q, k, v, index: SparseIndex, *, softmax_scale: float | None = None, query_blocks=None
+    q,
+    k,
+    v,
+    index: SparseIndex,
+    *,
+    softmax_scale: float | None = None,
+    query_blocks=None,
+    lengths: SeqLengths | None = None,
 ) -> jax.Array:
     """Gathered sparse attention in plain XLA, one query block at a time (the no-GPU fallback).
 
@@ -111,6 +141,8 @@ def sparse_attention_xla(
         positions, valid = _tile_positions(index, q_block)  # [B, H, P]
         rows = q_block * bq + jnp.arange(bq)
         valid = valid[:, :, None, :] & (positions[:, :, None, :] <= rows[None, None, :, None])
+        if lengths is not None:
+            valid &= positions[:, :, None, :] < lengths.keys[:, None, None, None]
         k_tiles = k_heads[batch_idx, kv_head_idx, positions]  # [B, H, P, D]
         v_tiles = v_heads[batch_idx, kv_head_idx, positions]
         q_rows = jax.lax.dynamic_slice_in_dim(q_pad, q_block * bq, bq, axis=1)  # [B, bq, H, D]
@@ -132,6 +164,9 @@ def sparse_attention_xla(
             preferred_element_type=jnp.float32,
             precision=precision,
         )
+        if lengths is not None:  # padding rows, and rows left without a key: zero
+            kept = valid.any(axis=-1) & (rows < lengths.queries[:, None, None])  # [B, H, bq]
+            out = jnp.where(jnp.moveaxis(kept, 1, 2)[..., None], out, 0.0)
         return out.astype(q.dtype)
 
     if query_blocks is not None:

@@ -27,6 +27,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -182,8 +183,9 @@ def check_attention_inputs(q: jax.Array, k: jax.Array, v: jax.Array | None = Non
         )
 
 
-def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
-    """The scale to use: head_dim ** -0.5 for None, else `softmax_scale` once checked.
+def resolve_softmax_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> float:
+    """The scale to use: head_dim ** -0.5 for None, else `softmax_scale` once checked (`name`:
+    what error messages call it).
 
     It must be a concrete real number (the kernels compile it in), finite and > 0 (0 would weigh
     every key alike, a negative scale prefer the least similar keys), not rounding to 0 in
@@ -195,23 +197,23 @@ def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
         return head_dim**-0.5
     if isinstance(softmax_scale, jax.core.Tracer):
         raise TypeError(
-            "softmax_scale must be a concrete number, not a traced value: the kernels compile "
+            f"{name} must be a concrete number, not a traced value: the kernels compile "
             "it in (pass it as a static argument of jax.jit)"
         )
     if not _is_real_number(softmax_scale):
-        raise TypeError(f"softmax_scale must be a real number, got {type(softmax_scale).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(softmax_scale).__name__}")
     scale = float(softmax_scale)
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"softmax_scale must be finite and > 0, got {scale!r}")
+        raise ValueError(f"{name} must be finite and > 0, got {scale!r}")
     largest = _FLOAT32_MAX / (head_dim * LOG2E)
     if scale > largest:
         raise ValueError(
-            f"softmax_scale {scale:g} is too large for head_dim {head_dim}: at most {largest:.3g}"
+            f"{name} {scale:g} is too large for head_dim {head_dim}: at most {largest:.3g}"
             ", so that scale * head_dim * log2(e) (the logit of q and k rows of ones, as the "
             "kernels compute it) stays finite in float32"
         )
     if np.float32(scale) == 0:
-        raise ValueError(f"softmax_scale {scale!r} rounds to 0 in float32, the kernels' precision")
+        raise ValueError(f"{name} {scale!r} rounds to 0 in float32, the kernels' precision")
     return scale
 
 
@@ -233,6 +235,95 @@ def check_patterns(patterns) -> None:
         raise TypeError(
             "patterns must be a Pattern (Dense(), VerticalSlash(...), ...) or a sequence of "
             f"patterns, one per query head; got {type(patterns).__name__}"
+        )
+
+
+class SeqLengths(NamedTuple):
+    """Per-sequence lengths of a right-padded batch, int32 [batch] each.
+
+    Query rows at or past `queries` are padding (their output is zero); keys at or past `keys`
+    are never attended. A valid causal row sees only keys before `queries`, so `keys` holds
+    min(key length, query length): what any row that counts can see.
+    """
+
+    queries: jax.Array
+    keys: jax.Array
+
+
+def check_seq_lengths(lengths, name: str, batch: int, seq_len: int) -> jax.Array | None:
+    """`lengths` as int32 [batch], or None. Raise TypeError / ValueError for anything else.
+
+    Concrete lengths must lie in [0, seq_len]; traced ones (under jit) cannot be checked and
+    are clipped to that range.
+    """
+    if lengths is None:
+        return None
+    if not isinstance(lengths, (jax.Array, np.ndarray)):
+        raise TypeError(f"{name} must be an int32 array [batch], got {type(lengths).__name__}")
+    if lengths.dtype == bool or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{name} must hold integers (int32 [batch]), got dtype {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(
+            f"{name} must have shape ({batch},), one length per sequence of the batch; "
+            f"got shape {lengths.shape}"
+        )
+    if isinstance(lengths, jax.core.Tracer):
+        return jnp.clip(lengths, 0, seq_len).astype(jnp.int32)
+    values = np.asarray(lengths)
+    bad = (values < 0) | (values > seq_len)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(
+            f"{name} must lie in [0, {seq_len}] (the padded sequence length); "
+            f"got {values[row]} for sequence {row}"
+        )
+    return jnp.asarray(lengths, jnp.int32)
+
+
+def seq_lengths(query_lengths, kv_lengths, batch: int, seq_len: int) -> SeqLengths | None:
+    """SeqLengths of checked query / key-value lengths (None: unpadded), or None if both are."""
+    if query_lengths is None and kv_lengths is None:
+        return None
+    queries = jnp.full((batch,), seq_len, jnp.int32) if query_lengths is None else query_lengths
+    keys = queries if kv_lengths is None else jnp.minimum(kv_lengths, queries)
+    return SeqLengths(queries, keys)
+
+
+def check_causal_mask(mask, batch: int, heads: int, seq_len: int, is_causal: bool) -> None:
+    """Accept a boolean mask, broadcastable to [batch, heads, seq_len, seq_len], that leaves the
+    attention causal: the causal mask itself (True where key <= query), or with `is_causal`
+    (which masks the keys after the query anyway) any mask True wherever key <= query. Raise
+    TypeError / ValueError otherwise.
+
+    The values of a traced mask (under jit) cannot be read, so such a mask is refused.
+    """
+    if isinstance(mask, jax.core.Tracer):
+        raise TypeError(
+            "mask is a traced value (inside jax.jit), so it cannot be checked to be causal; "
+            "the attention is causal anyway: pass is_causal=True and no mask"
+        )
+    if not isinstance(mask, (jax.Array, np.ndarray)):
+        raise TypeError(f"mask must be a boolean array, got {type(mask).__name__}")
+    if mask.dtype != bool:
+        raise TypeError(f"mask must be boolean (True: attend), got dtype {mask.dtype}")
+    full = (batch, heads, seq_len, seq_len)
+    fits = 2 <= mask.ndim <= 4 and all(
+        m in (1, f) for m, f in zip(mask.shape[::-1], full[::-1], strict=False)
+    )
+    if not fits:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to [batch, heads, query, key] = "
+            f"{list(full)}"
+        )
+    values = np.broadcast_to(np.asarray(mask), mask.shape[:-2] + (seq_len, seq_len))
+    causal = np.tril(np.ones((seq_len, seq_len), bool))
+    differs = (values != causal) & (causal | (not is_causal))
+    if differs.any():
+        *_, query, key = np.unravel_index(np.argmax(differs), differs.shape)
+        raise ValueError(
+            "sparse attention is causal and takes no other mask: the mask must be True where "
+            "key <= query (and, without is_causal=True, False elsewhere); this one differs at "
+            f"query {query}, key {key}"
         )
 
 
@@ -396,6 +487,54 @@ def block_mask_from_index(index: SparseIndex) -> jax.Array:
     cols = jnp.where(col_valid, columns, keys.shape[-1])
     b, h, i = jnp.meshgrid(jnp.arange(batch), jnp.arange(heads), q_blocks, indexing="ij")
     return keys.at[b[..., None], h[..., None], i[..., None], cols].set(True, mode="drop")
+
+
+def clip_index_to_lengths(index: SparseIndex, keys: jax.Array) -> SparseIndex:
+    """The index without the listed key blocks and columns that start at or past each
+    sequence's key length `keys` [B]: no row may attend them. Blocks straddling the length stay
+    (the kernels mask their keys); so do diagonal blocks, which D holds for every query block."""
+    bound = keys[:, None, None]
+    key_blocks = -(-bound // index.block_kv)  # blocks holding a key below the length
+    listed = jnp.sum(index.block_index < key_blocks[..., None], axis=-1, dtype=jnp.int32)
+    columns = jnp.sum(index.column_index < bound, axis=-1, dtype=jnp.int32)  # ascending
+    return dataclasses.replace(
+        index,
+        block_count=jnp.minimum(index.block_count, listed),
+        column_count=jnp.minimum(index.column_count, columns[..., None]),
+    )
+
+
+def attended_rows(index: SparseIndex, lengths: SeqLengths) -> jax.Array:
+    """[B, N, H] bool: rows before their query length that attend at least one key before
+    their key length under `index` (every other row's output is zero).
+
+    A row below the key length attends itself (D holds the diagonal blocks). A row at or past
+    it sees every key its query block lists below the length (they all precede the row), so
+    it attends one exactly when the smallest key of its query block's index is below it.
+    """
+    bk, r = index.block_kv, index.ratio
+    q_blocks = jnp.arange(index.num_q_blocks, dtype=jnp.int32)
+    last_diag = jnp.maximum(index.diag_count - 1, 0)
+    farthest = jnp.take_along_axis(index.diag_offset, last_diag, axis=-1)  # [B, H, nqb]
+    first_key = ((q_blocks + 1) * r - 1 - farthest) * bk
+    if index.block_index.shape[-1]:
+        has_listed = index.block_count > 0
+        listed = jnp.where(has_listed, index.block_index[..., 0], 0) * bk  # ascending
+        first_key = jnp.where(has_listed, jnp.minimum(first_key, listed), first_key)
+    if index.column_index.shape[-1]:
+        has_column = index.column_count > 0
+        column = jnp.where(has_column, index.column_index[..., :1], SENTINEL)  # ascending
+        first_key = jnp.where(has_column, jnp.minimum(first_key, column), first_key)
+    rows = jnp.arange(index.seq_len, dtype=jnp.int32)
+    first_key = first_key[:, :, rows // index.block_q]  # [B, H, N]
+    keys = lengths.keys[:, None, None]
+    valid = (rows < lengths.queries[:, None, None]) & ((rows < keys) | (first_key < keys))
+    return jnp.moveaxis(valid, 1, 2)
+
+
+def zero_unattended_rows(out: jax.Array, index: SparseIndex, lengths: SeqLengths) -> jax.Array:
+    """out [B, N, H, D] with the rows `attended_rows` rules out set to zero."""
+    return jnp.where(attended_rows(index, lengths)[..., None], out, 0).astype(out.dtype)
 
 
 def column_is_covered(index: SparseIndex, columns: jax.Array, q_blocks: jax.Array) -> jax.Array:

@@ -6,7 +6,9 @@ One program per (query block, batch, query head). It walks, with one online soft
   2. the listed key blocks of this query block (dense tiles);
   3. the columns, gathered `block_kv` at a time, skipping padding and columns D covers.
 The index layout is documented in `minference_jax/sparse_index.py`. No policy lives here: the
-launch wrapper pads and checks; dispatch is in `minference_jax.attention`.
+launch wrapper pads and checks; dispatch is in `minference_jax.attention`. For a right-padded
+batch (`lengths`), every key tile is also masked at the sequence's key length (a static switch:
+the unpadded program is unchanged).
 
 Addressing: the kernel forms only int32 *row* indices (tokens < 2^30); the Triton lowering turns
 (batch, row, head, col) into element offsets and uses 64-bit offsets for arrays over 4 GiB, so
@@ -24,9 +26,12 @@ from jax.experimental.pallas import triton as plgpu
 
 from minference_jax.sparse_index import (
     SENTINEL,
+    SeqLengths,
     SparseIndex,
     check_index_matches_inputs,
+    clip_index_to_lengths,
     gather_columns,
+    zero_unattended_rows,
 )
 from pallas_kernels.constants import LOG2E, MASK_VALUE
 
@@ -44,15 +49,18 @@ def _sparse_flash_kernel(
     q_ref,  # [block_q, D]
     k_ref,  # [N_pad, D]
     v_ref,  # [N_pad, D]
-    *rest,  # (k_col, v_col [C_pad, D] when pregathered,) (poisoned output input,) o_ref
+    *rest,  # (key_length [1],) (k_col, v_col [C_pad, D] when pregathered,) (poison,) o_ref
     scale: float,
     block_q: int,
     block_kv: int,
     n_q_blocks: int,
     precision,
     pregathered: bool,
+    padded: bool,
 ):
     o_ref = rest[-1]
+    key_length = rest[0][0] if padded else None  # keys at or past it are padding
+    column_refs = rest[int(padded) : int(padded) + 2]
     ratio = block_q // block_kv
     n_slots = diag_mask_ref.shape[0]
     i = n_q_blocks - 1 - pl.program_id(0)  # longest (last) query blocks are launched first
@@ -89,12 +97,14 @@ def _sparse_flash_kernel(
         )
         return correction[:, None] * acc + pv, m_new, row_sum
 
-    def attend_block(carry, key_block, mask=None):
+    def attend_block(carry, key_block, causal=False):
         start = key_block * block_kv
         k = k_ref[pl.ds(start, block_kv), :]
         v = v_ref[pl.ds(start, block_kv), :]
-        if mask is not None:
-            mask = rows[:, None] >= (start + lanes)[None, :]
+        mask = rows[:, None] >= (start + lanes)[None, :] if causal else None
+        if padded:
+            real = (start + lanes < key_length)[None, :]
+            mask = real if mask is None else mask & real
         return attend(carry, k, v, mask)
 
     carry = (
@@ -104,7 +114,7 @@ def _sparse_flash_kernel(
     )
     last_block = (i + 1) * ratio - 1
     for d in range(ratio):  # causal diagonal: D always starts with 0..r-1
-        carry = attend_block(carry, last_block - d, mask=True)
+        carry = attend_block(carry, last_block - d, causal=True)
 
     def diag_body(t, carry):
         return attend_block(carry, last_block - diag_offset_ref[t])
@@ -125,7 +135,7 @@ def _sparse_flash_kernel(
         covered = (diag_mask_ref[jnp.clip(rel, 0, n_slots - 1)] != 0) & (rel >= 0)
         valid = (slot < n_columns) & ~covered
         if pregathered:  # contiguous tiles of this head's gathered columns
-            k_col_ref, v_col_ref = rest[0], rest[1]
+            k_col_ref, v_col_ref = column_refs
             tile = pl.ds(t * block_kv, block_kv)
             return attend(carry, k_col_ref[tile, :], v_col_ref[tile, :], valid[None, :])
         safe = jnp.where(valid, columns, 0)
@@ -169,6 +179,7 @@ def sparse_flash_attention(
     interpret: bool = False,
     poison: bool = False,
     pregather_columns: bool = False,
+    lengths: SeqLengths | None = None,
 ) -> jax.Array:
     """Sparse causal prefill attention. q [B, N, Hq, D], k/v [B, N, Hkv, D] -> [B, N, Hq, D].
 
@@ -176,7 +187,8 @@ def sparse_flash_attention(
     query block), head_dim padded to a power of two >= 16. `poison=True` starts from a NaN
     output buffer (tests use it to prove every element is written). `pregather_columns=True`
     reads column tiles from per-head K/V copies of the columns (`gather_columns`, as the Mosaic
-    kernel does) instead of gathering rows of K and V inside the kernel.
+    kernel does) instead of gathering rows of K and V inside the kernel. `lengths`: a
+    right-padded batch (see `SeqLengths`); padding rows and rows left without a key are zero.
     """
     batch, n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -187,6 +199,8 @@ def sparse_flash_attention(
     if num_heads % num_kv_heads:
         raise ValueError(f"kv heads ({num_kv_heads}) must divide query heads ({num_heads})")
     check_index_matches_inputs(index, q)
+    if lengths is not None:  # columns and listed blocks past the lengths: never loaded
+        index = clip_index_to_lengths(index, lengths.keys)
     block_q, block_kv = index.block_q, index.block_kv
     for name, size in (("block_q", block_q), ("block_kv", block_kv)):
         if size < 16 or size & (size - 1):
@@ -223,6 +237,10 @@ def sparse_flash_attention(
     kv_spec = pl.BlockSpec((None, n_pad, None, d_pad), lambda i, b, h: (b, 0, h // group, 0))
     in_specs = [whole(x) for x in index_arrays] + [row_block, kv_spec, kv_spec]
     inputs = [*index_arrays, q_p, k_p, v_p]
+    if lengths is not None:  # [B, H, 1]: read like the index arrays
+        key_length = jnp.broadcast_to(lengths.keys[:, None, None], (batch, num_heads, 1))
+        in_specs.append(whole(key_length))
+        inputs.append(key_length.astype(jnp.int32))
     if pregather_columns:
         c_pad = columns.shape[2]
         col_spec = pl.BlockSpec((None, None, c_pad, d_pad), lambda i, b, h: (b, h, 0, 0))
@@ -243,6 +261,7 @@ def sparse_flash_attention(
         n_q_blocks=n_q_blocks,
         precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
         pregathered=pregather_columns,
+        padded=lengths is not None,
     )
     out = pl.pallas_call(
         kernel,
@@ -257,4 +276,5 @@ def sparse_flash_attention(
         interpret=interpret,
         name="minference_sparse_flash",
     )(*inputs)
-    return out[:, :n, :, :head_dim]
+    out = out[:, :n, :, :head_dim]
+    return out if lengths is None else zero_unattended_rows(out, index, lengths)

@@ -17,6 +17,9 @@ Steps t of a query block i, in order (every consumer walks the same steps):
      (`column_valid_words`) drops padding and the columns D already covers.
 Addressing: TMA descriptors address global memory in 64 bits, and the kernel forms only int32
 token indices (< 2^30), so 1M tokens x 32 heads (8.6 GB of q) is safe.
+For a right-padded batch (`lengths`), the dense tiles are also masked at the sequence's key
+length, and columns past it leave the index before the launch (a static switch: the unpadded
+program is unchanged).
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from minference_jax.sparse_index import (
     SENTINEL,
+    SeqLengths,
     SparseIndex,
     check_index_matches_inputs,
+    clip_index_to_lengths,
     column_is_covered,
     gather_columns,
+    zero_unattended_rows,
 )
 from pallas_kernels.constants import LOG2E, MASK_VALUE
 
@@ -113,9 +119,7 @@ def _kernel(
     v_ref,
     k_col_ref,  # [B, H, c_pad, D]
     v_col_ref,
-    out_ref,  # [B, N_pad, H, D]
-    scoped,
-    *,
+    *refs,  # (key_length [B] when padded,) out_ref [B, N_pad, H, D], scoped
     scale: float,
     block_kv: int,
     ratio: int,
@@ -124,7 +128,9 @@ def _kernel(
     stages: int,
     compute_wgs: int,
     in_place: bool,
+    padded: bool,
 ):
+    *key_length_ref, out_ref, scoped = refs
     (qo_smem2, k_smem, v_smem, *p_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), sched = (
         scoped
     )
@@ -143,6 +149,11 @@ def _kernel(
     words_per_tile = block_kv // BITS
     max_diag = diag_offset_ref.shape[-1]
     max_blocks = block_index_ref.shape[-1]
+
+    def dense_key_block(t):  # the key block of dense step t < n_dense: D, then listed blocks
+        diag = last_block - diag_offset_ref[b, h, jnp.minimum(t, max_diag - 1)]
+        listed = block_index_ref[b, h, i, jnp.clip(t - n_diag, 0, max_blocks - 1)]
+        return jnp.where(t < n_diag, diag, listed)
 
     def schedule_barrier():
         if compute_wgs > 1:
@@ -165,7 +176,12 @@ def _kernel(
         lane_ids = plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 1, layout=layout)
 
         def causal_mask(t):
-            return row0 + row_ids >= (last_block - t) * block_kv + lane_ids
+            causal = row0 + row_ids >= (last_block - t) * block_kv + lane_ids
+            return causal & key_mask(t) if padded else causal
+
+        def key_mask(t):  # keys of dense step t before the sequence's key length
+            key_length = key_length_ref[0][b]
+            return dense_key_block(t) * block_kv + lane_ids < key_length
 
         def column_mask(t):
             first_word = (t - n_dense) * words_per_tile
@@ -235,7 +251,8 @@ def _kernel(
 
         carry = (acc, m_i, l_i)
         carry = lax.fori_loop(0, ratio, functools.partial(step, mask_fn=causal_mask), carry)
-        carry = lax.fori_loop(ratio, n_dense, step, carry)
+        dense_step = functools.partial(step, mask_fn=key_mask) if padded else step
+        carry = lax.fori_loop(ratio, n_dense, dense_step, carry)
         carry = lax.fori_loop(n_dense, n_steps, functools.partial(step, mask_fn=column_mask), carry)
         acc, _, l_i = carry
         pl.when(wg == 0)(schedule_barrier)
@@ -255,10 +272,7 @@ def _kernel(
 
             @pl.when(t < n_dense)
             def _():
-                diag = last_block - diag_offset_ref[b, h, jnp.minimum(t, max_diag - 1)]
-                listed = block_index_ref[b, h, i, jnp.clip(t - n_diag, 0, max_blocks - 1)]
-                key_block = jnp.where(t < n_diag, diag, listed)
-                rows_at = pl.ds(key_block * block_kv, block_kv)
+                rows_at = pl.ds(dense_key_block(t) * block_kv, block_kv)
                 plgpu.copy_gmem_to_smem(
                     src_ref.at[b, rows_at, kv_head], smem.at[slot], ready.at[slot]
                 )
@@ -316,6 +330,7 @@ def sparse_flash_attention_mgpu(
     in_place: bool | None = None,
     poison: bool = False,
     q_innermost: bool = False,
+    lengths: SeqLengths | None = None,
 ) -> jax.Array:
     """Sparse causal prefill attention. q [B, N, Hq, D], k/v [B, N, Hkv, D] -> [B, N, Hq, D].
 
@@ -325,7 +340,8 @@ def sparse_flash_attention_mgpu(
     P from registers; the interpreter has neither form (`pl.run_state`, a wgmma operand in
     registers), so `in_place=False` stages P in shared memory and adds a fresh product.
     `poison=True` writes into a NaN-filled buffer (a mutable ref) instead of a fresh one: tests
-    use it to prove every element is written.
+    use it to prove every element is written. `lengths`: a right-padded batch (see
+    `SeqLengths`); padding rows and rows left without a key are zero.
     """
     batch, n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -342,6 +358,8 @@ def sparse_flash_attention_mgpu(
     if num_heads % num_kv_heads:
         raise ValueError(f"kv heads ({num_kv_heads}) must divide query heads ({num_heads})")
     check_index_matches_inputs(index, q)
+    if lengths is not None:  # columns and listed blocks past the lengths: never loaded
+        index = clip_index_to_lengths(index, lengths.keys)
     if in_place is None:
         in_place = not interpret
     n_q_blocks = index.num_q_blocks
@@ -378,6 +396,7 @@ def sparse_flash_attention_mgpu(
         stages=stages,
         compute_wgs=compute_wgs,
         in_place=in_place,
+        padded=lengths is not None,
     )
 
     def entry(*refs):
@@ -406,7 +425,7 @@ def sparse_flash_attention_mgpu(
         v_p,
         k_col,
         v_col,
-    )
+    ) + (() if lengths is None else (lengths.keys.astype(jnp.int32),))
     launch = functools.partial(
         plgpu.kernel,
         entry,
@@ -424,4 +443,5 @@ def sparse_flash_attention_mgpu(
         out = out_ref[...]
     else:
         out = launch(out_type=jax.ShapeDtypeStruct(q_p.shape, q.dtype))(*inputs)
-    return out[:, :n]
+    out = out[:, :n]
+    return out if lengths is None else zero_unattended_rows(out, index, lengths)

@@ -398,7 +398,7 @@ def test_adaptive_vertical_slash_fits_any_key_tile_unless_query_aware():
     index = build_sparse_index(q, k, tokens, block_q=32, block_kv=32)  # block_size stays 64
     mask = np.asarray(dense_mask_from_index(index))
     assert mask.sum() < 0.6 * 4 * 1000 * 1001 / 2  # sparse: the test can tell
-    out = sparse_attention(q, k, v, tokens, implementation="xla", index=index)
+    out = sparse_attention(q, k, v, patterns=tokens, implementation="xla", index=index)
     assert rel_err(out, masked_attention_f64(q, k, v, mask)) < 1e-5
     aware = dataclasses.replace(tokens, query_aware=0.5)  # block_size 64 for both
     with pytest.raises(ValueError, match="block_size=64 must equal block_kv=32"):
@@ -413,10 +413,10 @@ def test_patterns_against_reference_attention_on_every_implementation(mixed):
     assert block_heads.max() < 0.8 * 150 * 151 / 2  # sparse: the test can tell
     want = masked_attention_f64(q, k, v, mask)
     for implementation in ("reference", "xla", "pallas"):
-        out = sparse_attention(q, k, v, layer, implementation=implementation, index=index)
+        out = sparse_attention(q, k, v, patterns=layer, implementation=implementation, index=index)
         assert rel_err(out, want) < 1e-5, implementation
     # The planned path (estimation inside the jitted attention) builds the same index.
-    out = sparse_attention(q, k, v, layer, implementation="xla", block_q=16, block_kv=16)
+    out = sparse_attention(q, k, v, patterns=layer, implementation="xla", block_q=16, block_kv=16)
     assert rel_err(out, want) < 1e-5
 
 

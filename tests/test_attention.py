@@ -41,8 +41,8 @@ DTYPE_CASES = [
 def test_xla_path_matches_masked_reference(dtype, batch, n, heads, kv_heads, patterns):
     q, k, v = random_qkv(n + heads, batch, n, heads, kv_heads, 32, dtype)
     index = build_sparse_index(q, k, patterns)
-    ref = sparse_attention(q, k, v, patterns, index=index, implementation="reference")
-    out = sparse_attention(q, k, v, patterns, index=index, implementation="xla")
+    ref = sparse_attention(q, k, v, patterns=patterns, index=index, implementation="reference")
+    out = sparse_attention(q, k, v, patterns=patterns, index=index, implementation="xla")
     oracle = masked_attention_f64(q, k, v, np.asarray(dense_mask_from_index(index)))
     assert out.dtype == dtype and out.shape == q.shape
     assert not np.isnan(np.asarray(out, np.float32)).any()
@@ -87,7 +87,7 @@ def test_given_vertical_slash_index_against_brute_force_attention(block_q, block
     oracle = masked_attention_f64(q, k, v, mask)
     for implementation in ("reference", "xla"):
         out = sparse_attention(
-            q, k, v, P.VerticalSlash(1, 1), index=index, implementation=implementation
+            q, k, v, patterns=P.VerticalSlash(1, 1), index=index, implementation=implementation
         )
         assert rel_err(out, oracle) < 1e-5, implementation
 
@@ -98,12 +98,12 @@ def test_dense_pattern_equals_dot_product_attention(dtype, heads, kv_heads, n):
     q, k, v = random_qkv(heads * n, 2, n, heads, kv_heads, 64, dtype)
     expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     for implementation in (None, "xla", "reference"):
-        out = sparse_attention(q, k, v, P.Dense(), implementation=implementation)
+        out = sparse_attention(q, k, v, patterns=P.Dense(), implementation=implementation)
         assert rel_err(out, expected) < TOLERANCE[dtype], implementation
     assert rel_err(dense_attention_reference(q, k, v), expected) < TOLERANCE[dtype]
     oracle = masked_attention_f64(q, k, v, np.tril(np.ones((n, n), bool)))
     assert (
-        rel_err(sparse_attention(q, k, v, P.Dense(), implementation="xla"), oracle)
+        rel_err(sparse_attention(q, k, v, patterns=P.Dense(), implementation="xla"), oracle)
         < TOLERANCE[dtype]
     )
 
@@ -111,15 +111,15 @@ def test_dense_pattern_equals_dot_product_attention(dtype, heads, kv_heads, n):
 def test_sparse_differs_from_dense_when_it_should():
     """A test that cannot fail is a defect: a narrow pattern must change the output."""
     q, k, v = random_qkv(0, 1, 500, 2, 2, 32, jnp.float32)
-    dense = sparse_attention(q, k, v, P.Dense(), implementation="xla")
-    sparse = sparse_attention(q, k, v, P.AShape(4, 64), implementation="xla")
+    dense = sparse_attention(q, k, v, patterns=P.Dense(), implementation="xla")
+    sparse = sparse_attention(q, k, v, patterns=P.AShape(4, 64), implementation="xla")
     assert rel_err(sparse, dense) > 1e-2
 
 
 def test_softmax_scale_is_honoured():
     q, k, v = random_qkv(1, 1, 100, 2, 2, 16, jnp.float32)
     out = sparse_attention(
-        q, k, v, P.VerticalSlash(30, 50), softmax_scale=0.1, implementation="xla"
+        q, k, v, patterns=P.VerticalSlash(30, 50), scale=0.1, implementation="xla"
     )
     index = build_sparse_index(q, k, P.VerticalSlash(30, 50), softmax_scale=0.1)
     oracle = masked_attention_f64(q, k, v, np.asarray(dense_mask_from_index(index)), scale=0.1)
@@ -155,31 +155,31 @@ def test_softmax_scale_is_honoured():
 def test_bad_inputs_raise_clear_errors(shapes, dtype, message, error):
     q, k, v = (jnp.ones(s, dtype) for s in shapes)
     with pytest.raises(error, match=message):
-        sparse_attention(q, k, v, P.VerticalSlash(30, 50))
+        sparse_attention(q, k, v, patterns=P.VerticalSlash(30, 50))
 
 
 def test_other_bad_arguments():
     q = jnp.ones((1, 8, 2, 16))
     with pytest.raises(TypeError, match="dtypes differ"):
-        sparse_attention(q, q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), P.Dense())
+        sparse_attention(q, q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), patterns=P.Dense())
     with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
-        sparse_attention(q, q, q, P.Dense(), implementation="cuda")
+        sparse_attention(q, q, q, patterns=P.Dense(), implementation="cuda")
     with pytest.raises(ValueError, match="1 per-head patterns for 2 query heads"):
-        sparse_attention(q, q, q, [P.Dense()])
+        sparse_attention(q, q, q, patterns=[P.Dense()])
     index = build_sparse_index(q, q, P.Dense())
     with pytest.raises(ValueError, match="index is for seq 8"):
         sparse_attention(
             jnp.ones((1, 9, 2, 16)),
             jnp.ones((1, 9, 2, 16)),
             jnp.ones((1, 9, 2, 16)),
-            P.Dense(),
+            patterns=P.Dense(),
             index=index,
         )
 
 
 def test_estimated_index_is_jittable_without_recompiling_for_new_data():
     pattern = (P.VerticalSlash(30, 60), P.BlockSparse(2))
-    fn = jax.jit(lambda q, k, v: sparse_attention(q, k, v, pattern))
+    fn = jax.jit(lambda q, k, v: sparse_attention(q, k, v, patterns=pattern))
     q, k, v = random_qkv(5, 1, 130, 2, 1, 16, jnp.float32)
     fn(q, k, v)
     q2, k2, v2 = random_qkv(6, 1, 130, 2, 1, 16, jnp.float32)
@@ -207,11 +207,17 @@ def test_density_guard_runs_dense_only_for_dense_indices(n_local, dense_expected
 @pytest.mark.gpu
 def test_auto_dispatch_on_gpu_long_prompt():
     q, k, v = random_qkv(3, 1, 40000, 4, 2, 64, jnp.bfloat16)
-    out = sparse_attention(q, k, v, P.AShape(64, 1024))
+    out = sparse_attention(q, k, v, patterns=P.AShape(64, 1024))
     # The same index on the XLA path: A-shape windows are whole blocks of the kernel's size.
     block_q, block_kv = default_blocks(P.AShape(64, 1024), None, q.dtype, q.shape[-1])
     ref = sparse_attention(
-        q, k, v, P.AShape(64, 1024), implementation="xla", block_q=block_q, block_kv=block_kv
+        q,
+        k,
+        v,
+        patterns=P.AShape(64, 1024),
+        implementation="xla",
+        block_q=block_q,
+        block_kv=block_kv,
     )
     assert rel_err(out, ref) < 1e-2
 

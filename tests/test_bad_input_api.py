@@ -194,7 +194,9 @@ def test_index_of_another_batch_size_is_refused(batch_one_index, implementation)
         ValueError,
         match="index is for seq 100 x 4 heads x batch 1; inputs have seq 100 x 4 heads x batch 2",
     ):
-        sparse_attention(q2, k2, v2, Dense(), implementation=implementation, index=batch_one_index)
+        sparse_attention(
+            q2, k2, v2, patterns=Dense(), implementation=implementation, index=batch_one_index
+        )
 
 
 @pytest.mark.parametrize("backend", [sparse_attention_xla, sparse_attention_reference])
@@ -216,18 +218,18 @@ def test_index_of_other_heads_or_block_sizes_is_refused():
     with pytest.raises(
         ValueError, match="seq 100 x 4 heads x batch 1; inputs have seq 100 x 8 heads"
     ):
-        sparse_attention(q8, k8, v8, Dense(), index=index)
+        sparse_attention(q8, k8, v8, patterns=Dense(), index=index)
     relabelled = dataclasses.replace(index, block_q=64)  # arrays still cut for block_q=128
     with pytest.raises(ValueError, match=r"index.diag_count has shape \(1, 4, 1\), expected"):
-        sparse_attention(q, k, v, Dense(), index=relabelled)
+        sparse_attention(q, k, v, patterns=Dense(), index=relabelled)
     with pytest.raises(ValueError, match="positive multiple"):
-        sparse_attention(q, k, v, Dense(), index=dataclasses.replace(index, block_kv=48))
+        sparse_attention(q, k, v, patterns=Dense(), index=dataclasses.replace(index, block_kv=48))
 
 
 def test_matching_index_of_batch_two_still_runs():
     q, k, v = _qkv(2)
     index = build_sparse_index(q, k, AShape(16, 40))
-    out = sparse_attention(q, k, v, Dense(), implementation="xla", index=index)
+    out = sparse_attention(q, k, v, patterns=Dense(), implementation="xla", index=index)
     assert rel_err(out, sparse_attention_reference(q, k, v, index)) < 1e-5
 
 
@@ -247,7 +249,7 @@ def test_matching_index_of_batch_two_still_runs():
 )
 def test_float16_runs_on_cpu_and_matches_float32(implementation, pattern):
     q, k, v = _qkv(2, dtype=jnp.float16)
-    out = sparse_attention(q, k, v, pattern, implementation=implementation)
+    out = sparse_attention(q, k, v, patterns=pattern, implementation=implementation)
     assert out.dtype == jnp.float16 and out.shape == q.shape
     f32 = tuple(x.astype(jnp.float32) for x in (q, k, v))
     if isinstance(pattern, Dense):
@@ -315,9 +317,9 @@ def test_the_library_never_imports_the_converter():
 # --- arguments the public entry points refuse up front ------------------------------------------
 
 
-def _build_index(q, k, v, patterns, **options):
+def _build_index(q, k, v, *, patterns, scale=None, **options):
     """build_sparse_index with sparse_attention's arguments (it reads no v)."""
-    return build_sparse_index(q, k, patterns, **options)
+    return build_sparse_index(q, k, patterns, softmax_scale=scale, **options)
 
 
 ENTRY_POINTS = [sparse_attention, _build_index]
@@ -339,22 +341,22 @@ ENTRY_POINTS = [sparse_attention, _build_index]
 def test_softmax_scale_out_of_range_is_refused(entry, scale, message):
     q, k, v = _qkv(1)
     with pytest.raises(ValueError, match=message):
-        entry(q, k, v, VerticalSlash(30, 50), softmax_scale=scale)
+        entry(q, k, v, patterns=VerticalSlash(30, 50), scale=scale)
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_softmax_scale_of_the_wrong_kind_is_refused(entry):
     q, k, v = _qkv(1)
-    with pytest.raises(TypeError, match="softmax_scale must be a real number, got str"):
-        entry(q, k, v, VerticalSlash(30, 50), softmax_scale="0.1")
+    with pytest.raises(TypeError, match="scale must be a real number, got str"):
+        entry(q, k, v, patterns=VerticalSlash(30, 50), scale="0.1")
     with pytest.raises(TypeError, match="not a traced value"):
-        jax.jit(lambda s: entry(q, k, v, VerticalSlash(30, 50), softmax_scale=s))(0.1)
+        jax.jit(lambda s: entry(q, k, v, patterns=VerticalSlash(30, 50), scale=s))(0.1)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30, np.float32(0.25), jnp.float32(0.25), 2])
 def test_finite_positive_softmax_scales_are_accepted(scale):
     q, k, v = _qkv(1)
-    out = sparse_attention(q, k, v, VerticalSlash(30, 50), softmax_scale=scale)
+    out = sparse_attention(q, k, v, patterns=VerticalSlash(30, 50), scale=scale)
     assert out.shape == q.shape and np.isfinite(np.asarray(out)).all()
 
 
@@ -388,7 +390,7 @@ def test_plan_index_refuses_bad_sizes():
 def test_block_sizes_are_checked_where_the_layer_runs_dense():
     q, k, v = _qkv(1)
     with pytest.raises(ValueError, match="positive multiple"):
-        sparse_attention(q, k, v, Dense(), block_q=0)
+        sparse_attention(q, k, v, patterns=Dense(), block_q=0)
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -396,14 +398,14 @@ def test_batch_mismatch_between_q_and_k_is_refused(entry):
     q, _, _ = _qkv(1)
     _, k, v = _qkv(2)
     with pytest.raises(ValueError, match=r"q \(1, 100, 4, 16\) and k \(2, 100, 2, 16\) differ in"):
-        entry(q, k, v, VerticalSlash(30, 50))
+        entry(q, k, v, patterns=VerticalSlash(30, 50))
 
 
 def test_batch_mismatch_between_k_and_v_is_refused():
     q, k, _ = _qkv(1)
     _, _, v = _qkv(2)
     with pytest.raises(ValueError, match="k and v shapes differ"):
-        sparse_attention(q, k, v, VerticalSlash(30, 50))
+        sparse_attention(q, k, v, patterns=VerticalSlash(30, 50))
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -411,14 +413,14 @@ def test_batch_mismatch_between_k_and_v_is_refused():
 def test_non_floating_inputs_are_refused(entry, dtype):
     q, k, v = (x.astype(dtype) for x in _qkv(1))
     with pytest.raises(TypeError, match=f"q has dtype {jnp.dtype(dtype)}; expected float32"):
-        entry(q, k, v, VerticalSlash(30, 50))
+        entry(q, k, v, patterns=VerticalSlash(30, 50))
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_mixed_dtypes_are_refused(entry):
     q, k, v = _qkv(1)
     with pytest.raises(TypeError, match="dtypes differ: float32, bfloat16"):
-        entry(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), VerticalSlash(30, 50))
+        entry(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), patterns=VerticalSlash(30, 50))
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -435,27 +437,27 @@ def test_mixed_dtypes_are_refused(entry):
 def test_empty_dimensions_are_refused_by_name(entry, sizes, message):
     q, k, v = _qkv(**sizes)
     with pytest.raises(ValueError, match=message):
-        entry(q, k, v, VerticalSlash(30, 50))
+        entry(q, k, v, patterns=VerticalSlash(30, 50))
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_python_lists_are_refused(entry):
     q, k, v = (np.asarray(x).tolist() for x in _qkv(1, n=8))
     with pytest.raises(TypeError, match="q must be a jax.Array or numpy array .* got list"):
-        entry(q, k, v, Dense())
+        entry(q, k, v, patterns=Dense())
 
 
 def test_numpy_arrays_are_accepted():
     q, k, v = (np.asarray(x) for x in _qkv(1))
-    expected = sparse_attention(*map(jnp.asarray, (q, k, v)), AShape(16, 40))
-    np.testing.assert_array_equal(sparse_attention(q, k, v, AShape(16, 40)), expected)
+    expected = sparse_attention(*map(jnp.asarray, (q, k, v)), patterns=AShape(16, 40))
+    np.testing.assert_array_equal(sparse_attention(q, k, v, patterns=AShape(16, 40)), expected)
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_kv_heads_must_divide_query_heads(entry):
     q, k, v = _qkv(1, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match=r"kv heads \(3\) must divide query heads \(4\)"):
-        entry(q, k, v, VerticalSlash(30, 50))
+        entry(q, k, v, patterns=VerticalSlash(30, 50))
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
@@ -465,7 +467,7 @@ def test_patterns_of_the_wrong_kind_are_refused(entry, patterns):
     with pytest.raises(
         TypeError, match="patterns must be a Pattern .* got " + type(patterns).__name__
     ):
-        entry(q, k, v, patterns)
+        entry(q, k, v, patterns=patterns)
 
 
 def test_nnx_attention_fn_refuses_bad_patterns_when_built():
@@ -476,7 +478,7 @@ def test_nnx_attention_fn_refuses_bad_patterns_when_built():
 def test_index_of_the_wrong_kind_is_refused():
     q, k, v = _qkv(1)
     with pytest.raises(TypeError, match="index must be a SparseIndex, got dict"):
-        sparse_attention(q, k, v, Dense(), index={})
+        sparse_attention(q, k, v, patterns=Dense(), index={})
 
 
 def test_nnx_decode_says_decoding_is_not_supported():

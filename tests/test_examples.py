@@ -54,7 +54,7 @@ def test_nnx_attention_fn_matches_the_sparse_oracle():
     q, k, v = layer.query(x), layer.key(x), layer.value(x)
     assert k.shape[2] == 2 and q.shape[2] == 6  # grouped queries reach the sparse path
     oracle = sparse_attention(
-        q, k, v, patterns, block_q=32, block_kv=32, implementation="reference"
+        q, k, v, patterns=patterns, block_q=32, block_kv=32, implementation="reference"
     )
     expected = layer.out(oracle)
     np.testing.assert_allclose(layer(x, is_causal=True), expected, rtol=2e-5, atol=2e-5)
@@ -71,7 +71,10 @@ def test_nnx_attention_fn_covering_pattern_equals_nnx_dense():
     "call, message",
     [
         (dict(), "is_causal=True"),
-        (dict(is_causal=True, mask=jnp.ones((1, 1, 64, 64), bool)), "no mask"),
+        (
+            dict(is_causal=True, mask=jnp.ones((1, 1, 64, 64), bool).at[..., 5, 2].set(False)),
+            "no other mask",
+        ),
     ],
 )
 def test_nnx_attention_fn_refuses_what_it_cannot_do(call, message):
