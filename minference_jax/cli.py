@@ -4,11 +4,12 @@ and reading a prompt file as UTF-8 text."""
 from __future__ import annotations
 
 import argparse
-import math
+import os
 import sys
 
+from minference_jax.pattern_spec import parse_values
+
 EXIT_USAGE = 2
-INT32_MAX = 2**31 - 1  # pattern sizes live in int32 index arrays
 
 
 class CliError(Exception):
@@ -29,6 +30,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (`error: ...`) and exit code 2."""
 
     def __init__(self, **kwargs):
+        # Usage lines name the command as typed: the console script (minference-prefill) when
+        # started through one, else the `prog` given ("python -m minference_jax.prefill").
+        script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        if script.startswith("minference-"):
+            kwargs["prog"] = script
         super().__init__(formatter_class=_HelpWithDefaults, **kwargs)
 
     def error(self, message):
@@ -51,45 +57,13 @@ def check_at_least(name: str, value: int | None, minimum: int) -> None:
         raise CliError(f"{name} must be >= {minimum}, got {value}")
 
 
-def parse_sizes(text: str) -> tuple[int, ...]:
-    """'1000,6096' -> (1000, 6096): comma-separated integers in [0, 2**31) (argparse type)."""
-    try:
-        sizes = tuple(int(x) for x in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
-    for size in sizes:
-        if not 0 <= size <= INT32_MAX:
-            raise argparse.ArgumentTypeError(f"sizes must be in [0, {INT32_MAX}], got {size}")
-    return sizes
-
-
 def parse_budget(text: str) -> tuple[int | float, ...]:
     """'1000,6096' -> (1000, 6096), '0.9,8' -> (0.9, 8): comma-separated sizes in
     [0, 2**31) or finite non-negative fractions (argparse type)."""
-    values = []
-    for item in text.split(","):
-        try:
-            value = int(item)
-        except ValueError:
-            try:
-                value = float(item)
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"expected comma-separated numbers (sizes or fractions), got {text!r}"
-                ) from None
-            if not math.isfinite(value) or value < 0:
-                raise argparse.ArgumentTypeError(
-                    f"budget values must be finite numbers >= 0, got {item!r} in {text!r}"
-                ) from None
-        else:
-            if not 0 <= value <= INT32_MAX:
-                raise argparse.ArgumentTypeError(
-                    f"sizes must be in [0, {INT32_MAX}], got {value} in {text!r}"
-                )
-        values.append(value)
-    return tuple(values)
+    try:
+        return parse_values(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def decode_prompt(data: bytes, source: str) -> str:

@@ -1,11 +1,18 @@
-"""python -m minference_jax.prefill: prefill a long prompt; print latency, which attention ran
-and a continuation.
+"""python -m minference_jax.prefill (or minference-prefill): prefill a long prompt; print
+latency, which attention ran and a continuation.
 
     python -m minference_jax.prefill                                   # embedded default
     python -m minference_jax.prefill --compare-dense --repeats 5       # vs dense, median of 5
+    python -m minference_jax.prefill --pattern-config pytext_12m_searched  # a shipped config
     python -m minference_jax.prefill --model converted/ --prompt-file book.txt \\
         --mode minference --pattern-config my_searched_config.json
     python -m minference_jax.prefill --model hf_folder/ --synthetic-tokens 131072 --json
+
+--model and --pattern-config take a path or the name of a shipped model (pytext-12m,
+passkey-tiny) or pattern config (a file stem in minference_jax/configs/); a path that exists
+wins. Without --pattern-config, --mode minference runs the shipped config made for the model
+(matched by the model name its checkpoint records, layers x heads checked) or, when none is,
+VerticalSlash(1000, 6096) on every head, with a warning.
 
 The first prefill of a prompt length compiles (untimed); then `--repeats` timed prefills, the
 last of which also decodes the continuation. Bad input exits with code 2 and one line on stderr;
@@ -16,7 +23,9 @@ Thin: argument parsing and reporting; the work is minference_jax.models.generati
 from __future__ import annotations
 
 import json
+import pathlib
 import re
+import resource
 import statistics
 import sys
 
@@ -35,11 +44,13 @@ from minference_jax.cli import (
     read_prompt_file,
     warn,
 )
-from minference_jax.config_io import PatternConfigError, load_pattern_config
+from minference_jax.config_io import PatternConfigError
+from minference_jax.loading import AttentionChoice, choose_attention
 from minference_jax.models import AttentionSpec
 from minference_jax.models.generation import generate, prefill
 from minference_jax.models.memory import DoesNotFitError, check_fits
 from minference_jax.passkey import needle
+from minference_jax.shipped import resolve_pattern_config
 
 MODES = ("dense", *P.MODE_PATTERNS)
 FAMILY_NAMES = {
@@ -60,7 +71,9 @@ PASSKEY_NEEDLE = re.compile(
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m minference_jax.prefill", description=__doc__)
     parser.add_argument(
-        "--model", help="converted or HF checkpoint folder (default: embedded pytext-12m)"
+        "--model",
+        help="converted or HF checkpoint folder, or a shipped model's name: pytext-12m, "
+        "passkey-tiny (default: the embedded pytext-12m)",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
@@ -85,8 +98,10 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--pattern-config",
-        help="per-head JSON pattern config, with --mode minference (default: none; the "
-        "embedded model uses its searched config)",
+        help="per-head JSON pattern config, a path or a shipped config's name such as "
+        "pytext_12m_searched; with --mode minference (default: the shipped config made for "
+        "the model, matched by its name; without one, VerticalSlash(1000, 6096) on every head "
+        "and a warning)",
     )
     parser.add_argument(
         "--budget",
@@ -149,8 +164,16 @@ def _check_args(args) -> None:
     check_at_least("--synthetic-tokens", args.synthetic_tokens, 1)
     if args.pattern_config is not None and args.mode != "minference":
         raise CliError(f"--pattern-config goes with --mode minference, not --mode {args.mode}")
-    if args.budget is None:
-        return
+    if args.budget is not None:
+        _check_budget(args)
+    if args.pattern_config is not None:
+        try:  # a missing config or unknown name fails before the model loads
+            resolve_pattern_config(args.pattern_config)
+        except PatternConfigError as err:
+            raise CliError(str(err)) from err
+
+
+def _check_budget(args) -> None:
     if args.mode == "dense":
         raise CliError("--budget does not apply to --mode dense")
     if args.pattern_config is not None:
@@ -163,31 +186,21 @@ def _check_args(args) -> None:
         )
 
 
-def _patterns(args, config) -> tuple[P.HeadPatterns | None, str, str]:
-    """The pattern table to run (None: dense), its name and its description in words."""
-    if args.mode == "dense":
-        return None, "dense", "dense on every head"
-    if args.pattern_config:
+def _patterns(args, folder, config) -> AttentionChoice:
+    """The attention to run (`loading.choose_attention`, as `minference_jax.load` chooses it)."""
+    attention = args.mode
+    if args.budget is not None:
         try:
-            table = load_pattern_config(
-                args.pattern_config, num_layers=config.num_layers, num_heads=config.num_heads
-            )
-        except PatternConfigError as err:
-            raise CliError(str(err)) from err
-        return table, args.pattern_config, f"per-head patterns from {args.pattern_config}"
-    if args.model is None and args.mode == "minference" and args.budget is None:
-        from minference_jax.config_io import shipped_configs
-        from minference_jax.models.defaults import SEARCHED_CONFIG
-
-        path = shipped_configs()[SEARCHED_CONFIG]  # the embedded model's searched config
-        table = load_pattern_config(path, num_layers=config.num_layers)
-        return table, SEARCHED_CONFIG, f"per-head patterns from {SEARCHED_CONFIG} (searched)"
+            attention = P.pattern_for_mode(args.mode, args.budget)
+        except (TypeError, ValueError) as err:
+            raise CliError(f"bad --budget for {args.mode}: {err}") from err
     try:
-        pattern = P.pattern_for_mode(args.mode, args.budget)
-    except (TypeError, ValueError) as err:
-        raise CliError(f"bad --budget for {args.mode}: {err}") from err
-    table = P.HeadPatterns.uniform(pattern, config.num_layers, config.num_heads)
-    return table, repr(pattern), f"{pattern} on every head"
+        choice = choose_attention(folder, config, attention, pattern_config=args.pattern_config)
+    except ValueError as err:  # PatternConfigError included
+        raise CliError(str(err)) from err
+    if choice.warning:
+        warn(choice.warning)
+    return choice
 
 
 def _covers_prompt(pattern: P.Pattern, n: int) -> bool:
@@ -215,28 +228,25 @@ def _warn_dense_in_disguise(table: P.HeadPatterns | None, n: int) -> None:
 
 
 def _load(args):
-    import jax.numpy as jnp
-
-    dtype = None if args.dtype is None else getattr(jnp, args.dtype)
-    if args.model is None:
-        from minference_jax.models.defaults import DESCRIPTION, default_model
-
-        model, config, tokenizer = default_model(dtype or jnp.float32)
-        return model, config, tokenizer, DESCRIPTION
-    import pathlib
-
-    from minference_jax.models.checkpoint import CheckpointError, load_model
+    """(folder, model, config, tokenizer, the model's name for the report)."""
+    from minference_jax.loading import load_checkpoint
+    from minference_jax.models.checkpoint import CheckpointError
     from minference_jax.models.config import ModelConfigError
+    from minference_jax.models.defaults import DESCRIPTION
     from minference_jax.tokenization import TokenizerError, load_tokenizer
 
-    if not pathlib.Path(args.model).is_dir():
-        raise CliError(f"checkpoint folder not found: {args.model}")
     try:
-        model, config = load_model(args.model, dtype)
-        tokenizer = load_tokenizer(args.model, config.vocab_size)
+        folder, model, config = load_checkpoint(args.model, args.dtype)
+        tokenizer = load_tokenizer(folder, config.vocab_size)
     except (CheckpointError, ModelConfigError, TokenizerError) as err:
         raise CliError(str(err)) from err
-    return model, config, tokenizer, args.model
+    if args.model is None:
+        name = DESCRIPTION
+    elif pathlib.Path(args.model).exists():
+        name = args.model
+    else:
+        name = f"{args.model} (shipped: {folder})"
+    return folder, model, config, tokenizer, name
 
 
 def _check_length(n: int, args, config, dtype) -> None:
@@ -340,6 +350,12 @@ def _timed_runs(model, ids, spec, args, mesh, label: str) -> dict:
     }
 
 
+def peak_host_memory_bytes() -> int:
+    """The largest resident set this process has had, in bytes (getrusage)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB, macOS bytes
+
+
 class NonFiniteLogitsError(Exception):
     """The model computed NaN or inf logits: its weights or config are broken (exit code 3)."""
 
@@ -370,10 +386,11 @@ def _passkey(text: str | None, continuation: str | None, max_new_tokens: int) ->
 
 def run(args) -> dict:
     _check_args(args)
-    model, config, tokenizer, model_name = _load(args)
+    folder, model, config, tokenizer, model_name = _load(args)
     ids, text = _prompt(args, config, tokenizer, model.dtype)
     n = len(ids)
-    table, pattern_name, attention = _patterns(args, config)
+    choice = _patterns(args, folder, config)
+    table = choice.patterns
     _warn_dense_in_disguise(table, n)
     mesh = None
     if args.tensor_parallel != 1:
@@ -401,12 +418,13 @@ def run(args) -> dict:
         "device": f"{device.platform}:{device.device_kind}",
         "mode": args.mode,
         "devices": 1 if mesh is None else mesh.size,
-        "patterns": pattern_name,
-        "attention": attention,
+        "patterns": choice.name,
+        "attention": choice.description,
         "prompt_tokens": n,
         "repeats": args.repeats,
         **{key: value for key, value in sparse.items() if key != "last_logits"},
         "peak_device_memory_bytes": stats.get("peak_bytes_in_use"),
+        "peak_host_memory_bytes": peak_host_memory_bytes(),
         "continuation": continuation,
         "passkey": _passkey(text, continuation, args.max_new_tokens),
     }
@@ -479,6 +497,8 @@ def describe(report: dict) -> str:
     memory = report["peak_device_memory_bytes"]
     if memory is not None:
         lines.append(f"peak device memory: {memory / 2**30:.2f} GiB")
+    host = report["peak_host_memory_bytes"]
+    lines.append(f"peak host memory: {host / 2**30:.2f} GiB (this process's largest resident set)")
     return "\n".join(lines)
 
 

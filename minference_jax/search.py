@@ -9,18 +9,24 @@ Each head takes the candidate with the highest recall among those costing no mor
 reference candidate (by default the uniform VerticalSlash(1000, 6096)); the reference is itself
 a candidate, so the searched config keeps at least its recall at no more cost, head by head.
 
+    python -m minference_jax.search --out pytext_2k.json \\
+        --candidates vs:300,100 vs:100,100 vs:30,128 a-shape:64,256 block:8 --min-recall 0.95
     python -m minference_jax.search --model converted/ --out my_config.json --synthetic-tokens 8192
-    python -m minference_jax.search --model tiny/ --out c.json --prompt-file a.txt \\
-        --candidates vs:128,512 vs:30,128 ashape:32,256 block:8
+
+(`minference-search` is the same command.) Without --model the embedded pytext-12m is searched
+on its sample prompt. Candidates are pattern specs (minference_jax.pattern_spec): the short
+kinds or the prefill's mode names, `a-shape:64,256` = `ashape:64,256`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
 import pathlib
 import sys
+import time
 from collections.abc import Sequence
 
 import jax
@@ -33,7 +39,6 @@ from minference_jax.cli import (
     CliError,
     check_at_least,
     fail,
-    parse_budget,
     read_prompt_file,
     warn,
 )
@@ -42,6 +47,8 @@ from minference_jax.index_approx import build_sparse_index
 from minference_jax.models.memory import DoesNotFitError, check_fits
 from minference_jax.models.modeling import CausalLM, layer_body
 from minference_jax.models.rope import rope_tables
+from minference_jax.pattern_spec import format_pattern_spec, parse_pattern_spec, spec_help
+from minference_jax.shipped import resolve_checkpoint
 from minference_jax.sparse_index import block_mask_from_index
 from minference_jax.tokenization import TokenizerError, load_tokenizer
 
@@ -55,6 +62,7 @@ DEFAULT_CANDIDATES = (
     P.AShape(128, 4096),
     P.BlockSparse(100),
 )
+SYNTHETIC_TOKENS = 4096  # each synthetic prompt's length, unless --synthetic-tokens says
 
 
 @dataclasses.dataclass
@@ -111,6 +119,8 @@ def search_patterns(
     min_recall: a head whose best pick under the cost bound keeps less attention mass than this
     takes instead the cheapest candidate that reaches it, or Dense() when none does (recall and
     cost 1) — diffuse heads then cost more than the reference, on purpose.
+    progress: None, or a callable(prompt_id, num_prompts, layer_id, num_layers) called after
+    each layer of each prompt.
     """
     config = model.config
     candidates = tuple(candidates)
@@ -126,7 +136,7 @@ def search_patterns(
     num_layers, num_heads = config.num_layers, config.num_heads
     recall = np.zeros((len(candidates), num_layers, num_heads))
     cost = np.zeros_like(recall)
-    for prompt in prompts:
+    for prompt_id, prompt in enumerate(prompts):
         ids = jnp.asarray(prompt, jnp.int32)[None]
         n = ids.shape[1]
         if n < score_queries:
@@ -141,7 +151,7 @@ def search_patterns(
                 cost[c, layer_id] += s / len(prompts)
             x, _, _ = layer_body(layer, x, cos, sin, None, plan=None, implementation=None, chunk=n)
             if progress is not None:
-                progress(layer_id, num_layers)
+                progress(prompt_id, len(prompts), layer_id, num_layers)
     allowed = cost <= cost[reference][None] + 1e-9  # [C, L, H]
     best = np.argmax(np.where(allowed, recall - 1e-6 * cost, -np.inf), axis=0)  # ties: cheaper
     if min_recall is not None:
@@ -174,51 +184,40 @@ def _check_candidates(candidates: Sequence[P.Pattern], block: int = 64) -> None:
         raise ValueError(f"the candidates cannot share one layer: {err}") from err
 
 
-# Candidate kinds: pattern, its leading fields (the values after the colon), fixed fields.
-CANDIDATE_KINDS = {
-    "vs": (P.VerticalSlash, ("n_vertical", "n_slash"), {}),
-    "ashape": (P.AShape, ("n_init", "n_local"), {}),
-    "block": (P.BlockSparse, ("top_k",), {}),
-    "adb": (P.AntiDiagonalBlockSparse, ("threshold", "stride"), {}),
-    "adbr": (P.AntiDiagonalBlockSparse, ("threshold", "stride"), {"rule": "relative"}),
-    "avs": (P.AdaptiveVerticalSlash, ("threshold", "query_aware"), {}),
-    "avsr": (P.AdaptiveVerticalSlash, ("threshold", "query_aware"), {"rule": "relative"}),
-}
-CANDIDATE_USAGE = (
-    "use vs:V,S  ashape:INIT,LOCAL  block:TOP_K  adb:MASS[,STRIDE]  adbr:ALPHA[,STRIDE]  "
-    "avs:MASS[,QUERY_AWARE]  avsr:ALPHA[,QUERY_AWARE]"
-)
-
-
 def parse_candidate(text: str) -> P.Pattern:
-    """'vs:1000,6096' / 'ashape:128,4096' / 'block:100' / 'adb:0.9,8' (anti-diagonal block
-    scores, cumulative mass 0.9) / 'avsr:0.01' (adaptive Vertical-Slash, entries >= 0.01 x the
-    row max) -> a pattern (argparse type). Adaptive kinds may leave out trailing fields."""
-    name, _, sizes = text.partition(":")
-    if name not in CANDIDATE_KINDS:
-        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {CANDIDATE_USAGE}")
-    kind, fields, fixed = CANDIDATE_KINDS[name]
-    values = parse_budget(sizes)
-    adaptive = bool(fixed) or name in ("adb", "avs")
-    if not (1 <= len(values) <= len(fields) if adaptive else len(values) == len(fields)):
-        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {CANDIDATE_USAGE}")
+    """A pattern spec ('vs:1000,6096', 'a-shape:64,256', 'avsr:0.01', ...; see
+    minference_jax.pattern_spec) -> a pattern (argparse type)."""
     try:
-        return kind(**dict(zip(fields, values, strict=False)), **fixed)
-    except (TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"bad candidate {text!r}: {err}") from err
+        return parse_pattern_spec(text)
+    except ValueError as err:
+        message = str(err).replace("bad pattern", "bad candidate", 1)
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m minference_jax.search", description=__doc__)
-    parser.add_argument("--model", required=True, help="converted or HF checkpoint folder")
+    parser = ArgumentParser(
+        prog="python -m minference_jax.search",
+        description=__doc__,
+        epilog="candidate kinds, KIND:VALUES (a prefill --mode name works as KIND too):\n"
+        + spec_help(),
+    )
+    parser.add_argument(
+        "--model",
+        help="converted or HF checkpoint folder, or a shipped model's name: pytext-12m, "
+        "passkey-tiny (default: the embedded pytext-12m)",
+    )
     parser.add_argument("--out", required=True, help="JSON pattern config to write")
     parser.add_argument(
         "--prompt-file",
         action="append",
-        help="UTF-8 sample prompt text, repeatable (default: synthetic prompts)",
+        help="UTF-8 sample prompt text, repeatable (default: the embedded model's sample "
+        "prompt, 2048 tokens of held-out Python text; for --model, synthetic prompts)",
     )
     parser.add_argument(
-        "--synthetic-tokens", type=int, default=4096, help="length of each synthetic prompt"
+        "--synthetic-tokens",
+        type=int,
+        help=f"search on --num-prompts random prompts of this many tokens (default: "
+        f"{SYNTHETIC_TOKENS} when --model is given without --prompt-file)",
     )
     parser.add_argument("--num-prompts", type=int, default=2, help="synthetic prompts")
     parser.add_argument(
@@ -233,8 +232,11 @@ def build_parser() -> ArgumentParser:
         nargs="+",
         type=parse_candidate,
         default=None,
-        help="candidate patterns, the reference (cost bound) first: vs:V,S  ashape:INIT,LOCAL  "
-        "block:TOP_K (default: the original's, reference vs:1000,6096)",
+        metavar="KIND:VALUES",
+        help="candidate patterns (kinds below), the reference (every head's cost bound) "
+        "first (default: the original's, reference vs:1000,6096, then "
+        + " ".join(map(format_pattern_spec, DEFAULT_CANDIDATES[1:]))
+        + ")",
     )
     parser.add_argument(
         "--min-recall",
@@ -243,18 +245,29 @@ def build_parser() -> ArgumentParser:
         help="in [0, 1]: heads below this recall under the cost bound take the cheapest "
         "candidate reaching it, or dense (default: none)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="compute dtype (default: the checkpoint's; float32 for the embedded model)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
 
 def _check_args(args) -> None:
-    """Every user error the arguments alone reveal, before the model is loaded."""
+    """Every user error the arguments alone reveal, before the model is loaded; fills in
+    args.synthetic_tokens when the prompts are synthetic."""
     check_at_least("--synthetic-tokens", args.synthetic_tokens, 1)
     check_at_least("--num-prompts", args.num_prompts, 1)
     check_at_least("--score-queries", args.score_queries, 1)
     check_at_least("--seed", args.seed, 0)
     if args.min_recall is not None and not 0.0 <= args.min_recall <= 1.0:  # NaN fails too
         raise CliError(f"--min-recall must be in [0, 1], got {args.min_recall}")
-    if not args.prompt_file and args.score_queries > args.synthetic_tokens:
+    if args.prompt_file and args.synthetic_tokens is not None:
+        raise CliError("pass --prompt-file or --synthetic-tokens, not both")
+    if args.synthetic_tokens is None and args.model is not None and not args.prompt_file:
+        args.synthetic_tokens = SYNTHETIC_TOKENS
+    if args.synthetic_tokens is not None and args.score_queries > args.synthetic_tokens:
         raise CliError(
             f"--score-queries ({args.score_queries}) exceeds the prompt length "
             f"(--synthetic-tokens {args.synthetic_tokens})"
@@ -264,22 +277,37 @@ def _check_args(args) -> None:
             _check_candidates(args.candidates)
         except ValueError as err:
             raise CliError(f"--candidates: {err}") from err
-    _check_out_reads_nothing(args)
+    _check_out_reads_nothing(args, _model_folder(args, strict=False))
     _check_writable(pathlib.Path(args.out))
 
 
-def _check_out_reads_nothing(args) -> None:
+def _model_folder(args, strict: bool = True) -> pathlib.Path:
+    """The checkpoint folder --model means; strict=False: the path as given when it is none."""
+    from minference_jax.models.checkpoint import CheckpointError
+    from minference_jax.models.defaults import CHECKPOINT
+
+    if args.model is None:
+        return CHECKPOINT
+    try:
+        return resolve_checkpoint(args.model)
+    except CheckpointError as err:
+        if strict:
+            raise CliError(str(err)) from err
+        return pathlib.Path(args.model)
+
+
+def _check_out_reads_nothing(args, folder: pathlib.Path) -> None:
     """Refuse an --out that names a file the run reads: saving would replace it (through a
     symbolic link too, as the config is written to the link's target)."""
     out = os.path.realpath(args.out)
     for prompt in args.prompt_file or ():
         if prompt != "-" and (out == os.path.realpath(prompt) or _same_file(out, prompt)):
             raise CliError(f"--out {args.out} is the prompt file {prompt}: it would be overwritten")
-    model = os.path.realpath(args.model)
+    model = os.path.realpath(folder)
     if out == model or out.startswith(model.rstrip(os.sep) + os.sep):
         raise CliError(
-            f"--out {args.out} is inside the checkpoint folder {args.model}: write the config "
-            "elsewhere"
+            f"--out {args.out} is inside the checkpoint folder {args.model or folder}: write the "
+            "config elsewhere"
         )
 
 
@@ -304,7 +332,14 @@ def _check_writable(out: pathlib.Path) -> None:
 
 
 def _read_prompt_files(args) -> list[tuple[str, str]]:
-    texts = [(path, read_prompt_file(path)) for path in args.prompt_file or ()]
+    """(name, text) of every sample prompt given as text; none for synthetic prompts."""
+    if args.synthetic_tokens is not None:
+        return []
+    if not args.prompt_file:  # the embedded model, searched on the prompt prefill runs
+        from minference_jax.models.defaults import default_prompt
+
+        return [("the embedded model's sample prompt", default_prompt())]
+    texts = [(path, read_prompt_file(path)) for path in args.prompt_file]
     for path, text in texts:
         if not text.strip():
             raise CliError(f"prompt file {path} is empty")
@@ -318,7 +353,7 @@ def _check_fits(config, tokens: int, dtype, what: str) -> None:
         raise CliError(str(err)) from err
 
 
-def _prompts(args, config, dtype, texts: list[tuple[str, str]]) -> list[np.ndarray]:
+def _prompts(args, folder, config, dtype, texts: list[tuple[str, str]]) -> list[np.ndarray]:
     if not texts:  # checked before any synthetic prompt is allocated
         _check_fits(config, args.synthetic_tokens, dtype, "--synthetic-tokens")
         rng = np.random.default_rng(args.seed)
@@ -327,7 +362,7 @@ def _prompts(args, config, dtype, texts: list[tuple[str, str]]) -> list[np.ndarr
             for _ in range(args.num_prompts)
         ]
     try:
-        tokenizer = load_tokenizer(args.model, config.vocab_size)
+        tokenizer = load_tokenizer(folder, config.vocab_size)
     except TokenizerError as err:
         raise CliError(str(err)) from err
     if tokenizer is None:
@@ -337,46 +372,101 @@ def _prompts(args, config, dtype, texts: list[tuple[str, str]]) -> list[np.ndarr
         ids = np.asarray(tokenizer.encode(text))
         if len(ids) < args.score_queries:
             raise CliError(
-                f"prompt file {path} has {len(ids)} tokens, fewer than --score-queries "
+                f"{_prompt_name(path)} has {len(ids)} tokens, fewer than --score-queries "
                 f"({args.score_queries})"
             )
-        _check_fits(config, len(ids), dtype, f"prompt file {path}")
+        _check_fits(config, len(ids), dtype, _prompt_name(path))
         prompts.append(ids)
     return prompts
 
 
+def _prompt_name(path: str) -> str:
+    return path if path.startswith("the ") else f"prompt file {path}"
+
+
+class _Progress:
+    """Per-layer progress on stderr, under a title per prompt saying what is being done."""
+
+    def __init__(self, prompts: list[np.ndarray], candidates: int, quiet: bool):
+        self.lengths = [len(p) for p in prompts]
+        self.candidates = candidates
+        self.quiet = quiet
+        self.last = time.perf_counter()
+
+    def __call__(self, prompt_id: int, num_prompts: int, layer_id: int, num_layers: int) -> None:
+        now = time.perf_counter()
+        took, self.last = now - self.last, now
+        if self.quiet:
+            return
+        if layer_id == 0:
+            print(
+                f"prompt {prompt_id + 1}/{num_prompts} ({self.lengths[prompt_id]} tokens): "
+                f"dense forward, scoring {self.candidates} candidates per head",
+                file=sys.stderr,
+                flush=True,
+            )
+        print(f"  layer {layer_id + 1}/{num_layers}  {took:7.2f} s", file=sys.stderr, flush=True)
+
+
+# A searched config computing more of the causal tiles than this is sparse in name only.
+NEARLY_DENSE = 0.9
+
+
 def run(args) -> SearchResult:
-    from minference_jax.models.checkpoint import CheckpointError, load_model
+    from minference_jax.loading import load_checkpoint
+    from minference_jax.models.checkpoint import CheckpointError
     from minference_jax.models.config import ModelConfigError
 
     _check_args(args)
     texts = _read_prompt_files(args)
-    if not pathlib.Path(args.model).is_dir():
-        raise CliError(f"checkpoint folder not found: {args.model}")
+    folder = _model_folder(args)
     try:
-        model, config = load_model(args.model)
+        _, model, config = load_checkpoint(folder, args.dtype)
     except (CheckpointError, ModelConfigError) as err:
         raise CliError(str(err)) from err
-    prompts = _prompts(args, config, model.dtype, texts)
+    prompts = _prompts(args, folder, config, model.dtype, texts)
     longest = max(len(p) for p in prompts)
     if longest > config.max_position_embeddings:
         warn(
             f"prompts of up to {longest} tokens run past the model's max_position_embeddings "
             f"({config.max_position_embeddings}): the searched patterns may not carry over"
         )
+    candidates = args.candidates or DEFAULT_CANDIDATES
     result = search_patterns(
         model,
         prompts,
-        candidates=args.candidates or DEFAULT_CANDIDATES,
+        candidates=candidates,
         score_queries=args.score_queries,
         min_recall=args.min_recall,
-        progress=lambda i, total: print(f"  layer {i + 1}/{total}", file=sys.stderr, flush=True),
+        progress=_Progress(prompts, len(candidates), args.quiet),
     )
     try:
         save_pattern_config(result.patterns, args.out, result.recall.tolist())
     except (PatternConfigError, OSError) as err:
         raise CliError(f"cannot write {args.out}: {err}") from err
+    if result.cost.mean() > NEARLY_DENSE:
+        warn(
+            f"the searched config computes {100 * result.cost.mean():.0f}% of the causal key "
+            f"tiles of these {longest}-token prompts: nearly dense. Budgets sized for longer "
+            "prompts cover these whole; pass smaller --candidates (at 2K, e.g. vs:300,100 "
+            "vs:100,100 vs:30,128 a-shape:64,256 block:8) or longer prompts"
+        )
     return result
+
+
+def summary(result: SearchResult, out: str) -> str:
+    """What the search wrote, in words: recall and cost against the reference, patterns used."""
+    counts = collections.Counter(p for layer in result.patterns.layers for p in layer)
+    heads = ", ".join(
+        f"{n} x {format_pattern_spec(p) if not isinstance(p, P.Dense) else 'dense'}"
+        for p, n in counts.most_common()
+    )
+    return (
+        f"wrote {out}: mean recall {result.recall.mean():.4f} "
+        f"(reference {result.reference_recall.mean():.4f}), mean cost {result.cost.mean():.4f} "
+        f"(reference {result.reference_cost.mean():.4f}) of the causal key tiles\n"
+        f"heads: {heads}"
+    )
 
 
 def main(argv=None) -> int:
@@ -385,11 +475,7 @@ def main(argv=None) -> int:
         result = run(args)
     except CliError as err:
         return fail(err)
-    print(
-        f"wrote {args.out}: mean recall {result.recall.mean():.4f} "
-        f"(reference {result.reference_recall.mean():.4f}), mean cost {result.cost.mean():.4f} "
-        f"(reference {result.reference_cost.mean():.4f})"
-    )
+    print(summary(result, args.out))
     return 0
 
 

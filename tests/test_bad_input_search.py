@@ -147,7 +147,7 @@ def test_out_naming_the_prompt_file_is_refused(capsys, tmp_path):
     os.link(prompt, tmp_path / "hard.py")
     for target in ("p.py", "sub/../p.py", "link.py", "hard.py"):
         out = str(tmp_path / target)
-        argv = ["--model", LLAMA, "--out", out, "--prompt-file", str(prompt), *FAST]
+        argv = ["--model", LLAMA, "--out", out, "--prompt-file", str(prompt), "--quiet"]
         assert_one_line_error(*run_main(capsys, argv), f"--out {out} is the prompt file")
         assert prompt.read_text() == "text " * 40
 

@@ -5,10 +5,12 @@ catch, in seconds, a new subpackage or data file the packaging rules would leave
 """
 
 import fnmatch
+import importlib
 import pathlib
 import tomllib
 
 import minference_jax
+from minference_jax.config_io import shipped_configs
 
 ROOT = pathlib.Path(__file__).parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -39,3 +41,20 @@ def test_version_and_license():
     assert minference_jax.__version__.count(".") == 2
     assert PYPROJECT["project"]["license"] == "MIT"
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_console_scripts():
+    scripts = PYPROJECT["project"]["scripts"]
+    assert set(scripts) == {"minference-prefill", "minference-search", "minference-convert"}
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
+
+
+def test_every_shipped_config_says_where_it_comes_from():
+    notes = (ROOT / "minference_jax" / "configs" / "README.md").read_text()
+    for name in shipped_configs():
+        assert f"`{name}`" in notes, name
+    for name in [n for n in shipped_configs() if "searched" in n]:
+        section = notes.split(f"`{name}`", 1)[1].split("\n## ", 1)[0]
+        assert "minference_jax.search" in section, name  # the command that made it

@@ -107,6 +107,10 @@ def test_embedded_default_explains_itself(capsys):
     assert "pass key 71432 retrieved" in text and "median of 2 timed runs" in text
     assert re.search(r"layer 1: [a-z-]+, computed \d+\.\d% of the causal key tiles, on \w", text)
     assert "first run, not timed" in text and re.search(r"\dx (faster|slower) than dense", text)
+    # Peak memory is reported on every backend: the host's always, the device's where known.
+    assert 2**20 < report["peak_host_memory_bytes"] < 2**40
+    assert re.search(r"peak host memory: \d+\.\d\d GiB \(this process's largest", text)
+    assert ("peak device memory" in text) == (report["peak_device_memory_bytes"] is not None)
 
 
 def test_passkey_verdicts():
