@@ -14,6 +14,7 @@ from minference_jax.patterns import (
     BlockSparse,
     Dense,
     HeadPatterns,
+    SampledBlockSparse,
     VerticalSlash,
 )
 from minference_jax.reference import (
@@ -30,6 +31,7 @@ __all__ = [
     "BlockSparse",
     "Dense",
     "HeadPatterns",
+    "SampledBlockSparse",
     "LoadedModel",
     "PatternConfigError",
     "SparseIndex",
