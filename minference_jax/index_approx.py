@@ -548,15 +548,6 @@ def _strided_rows(x: jax.Array, stride: int, *, reverse: bool) -> jax.Array:
     return jnp.moveaxis(x, 2, 3).reshape(b, n // stride, h, stride * d)
 
 
-def antidiagonal_estimator(dtype, head_dim: int, *, on_gpu: bool) -> str:
-    """The anti-diagonal block scorer used by default: XLA, which materialises each chunk's
-    strided logits. The fused kernel (`antidiag_scores`, `estimator="pallas"`) is checked
-    against it on CPU but its GPU speed is not measured yet (benchmarks/NOTES.md, "Anti-diagonal
-    scores without the logits"), so it is opt-in."""
-    del dtype, head_dim, on_gpu
-    return "xla"
-
-
 def _block_scores_by_chunk(
     q,
     k,
@@ -579,18 +570,17 @@ def _block_scores_by_chunk(
     rows spread over each query block (None: no such head); heads where `pooled_heads` [Hq] is
     True from mean-pooled q and k (softmax over key blocks; None: no such head); the others
     from strided anti-diagonals (`stride`; 0: no anti-diagonal head), by `estimator`
-    ("pallas": `antidiag_scores`, interpreted off GPU, unpadded batches only; "xla"; None:
-    `antidiagonal_estimator`). `lengths`: a right-padded batch (padding rows and keys score
-    nothing)."""
-    batch, n, num_heads, head_dim = q.shape
+    ("pallas": `antidiag_scores`, interpreted off GPU, unpadded batches only; "xla" or None:
+    the materialised strided logits. The kernel is opt-in until its GPU speed is measured:
+    benchmarks/NOTES.md, "Anti-diagonal scores without the logits"). `lengths`: a right-padded
+    batch (padding rows and keys score nothing)."""
+    batch, n, num_heads, _ = q.shape
     query_length, key_length = (None, None) if lengths is None else lengths
     key_blocks = _key_blocks(lengths, block_kv)
     num_kv = k.shape[2]
     ratio = block_q // block_kv
     n_q_blocks, n_kv_blocks = num_blocks(n, block_q), num_blocks(n, block_kv)
     on_gpu = jax.default_backend() == "gpu"
-    if estimator is None:
-        estimator = antidiagonal_estimator(q.dtype, head_dim, on_gpu=on_gpu)
     if estimator == "pallas" and lengths is not None:
         raise ValueError("the Pallas anti-diagonal scorer takes no sequence lengths; use 'xla'")
     fused = bool(stride) and estimator == "pallas"
@@ -1146,7 +1136,7 @@ def build_sparse_index(
     (`patterns.key_block_size`) need `block_size == block_kv`. `softmax_scale`: as
     `sparse_attention`'s `scale`. `last_q` (>= 1): how many of the last queries the estimates
     read. `estimator`: the Vertical-Slash scorer as in `estimate_vertical_slash`; "pallas" also
-    scores anti-diagonal heads with the fused kernel (`antidiagonal_estimator`).
+    scores anti-diagonal heads with the fused kernel (`pallas_kernels.antidiag_scores`).
     `query_seq_lengths`, `key_value_seq_lengths`: int32 [batch] of a right-padded batch, as in
     `sparse_attention`: the estimates read each sequence's own rows and keys. Inputs are checked as
     `sparse_attention` checks them (TypeError / ValueError).

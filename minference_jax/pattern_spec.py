@@ -79,6 +79,13 @@ SPEC_KINDS = {
         rule="relative",
         summary="columns and diagonals scoring >= THRESHOLD x the row's maximum",
     ),
+    "sbs": SpecKind(
+        P.SampledBlockSparse,
+        ("threshold", "rows"),
+        1,
+        ("sampled-blocks",),
+        summary="key blocks holding >= THRESHOLD of the exact mass of ROWS sampled queries",
+    ),
 }
 _CANONICAL = {alias: name for name, kind in SPEC_KINDS.items() for alias in (name, *kind.aliases)}
 SPEC_USAGE = "  ".join(kind.usage(name) for name, kind in SPEC_KINDS.items())

@@ -289,6 +289,15 @@ def test_bad_specs_say_what_is_expected(text, message):
 # --- search: defaults, labels, flags ------------------------------------------------------------
 
 
+def test_every_prefill_mode_is_a_spec_kind():
+    from minference_jax import pattern_spec
+
+    assert set(P.MODE_PATTERNS) <= set(pattern_spec._CANONICAL)
+    for mode, (kind, _, default) in P.MODE_PATTERNS.items():
+        spec = f"{mode}:{','.join(map(str, default))}"
+        assert type(parse_pattern_spec(spec)) is kind, spec
+
+
 def test_search_help_lists_every_kind():
     from minference_jax.search import build_parser
 
