@@ -46,6 +46,7 @@ import itertools
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -347,12 +348,31 @@ def layer0_breakdown(model, ids, spec: AttentionSpec, chunk: int, repeats: int) 
     if plan is not None:  # the layer estimates an index (else it runs dense attention)
         index = functools.partial(build_planned_index, plan=plan, scale=scale)
         index_ms = time_fn(index, q, k, budgets, warmup=1, repeats=repeats)
-    return dict(
-        layer0_ms=round(layer_ms, 2),
-        share_index=round(index_ms / layer_ms, 3),
-        share_attention_kernel=round((attention_ms - index_ms) / layer_ms, 3),
-        share_projections_mlp=round(1 - attention_ms / layer_ms, 3),
-    )
+    return dict(layer0_ms=round(layer_ms, 2), **part_shares(layer_ms, attention_ms, index_ms))
+
+
+def part_shares(layer_ms: float, attention_ms: float, index_ms: float) -> dict:
+    """Shares of the layer's three parts, from separately timed runs.
+
+    Separate timings need not add up: on a busy host the attention timed alone can take longer
+    than the whole layer did. A part whose difference comes out negative counts as zero (with a
+    warning) and the shares are normalised to sum to 1, so no share is ever negative.
+    """
+    parts = {
+        "share_index": index_ms,
+        "share_attention_kernel": attention_ms - index_ms,
+        "share_projections_mlp": layer_ms - attention_ms,
+    }
+    negative = [name for name, ms in parts.items() if ms < 0]
+    if negative:
+        print(
+            f"warning: timings inconsistent (layer {layer_ms:.2f} ms, attention "
+            f"{attention_ms:.2f} ms, index {index_ms:.2f} ms); {', '.join(negative)} set to 0",
+            file=sys.stderr,
+        )
+    parts = {name: max(ms, 0.0) for name, ms in parts.items()}
+    total = sum(parts.values()) or 1.0
+    return {name: round(ms / total, 3) for name, ms in parts.items()}
 
 
 ADAPTIVE_MODES = ("anti-diagonal", "adaptive-vs")

@@ -122,6 +122,23 @@ def test_e2e_benchmark_writes_table_and_plot(tmp_path):
     assert ceiling > 0 and f"| {ceiling:.2f} |" in table.read_text()
 
 
+def test_layer_shares_never_negative_when_separate_timings_disagree(capsys):
+    from benchmarks.e2e_prefill import part_shares
+
+    consistent = part_shares(layer_ms=10.0, attention_ms=6.0, index_ms=1.0)
+    assert consistent == {
+        "share_index": 0.1,
+        "share_attention_kernel": 0.5,
+        "share_projections_mlp": 0.4,
+    }
+    assert capsys.readouterr().err == ""
+    # attention timed alone took longer than the whole layer (a busy host): no negative share
+    noisy = part_shares(layer_ms=12.0, attention_ms=18.0, index_ms=2.6)
+    assert noisy["share_projections_mlp"] == 0 and min(noisy.values()) >= 0
+    assert abs(sum(noisy.values()) - 1) < 1e-2
+    assert "share_projections_mlp set to 0" in capsys.readouterr().err
+
+
 def test_e2e_benchmark_truncates_only_the_dense_stack(tmp_path):
     from benchmarks import e2e_prefill
 
