@@ -4,12 +4,14 @@ Kernel and index benchmarks can then run on real heads instead of random ones:
 
     python -m benchmarks.dump_qkv --model CONVERTED_DIR --layer L --tokens N --out FILE.npz \\
         [--dtype bfloat16] [--seed 0] [--chunk 8192]
+    python -m benchmarks.dump_qkv --model CONVERTED_DIR --layer 0 9 18 27 --tokens N --out DIR
 
 Prompt: the documents of `benchmarks.heldout.heldout_docs()` as "path\\ntext", joined by blank
 lines, tokenized with the checkpoint's tokenizer.json; a window of N tokens whose start the seed
 picks. Layers 0..L-1 run densely with the prefill's own step (`generation.layer_step`,
 projections and MLP over `--chunk`-token slices), then layer L's q [1, N, Hq, D] and k, v
-[1, N, Hkv, D] are taken after RoPE (v has none), in the model's dtype.
+[1, N, Hkv, D] are taken after RoPE (v has none), in the model's dtype. Several layers come
+from one pass, one file each (DIR/layerLL.npz).
 
 The .npz holds q, k, v (bfloat16 stored as uint16 bit patterns, numpy having no bfloat16), `dtype`,
 `layer`, `tokens`, `seed`, `model` (the folder's name), `rope_type` and the prompt's token `ids`.
@@ -75,26 +77,45 @@ def layer_qkv(model, config, ids, layer: int, *, chunk: int = CHUNK):
     The layers before it run densely, as the prefill runs them (`layer_step`, `chunk`-token
     projection slices); layer `layer`'s projections go over the same slices.
     """
-    if not 0 <= layer < config.num_layers:
-        raise ValueError(f"layer must be in [0, {config.num_layers}), got {layer}")
+    ((_, qkv),) = layers_qkv(model, config, ids, (layer,), chunk=chunk)
+    return qkv
+
+
+def layers_qkv(model, config, ids, layers, *, chunk: int = CHUNK):
+    """(layer, (q, k, v)) for each of `layers` in ascending order, from one dense pass over the
+    layers up to the last of them (a generator: each layer's arrays can be written and dropped
+    before the next)."""
+    layers = sorted(set(layers))
+    for layer in layers:
+        if not 0 <= layer < config.num_layers:
+            raise ValueError(f"layer must be in [0, {config.num_layers}), got {layer}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return _layers_qkv(model, config, ids, layers, chunk)
+
+
+def _layers_qkv(model, config, ids, layers, chunk):
     ids = jnp.asarray(ids, jnp.int32).reshape(1, -1)
     n = ids.shape[1]
     cos, sin = rope_tables(config, jnp.arange(n), n)
     x = _embed(model, ids)
-    for earlier in model.layers[:layer]:
-        x, _, _ = layer_step(
-            earlier, x, cos, sin, None, plan=None, implementation=None, chunk=chunk
-        )
-    target = model.layers[layer]
-    pieces = [
-        _qkv(target, x[:, s : s + chunk], cos[s : s + chunk], sin[s : s + chunk])
-        for s in range(0, n, chunk)
-    ]
-    if len(pieces) == 1:
-        return pieces[0]
-    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*pieces, strict=True))
+    for layer_id, layer in enumerate(model.layers[: layers[-1] + 1]):
+        if layer_id in layers:
+            pieces = [
+                _qkv(layer, x[:, s : s + chunk], cos[s : s + chunk], sin[s : s + chunk])
+                for s in range(0, n, chunk)
+            ]
+            if len(pieces) == 1:
+                yield layer_id, pieces[0]
+            else:
+                yield (
+                    layer_id,
+                    tuple(jnp.concatenate(parts, axis=1) for parts in zip(*pieces, strict=True)),
+                )
+        if layer_id < layers[-1]:
+            x, _, _ = layer_step(
+                layer, x, cos, sin, None, plan=None, implementation=None, chunk=chunk
+            )
 
 
 def _dtype_name(dtype) -> str:
@@ -138,9 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dump one layer's q, k, v (after RoPE) on N tokens of held-out text.",
     )
     parser.add_argument("--model", required=True, type=pathlib.Path, help="converted folder")
-    parser.add_argument("--layer", required=True, type=int, help="layer index (0-based)")
+    parser.add_argument(
+        "--layer",
+        required=True,
+        type=int,
+        nargs="+",
+        help="layer index (0-based); several: one dense pass, one file per layer under --out",
+    )
     parser.add_argument("--tokens", required=True, type=int, help="prompt length N")
-    parser.add_argument("--out", required=True, type=pathlib.Path, help="output .npz")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=pathlib.Path,
+        help="output .npz; with several layers a folder, written as layerLL.npz",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--seed", type=int, default=0, help="picks the window's start")
     parser.add_argument(
@@ -149,8 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args) -> dict:
-    start = time.perf_counter()
+def layer_file(out: pathlib.Path, layer: int, several: bool) -> pathlib.Path:
+    return out / f"layer{layer:02d}.npz" if several else out
+
+
+def run(args):
+    """Dump each --layer; yields one dict per layer (its arrays, meta and file)."""
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
     tokenizer = load_tokenizer(args.model) if args.model.is_dir() else None
@@ -158,39 +194,47 @@ def run(args) -> dict:
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json")
     tokenizer.check_vocab_size(config.vocab_size)
-    if not 0 <= args.layer < config.num_layers:
-        raise ValueError(f"--layer must be in [0, {config.num_layers}), got {args.layer}")
+    for layer in args.layer:
+        if not 0 <= layer < config.num_layers:
+            raise ValueError(f"--layer must be in [0, {config.num_layers}), got {layer}")
+    several = len(set(args.layer)) > 1
+    if several and args.out.suffix == ".npz":
+        raise ValueError(f"with several layers --out is a folder, got {args.out}")
     ids = prompt_ids(tokenizer, args.tokens, args.seed)
-    q, k, v = jax.block_until_ready(layer_qkv(model, config, ids, args.layer, chunk=args.chunk))
-    meta = {
-        "layer": args.layer,
-        "tokens": args.tokens,
-        "seed": args.seed,
-        "model": args.model.resolve().name,
-        "rope_type": config.rope.rope_type,
-        "ids": ids,
-    }
-    save_qkv(args.out, q, k, v, **meta)
-    return {"q": q, "k": k, "v": v, **meta, "seconds": time.perf_counter() - start}
+    for layer, qkv in layers_qkv(model, config, ids, args.layer, chunk=args.chunk):
+        q, k, v = jax.block_until_ready(qkv)
+        meta = {
+            "layer": layer,
+            "tokens": args.tokens,
+            "seed": args.seed,
+            "model": args.model.resolve().name,
+            "rope_type": config.rope.rope_type,
+            "ids": ids,
+        }
+        path = layer_file(args.out, layer, several)
+        save_qkv(path, q, k, v, **meta)
+        yield {"q": q, "k": k, "v": v, **meta, "path": path}
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     declare(parser, "dump_qkv")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     try:
-        result = run(args)
+        for result in run(args):
+            for key in ("q", "k", "v"):
+                value = result[key]
+                print(f"{key} {list(value.shape)} {_dtype_name(value.dtype)}")
+            print(
+                f"{result['model']} layer {result['layer']} at {result['tokens']:,} tokens "
+                f"(seed {result['seed']}, rope {result['rope_type']}): wrote {result['path']} "
+                f"in {time.perf_counter() - start:.1f} s",
+                flush=True,
+            )
     except (ValueError, CheckpointError, TokenizerError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for key in ("q", "k", "v"):
-        value = result[key]
-        print(f"{key} {list(value.shape)} {_dtype_name(value.dtype)}")
-    print(
-        f"{result['model']} layer {result['layer']} at {result['tokens']:,} tokens "
-        f"(seed {result['seed']}, rope {result['rope_type']}): wrote {args.out} "
-        f"in {result['seconds']:.1f} s"
-    )
     return 0
 
 

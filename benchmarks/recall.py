@@ -3,6 +3,8 @@
     python -m benchmarks.recall                                  # CPU, 8K, synthetic q/k
     python -m benchmarks.recall --seq-lens 32768 131072 --inputs synthetic e2e   # GPU
     python -m benchmarks.recall --seq-lens 16384 --inputs pytext   # trained heads, CPU ~10 min
+    python -m benchmarks.recall --seq-lens 16384 --inputs dump --dumps DIR \\
+        --dump-config qwen2_5_coder_1_5b_instruct_searched        # a real model's heads
 
 For each input and length, every pattern below estimates its index on the same q/k (batch 1,
 all heads one pattern, or the config's per-head patterns), and two numbers are kept per index:
@@ -22,7 +24,9 @@ the heaviest keys, gathered 64 per tile) keeps per tile budget.
 Inputs: `synthetic` (benchmarks.synthetic.structured_qk: sinks, local decay, heavy tokens; 32 q
 / 8 kv heads, d 128), `e2e` (layer 0 q/k of the e2e benchmark's structured random Llama-3-8B
 shape, benchmarks.e2e_prefill) and `pytext` (the trained heads of the shipped pytext-12m, all 8
-layers stacked as 48 q / 16 kv heads, d 64, on a held-out passkey prompt; f32).
+layers stacked as 48 q / 16 kv heads, d 64, on a held-out passkey prompt; f32) and `dump` (a
+real model's layers dumped by `benchmarks.dump_qkv` into `--dumps DIR`, stacked the same way,
+f32; `--dump-config` names its per-head config, e.g. qwen2_5_coder_1_5b_instruct_searched).
 Writes recall_<device>.{json,md,png} under --out and prints where (`--replot JSON` redraws the
 .png from the JSON alone, on any machine); the table ends with, for
 each VerticalSlash budget and the config, the adaptive point with the fewest tiles at a mean
@@ -98,10 +102,12 @@ def cases() -> list[tuple[str, float | str, P.Pattern]]:
     return out
 
 
-def inputs(name: str, n: int, dtype):
+def inputs(name: str, n: int, dtype, dumps: pathlib.Path | None = None, dump_config=None):
     """(q, k, (config label, its per-head patterns)) of one input kind at length n."""
     if name == "pytext":
         return pytext_inputs(n)
+    if name == "dump":
+        return dump_inputs(dumps, n, dump_config)
     shipped = ("Llama-3-8B-262k layer 0", load_pattern_config(shipped_configs()[CONFIG])[0])
     if name == "synthetic":
         q, k = structured_qk(jax.random.PRNGKey(n), 1, n, HEADS, KV_HEADS, HEAD_DIM, dtype)
@@ -134,6 +140,37 @@ def pytext_inputs(n: int):
         searched_config(CHECKPOINT), num_layers=config.num_layers, num_heads=config.num_heads
     )
     return q, k, ("pytext-12m searched, all layers", sum(table.layers, ()))
+
+
+def dump_inputs(folder: pathlib.Path, n: int, config_name=None):
+    """The layers a `benchmarks.dump_qkv` run wrote under `folder` (layerLL.npz), their first n
+    tokens, f32, stacked as heads like pytext's (a causal model's q/k of a prompt's first n
+    tokens are those of the n-token prompt). Reference: `config_name`'s patterns of the same
+    layers, or VerticalSlash(1000, 6096) on every head without one."""
+    from benchmarks.dump_qkv import load_qkv
+    from minference_jax.shipped import resolve_pattern_config
+
+    files = sorted(pathlib.Path(folder).glob("layer*.npz"))
+    if not files:
+        raise ValueError(f"no layerLL.npz files of benchmarks.dump_qkv under {folder}")
+    qs, ks, layers = [], [], []
+    for path in files:
+        q, k, _ = load_qkv(path)
+        if q.shape[1] < n:
+            raise ValueError(f"{path} holds {q.shape[1]} tokens, fewer than {n}")
+        with np.load(path) as f:
+            layers.append(int(f["layer"]))
+        qs.append(q[:, :n].astype(jnp.float32))
+        ks.append(k[:, :n].astype(jnp.float32))
+    q, k = jnp.concatenate(qs, axis=2), jnp.concatenate(ks, axis=2)
+    heads = qs[0].shape[2]
+    label = f"layers {','.join(map(str, layers))}"
+    if config_name is None:
+        return q, k, (f"{REFERENCE}, {label}", (REFERENCE,) * q.shape[2])
+    path = resolve_pattern_config(config_name)
+    table = load_pattern_config(path, num_heads=heads)
+    patterns = sum((tuple(table[layer]) for layer in layers), ())
+    return q, k, (f"{path.stem}, {label}", patterns)
 
 
 def measure(q, k, pattern, rows) -> dict:
@@ -228,7 +265,8 @@ def write_report(rows: list[dict], stem: pathlib.Path, num_rows: int, num_blocks
     lines = [
         f"Recall vs computed tiles on {rows[0]['device']}: batch 1 (synthetic, e2e: {HEADS} q "
         f"/ {KV_HEADS} kv heads, d {HEAD_DIM}, {rows[0]['dtype']}; pytext: pytext-12m's 8 "
-        "layers x 6 q / 2 kv heads, d 64, f32), 64x64 tiles; recall = share of the dense "
+        "layers x 6 q / 2 kv heads, d 64, f32; dump: a real model's dumped layers stacked, "
+        "f32), 64x64 tiles; recall = share of the dense "
         f"softmax mass kept, exact, on the {num_rows} rows of {num_blocks} query blocks "
         "spread over the sequence (mean over rows and heads; p10 over rows x heads; worst "
         "head's mean). Oracle rows: the most recall any block-sparse index (blocks) or any "
@@ -317,7 +355,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192])
     parser.add_argument(
-        "--inputs", nargs="+", default=["synthetic"], choices=["synthetic", "e2e", "pytext"]
+        "--inputs",
+        nargs="+",
+        default=["synthetic"],
+        choices=["synthetic", "e2e", "pytext", "dump"],
+        help="dump: the layers under --dumps",
+    )
+    parser.add_argument(
+        "--dumps",
+        type=pathlib.Path,
+        metavar="DIR",
+        help="a folder of benchmarks.dump_qkv layer files (--inputs dump): a real model's heads",
+    )
+    parser.add_argument(
+        "--dump-config",
+        metavar="CONFIG",
+        help="the dumped model's per-head pattern config (a shipped name or a path), the "
+        "reference on --inputs dump (default: VerticalSlash(1000, 6096) on every head)",
     )
     parser.add_argument(
         "--query-blocks",
@@ -354,6 +408,8 @@ def main(argv=None):
     if args.replot:
         report_written(replot(args.replot, args.out / args.replot.stem))
         return []
+    if ("dump" in args.inputs) != (args.dumps is not None):
+        parser.error("--inputs dump and --dumps DIR go together")
     dtype_name = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     dtype = getattr(jnp, dtype_name)
     device = device_name()
@@ -363,7 +419,9 @@ def main(argv=None):
     rows = []
     for name in args.inputs:
         for n in args.seq_lens:
-            q, k, (config_label, config_patterns) = inputs(name, n, dtype)
+            q, k, (config_label, config_patterns) = inputs(
+                name, n, dtype, args.dumps, args.dump_config
+            )
             measured = list(selected)
             if args.families is None or CONFIG_FAMILY in args.families:
                 after_budgets = sum(family == "VerticalSlash" for family, _, _ in selected)

@@ -497,16 +497,20 @@ def _dense_causal(q, k, v, scale, lengths: SeqLengths | None = None):
         # XLA:CPU has no f16 x f16 -> f32 dot: compute in f32, hand back f16.
         up = (x.astype(jnp.float32) for x in (q, k, v))
         return _dense_causal(*up, scale, lengths).astype(jnp.float16)
-    out = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        scale=scale,
-        is_causal=True,
-        query_seq_lengths=None if lengths is None else lengths.queries,
-        key_value_seq_lengths=None if lengths is None else lengths.keys,
-        implementation="cudnn" if _uses_cudnn(q.dtype) else None,
-    )
+    rows = dense_query_rows(q.shape)
+    if _uses_cudnn(q.dtype) or rows >= q.shape[1]:
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            scale=scale,
+            is_causal=True,
+            query_seq_lengths=None if lengths is None else lengths.queries,
+            key_value_seq_lengths=None if lengths is None else lengths.keys,
+            implementation="cudnn" if _uses_cudnn(q.dtype) else None,
+        )
+    else:
+        out = _dense_causal_by_query_rows(q, k, v, scale, lengths, rows)
     if lengths is None:
         return out
     # Padding rows, and rows without a key (a sequence of key length 0): zero, as on the
@@ -514,6 +518,44 @@ def _dense_causal(q, k, v, scale, lengths: SeqLengths | None = None):
     n = q.shape[1]
     kept = (jnp.arange(n) < lengths.queries[:, None]) & (lengths.keys[:, None] > 0)  # [B, N]
     return jnp.where(kept[:, :, None, None], out, 0).astype(out.dtype)
+
+
+# XLA's dense attention holds [B, H, rows, keys] f32 scores: past this many bytes, the
+# non-cuDNN path takes the queries in slices (a 16K-token, 12-head prompt would need 13 GiB).
+DENSE_SCORES_BYTES = 1 << 30
+
+
+def dense_query_rows(shape) -> int:
+    """Query rows per slice so that one slice's f32 scores stay within DENSE_SCORES_BYTES."""
+    batch, n, heads, _ = shape
+    rows = DENSE_SCORES_BYTES // (4 * batch * heads * max(n, 1))
+    return max(128, rows // 128 * 128)
+
+
+def _dense_causal_by_query_rows(q, k, v, scale, lengths: SeqLengths | None, rows: int):
+    """Dense causal attention one slice of `rows` queries at a time, each against the keys up
+    to its last row only (a causal slice never sees later keys): the scores stay bounded and
+    about half the dense work is skipped."""
+    n = q.shape[1]
+    pieces = []
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        causal = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
+        query_lengths = None
+        if lengths is not None:
+            query_lengths = jnp.clip(lengths.queries - start, 0, stop - start)
+        pieces.append(
+            jax.nn.dot_product_attention(
+                q[:, start:stop],
+                k[:, :stop],
+                v[:, :stop],
+                scale=scale,
+                mask=causal[None, None],
+                query_seq_lengths=query_lengths,
+                key_value_seq_lengths=None if lengths is None else lengths.keys,
+            )
+        )
+    return jnp.concatenate(pieces, axis=1)
 
 
 def _uses_cudnn(dtype) -> bool:

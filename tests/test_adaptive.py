@@ -654,3 +654,36 @@ def test_e2e_benchmark_modes():
     for bad in ("adaptive-vs:1.5", "anti-diagonal:x", "sparse"):
         with pytest.raises(argparse.ArgumentTypeError):
             e2e_prefill.parse_mode(bad)
+
+
+def test_recall_benchmark_on_dumped_layers(tmp_path, capsys):
+    """--inputs dump: dump_qkv layer files stacked as heads, cut to each length, with the dumped
+    model's config (picked per layer) as the reference."""
+    from benchmarks import recall
+    from benchmarks.dump_qkv import save_qkv
+    from minference_jax.config_io import save_pattern_config
+
+    dumps = tmp_path / "dumps"
+    for layer in (0, 2):  # layers 0 and 2 of a 3-layer model
+        q, k, v = random_qkv(layer, 1, 320, 4, 2, 16, jnp.bfloat16)
+        save_qkv(dumps / f"layer{layer:02d}.npz", q, k, v, layer=layer)
+    layers = [[P.VerticalSlash(10 * (i + 1), 64)] * 4 for i in range(3)]
+    save_pattern_config(P.HeadPatterns(tuple(map(tuple, layers))), tmp_path / "cfg.json")
+    argv = ["--inputs", "dump", "--dumps", str(dumps), "--seq-lens", "256", "--query-blocks"]
+    argv += ["2", "--families", "Config", "Oracle blocks", "--out", str(tmp_path / "out")]
+    rows = recall.main([*argv, "--dump-config", str(tmp_path / "cfg.json")])
+    config = next(r for r in rows if r["family"] == "Config")
+    assert config["input"] == "dump" and config["seq_len"] == 256
+    assert config["param"] == "cfg, layers 0,2"
+    q, k, (_, patterns) = recall.dump_inputs(dumps, 256, str(tmp_path / "cfg.json"))
+    assert q.shape == (1, 256, 8, 16) and k.shape == (1, 256, 4, 16) and q.dtype == jnp.float32
+    assert patterns == (P.VerticalSlash(10, 64),) * 4 + (P.VerticalSlash(30, 64),) * 4
+    _, _, (label, default) = recall.dump_inputs(dumps, 256)
+    assert default == (recall.REFERENCE,) * 8 and label.endswith("layers 0,2")
+    with pytest.raises(ValueError, match="holds 320 tokens, fewer than 512"):
+        recall.dump_inputs(dumps, 512)
+    with pytest.raises(ValueError, match="no layerLL.npz files"):
+        recall.dump_inputs(tmp_path / "out", 256)
+    with pytest.raises(SystemExit):
+        recall.main(["--inputs", "dump", "--seq-lens", "256"])  # no --dumps
+    assert "--inputs dump and --dumps DIR go together" in capsys.readouterr().err

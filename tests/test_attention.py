@@ -279,3 +279,41 @@ def test_short_gpu_prompts_skip_index_planning(monkeypatch):
     assert plan is not None
     monkeypatch.setattr(attention, "_on_gpu", lambda: False)
     assert attention.layer_plan(vs, 128, 4, None)[0] is not None  # CPU: the XLA sparse path
+
+
+@pytest.mark.parametrize(
+    "batch, n, heads, kv_heads, lengths",
+    [
+        (1, 333, 4, 2, None),
+        (2, 300, 4, 1, ((300, 170), (300, 170))),
+        (2, 129, 2, 2, ((0, 5), (0, 5))),
+    ],
+)
+def test_dense_path_in_query_slices_equals_dense_attention(
+    monkeypatch, batch, n, heads, kv_heads, lengths
+):
+    """Past DENSE_SCORES_BYTES the CPU dense path slices the queries (each slice against the
+    keys up to its last row); it must equal the whole-matrix attention, padding included."""
+    from minference_jax import attention
+    from minference_jax.sparse_index import SeqLengths
+
+    q, k, v = random_qkv(n + batch, batch, n, heads, kv_heads, 32, jnp.float32)
+    seq = None
+    mask = np.tril(np.ones((n, n), bool))[None, None].repeat(batch, 0).repeat(heads, 1)
+    if lengths is not None:
+        seq = SeqLengths(*(jnp.asarray(x, jnp.int32) for x in lengths))  # (queries, keys)
+        keys = np.arange(n)[None, :] < np.asarray(seq.keys)[:, None]  # [B, N]
+        mask = mask & keys[:, None, None, :]
+    whole = attention._dense_causal(q, k, v, 32**-0.5, seq)
+    monkeypatch.setattr(attention, "DENSE_SCORES_BYTES", 4 * batch * heads * n * 128)
+    assert attention.dense_query_rows(q.shape) == 128 < n  # 2 or 3 slices, the last ragged
+    sliced = attention._dense_causal(q, k, v, 32**-0.5, seq)
+    with np.errstate(invalid="ignore"):  # rows without keys: NaN in the oracle, zeroed below
+        want = masked_attention_f64(q, k, v, mask, 32**-0.5)
+    if seq is not None:  # padding rows and rows without keys are zero on every path
+        rows = (np.arange(n)[None, :] < np.asarray(seq.queries)[:, None]) & (
+            np.asarray(seq.keys)[:, None] > 0
+        )
+        want = np.where(rows[:, :, None, None], np.nan_to_num(want), 0)
+    assert rel_err(sliced, want) < 1e-5 and rel_err(whole, want) < 1e-5
+    np.testing.assert_allclose(sliced, whole, atol=2e-6)

@@ -116,3 +116,29 @@ def test_errors(converted, tmp_path, capsys):
     assert dump_qkv.main(["--model", str(tmp_path / "missing"), "--layer", "0", *base]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_several_layers_in_one_pass_equal_single_layer_dumps(converted, tmp_path, capsys):
+    def dump(layers, out):
+        argv = ["--model", converted, "--layer", *layers, "--tokens", N, "--out", out]
+        return dump_qkv.main([str(a) for a in [*argv, "--dtype", "float32"]])
+
+    out = tmp_path / "layers"
+    assert dump((1, 0), out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["layer00.npz", "layer01.npz"]
+    assert "layer 0 at 200 tokens" in capsys.readouterr().out
+    model, config = load_model(converted, jnp.float32)
+    for layer in (0, 1):
+        path = out / f"layer{layer:02d}.npz"
+        with np.load(path) as f:
+            assert int(f["layer"]) == layer
+            ids = f["ids"]
+        want = dump_qkv.layer_qkv(model, config, ids, layer)
+        for name, g, w in zip("qkv", dump_qkv.load_qkv(path), want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+    # several layers need a folder, not a .npz name; a bad layer is refused before any work
+    assert dump((0, 1), tmp_path / "x.npz") == 2
+    assert "--out is a folder" in capsys.readouterr().err
+    assert dump((0, 5), tmp_path / "y") == 2
+    assert "--layer must be in [0, 2), got 5" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
