@@ -65,7 +65,7 @@ THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 RELATIVE_BLOCKS = (0.6, 0.45, 0.3, 0.2, 0.1)
 RELATIVE_VS = (0.3, 0.1, 0.03, 0.01, 0.003)
 # Absolute thresholds (share of the row's estimated mass an entry must hold): the oracle's rule.
-ABSOLUTE_BLOCKS = (0.03, 0.01, 0.005, 0.002, 0.001)
+ABSOLUTE_BLOCKS = (0.03, 0.01, 0.005, 0.002, 0.001, 0.0005, 0.0002)
 ABSOLUTE_VS = (0.003, 0.001, 3e-4, 1e-4, 3e-5)
 # Jensen-Shannon distance below which a head switches to blocks: 1.0 always switches, so the
 # family shows the query-aware block pattern itself (on the synthetic inputs the distances are

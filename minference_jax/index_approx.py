@@ -1077,6 +1077,10 @@ def plan_index(
         elif isinstance(p, P.BlockSparse):
             budgets["is_bs"][h] = 1
             budgets["top_k"][h] = p.top_k
+        elif isinstance(p, P.SampledBlockSparse):
+            # The query block before the diagonal always (the local window): on trained heads
+            # it holds the largest share of the mass that sampled rows miss (NOTES.md).
+            budgets["last_diag"][h] = 2 * ratio - 1
         elif isinstance(p, P.ADAPTIVE_TYPES):
             continue  # planned by _plan_adaptive
         else:  # A-shape: sinks as full key blocks + leftover columns, window as diagonals
@@ -1095,6 +1099,8 @@ def plan_index(
         diag_bounds.append(max_slash * (ratio + 1) + ratio)
     if "avs" in kinds:
         diag_bounds.append((adaptive.max_slash + P.N_LOCAL_SLASHES) * (ratio + 1) + ratio)
+    if "sbs" in kinds:
+        diag_bounds.append(2 * ratio)
     if "ashape" in kinds:
         diag_bounds.append(
             _round_up_pow2(int(budgets["last_diag"][np.array(kinds) == "ashape"].max()) + 1)

@@ -187,8 +187,9 @@ class SampledBlockSparse:
     scoring at stride 64 / rows, but a key that dominates some query is seen as it is, not
     averaged into a strided sum. Selection `rule` as in `AdaptiveVerticalSlash` (default
     "absolute": every key block holding >= `threshold` of the estimated mass), at most
-    `max_blocks` (a static capacity). The first key block (attention sink) and the causal
-    diagonal blocks are always kept.
+    `max_blocks` (a static capacity). The first key block (attention sink), the causal
+    diagonal blocks and the query block before them (the local window, where most of the mass
+    that unsampled rows alone hold lies) are always kept.
     """
 
     threshold: float = 0.005

@@ -198,9 +198,9 @@ def qkv():
     return [np.asarray(x, np.float64) for x in random_qkv(21, 2, N, 4, 2, 16, jnp.float32)]
 
 
-def assert_blocks_match_oracle(qkv, heads, scores, thresholds, rule):
+def assert_blocks_match_oracle(qkv, heads, scores, thresholds, rule, local=0):
     """The key blocks each head's index keeps: the rule applied to `scores` (the oracle's),
-    plus the sink block and the diagonal block."""
+    plus the sink block, the diagonal block and the `local` blocks before it."""
     q, k, _ = qkv
     index = build_sparse_index(
         jnp.asarray(q, jnp.float32),
@@ -213,7 +213,8 @@ def assert_blocks_match_oracle(qkv, heads, scores, thresholds, rule):
     nb = scores.shape[-1]
     for b, h, i in np.ndindex(scores.shape[:3]):
         want = keep_oracle(scores[b, h, i].astype(np.float32), thresholds[h], rule)
-        want[0] = want[i] = True  # sink block and diagonal block, always
+        want[0] = True  # the sink block, the diagonal block and the local window, always
+        want[max(i - local, 0) : i + 1] = True
         np.testing.assert_array_equal(got[b, h, i, :nb], want, err_msg=f"{rule} {b} {h} {i}")
 
 
@@ -236,7 +237,7 @@ def test_sampled_block_sparse_index_matches_oracle(qkv, rows):
         P.SampledBlockSparse(t, rows=rows, max_blocks=64, block_size=BLOCK) for t in thresholds
     )
     scores = sampled_rows_scores_oracle(*qkv[:2], rows, BLOCK, 16**-0.5)
-    assert_blocks_match_oracle(qkv, heads, scores, thresholds, "absolute")
+    assert_blocks_match_oracle(qkv, heads, scores, thresholds, "absolute", local=1)
 
 
 def test_layer_mixing_sampled_rows_is_rejected():
