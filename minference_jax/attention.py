@@ -525,11 +525,17 @@ def _dense_causal(q, k, v, scale, lengths: SeqLengths | None = None):
 DENSE_SCORES_BYTES = 1 << 30
 
 
+# The slices are unrolled in the program: at most this many, whatever the memory bound says.
+MAX_DENSE_SLICES = 64
+
+
 def dense_query_rows(shape) -> int:
-    """Query rows per slice so that one slice's f32 scores stay within DENSE_SCORES_BYTES."""
+    """Query rows per slice so that one slice's f32 scores stay within DENSE_SCORES_BYTES, and
+    the prompt takes at most MAX_DENSE_SLICES slices (a bounded program at any length)."""
     batch, n, heads, _ = shape
-    rows = DENSE_SCORES_BYTES // (4 * batch * heads * max(n, 1))
-    return max(128, rows // 128 * 128)
+    within_memory = DENSE_SCORES_BYTES // (4 * batch * heads * max(n, 1)) // 128 * 128
+    within_slices = -(-n // (MAX_DENSE_SLICES * 128)) * 128
+    return max(128, within_memory, within_slices)
 
 
 def _dense_causal_by_query_rows(q, k, v, scale, lengths: SeqLengths | None, rows: int):
