@@ -53,9 +53,11 @@ from minference_jax.index_approx import build_sparse_index
 from minference_jax.reference import sparse_attention_xla
 from minference_jax.sparse_index import SENTINEL, vertical_slash_index
 from pallas_kernels.sparse_flash import sparse_flash_attention
+from pallas_kernels.sparse_flash_mgpu import Q_INNERMOST as MGPU_Q_INNERMOST
 from pallas_kernels.sparse_flash_mgpu import sparse_flash_attention_mgpu
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+LAUNCH_ORDERS = ("q-innermost", "heads-innermost")
 ADAPTIVE_CASES = {
     "anti_diagonal": lambda t, bk: P.AntiDiagonalBlockSparse(t, block_size=bk),
     "anti_diagonal_relative": lambda t, bk: P.AntiDiagonalBlockSparse(
@@ -203,10 +205,13 @@ def main(argv=None):
         "--cases", nargs="+", default=["vs_fixed", "vs_estimated", "block_sparse", "a_shape"]
     )
     parser.add_argument(
-        "--q-innermost",
-        action="store_true",
-        help="mosaic: launch a head's query blocks one after another (default: the heads of a "
-        "query block), to compare how K/V tiles are shared through L2",
+        "--launch",
+        nargs="+",
+        choices=LAUNCH_ORDERS,
+        default=None,
+        help="mosaic: grid launch orders to time, each case under each (default: the kernel's "
+        "own). q-innermost launches a head's query blocks one after another, heads-innermost "
+        "the heads of a query block; they differ in which K/V tiles are shared through L2",
     )
     parser.add_argument(
         "--estimator",
@@ -223,30 +228,35 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = device_name()
     if args.backend == "mosaic":
-        kernel = jax.jit(
-            lambda q, k, v, index: sparse_flash_attention_mgpu(
-                q,
-                k,
-                v,
-                index,
-                stages=args.num_stages or 2,
-                interpret=args.interpret,
-                q_innermost=args.q_innermost,
+        launches = args.launch or [LAUNCH_ORDERS[0] if MGPU_Q_INNERMOST else LAUNCH_ORDERS[1]]
+        kernels = {
+            launch: jax.jit(
+                functools.partial(
+                    sparse_flash_attention_mgpu,
+                    stages=args.num_stages or 2,
+                    interpret=args.interpret,
+                    q_innermost=launch == "q-innermost",
+                )
             )
-        )
+            for launch in launches
+        }
     else:
-        kernel = jax.jit(
-            lambda q, k, v, index: sparse_flash_attention(
-                q,
-                k,
-                v,
-                index,
-                num_warps=args.num_warps,
-                num_stages=args.num_stages,
-                interpret=args.interpret,
-                pregather_columns=args.backend == "pallas-pregathered",
+        if args.launch:
+            parser.error("--launch applies to --backend mosaic only")
+        kernels = {
+            "-": jax.jit(
+                lambda q, k, v, index: sparse_flash_attention(
+                    q,
+                    k,
+                    v,
+                    index,
+                    num_warps=args.num_warps,
+                    num_stages=args.num_stages,
+                    interpret=args.interpret,
+                    pregather_columns=args.backend == "pallas-pregathered",
+                )
             )
-        )
+        }
     dense_impl = None if args.interpret else "cudnn"
     dense = jax.jit(
         lambda q, k, v: jax.nn.dot_product_attention(
@@ -272,7 +282,7 @@ def main(argv=None):
         kq, kk, kv = jax.random.split(key, 3)
         q, k = structured_qk(kq, 1, n, HEADS, KV_HEADS, HEAD_DIM, jnp.bfloat16)
         v = jax.random.normal(kv, (1, n, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-        if n <= args.dense_max:
+        if n <= args.dense_max or dense_ref is None:  # nothing shorter to extrapolate from
             dense_ms = time_fn(dense, q, k, v, warmup=1, repeats=args.repeats if n <= 131072 else 2)
             dense_ref, dense_note = (n, dense_ms), "measured"
         else:
@@ -290,67 +300,71 @@ def main(argv=None):
                 else build[case](q, k)
             )
             warmup = 0 if args.interpret else 1
-            if args.interpret:  # a smoke run: one interpreted call, whose time means nothing
-                start = time.perf_counter()
-                out = jax.block_until_ready(kernel(q, k, v, index))
-                ms = (time.perf_counter() - start) * 1e3
-            else:
-                ms = time_fn(kernel, q, k, v, index, warmup=warmup, repeats=args.repeats)
-                out = kernel(q, k, v, index)
             index_ms = None
             if case in build:
                 index_ms = time_fn(build[case], q, k, warmup=warmup, repeats=args.repeats)
-            err = spot_check(q, k, v, index, out)
-            err_dense = dense_error(q, k, v, index, out)
-            flops = tile_flops(index)
-            row = dict(
-                device=device,
-                seq_len=n,
-                case=case,
-                backend=args.backend,
-                dtype="bfloat16",
-                heads=HEADS,
-                kv_heads=KV_HEADS,
-                head_dim=HEAD_DIM,
-                block_q=args.block_q,
-                block_kv=args.block_kv,
-                num_warps=args.num_warps,
-                num_stages=args.num_stages,
-                q_innermost=args.q_innermost,
-                estimator=args.estimator,
-                kernel_ms=round(ms, 3),
-                dense_ms=round(dense_ms, 3),
-                dense=dense_note,
-                speedup=round(dense_ms / ms, 2),
-                computed_fraction=round(flops / causal_flops(n), 4),
-                ideal_ms=round(flops / dense_rate * 1e3, 3),
-                tflops=round(flops / (ms * 1e-3) / 1e12, 1),
-                rate=round(flops / dense_rate * 1e3 / ms, 3),
-                spot_rel_err=float(f"{err:.2e}"),
-                index_ms=None if index_ms is None else round(index_ms, 3),
-                speedup_with_index=None
-                if index_ms is None
-                else round(dense_ms / (ms + index_ms), 2),
-                err_vs_dense=float(f"{err_dense:.2e}"),
-            )
-            rows.append(row)
-            print(
-                f"  {case:13s} {args.backend:6s} {ms:9.2f} ms  x{row['speedup']:<6} "
-                f"ideal {row['ideal_ms']:8.2f} ms  rate {row['rate']:.3f}  "
-                f"{row['tflops']:6.1f} TFLOP/s  "
-                f"computed {row['computed_fraction']:.4f}  err {err:.1e}  "
-                f"index {row['index_ms']} ms  x{row['speedup_with_index']} with index  "
-                f"err vs dense {err_dense:.1e}",
-                flush=True,
-            )
-            del index, out
+            for launch, kernel in kernels.items():
+                if args.interpret:  # a smoke run: one interpreted call, whose time means nothing
+                    start = time.perf_counter()
+                    out = jax.block_until_ready(kernel(q, k, v, index))
+                    ms = (time.perf_counter() - start) * 1e3
+                else:
+                    ms = time_fn(kernel, q, k, v, index, warmup=warmup, repeats=args.repeats)
+                    out = kernel(q, k, v, index)
+                err = spot_check(q, k, v, index, out)
+                err_dense = dense_error(q, k, v, index, out)
+                flops = tile_flops(index)
+                row = dict(
+                    device=device,
+                    seq_len=n,
+                    case=case,
+                    backend=args.backend,
+                    dtype="bfloat16",
+                    heads=HEADS,
+                    kv_heads=KV_HEADS,
+                    head_dim=HEAD_DIM,
+                    block_q=args.block_q,
+                    block_kv=args.block_kv,
+                    num_warps=args.num_warps,
+                    num_stages=args.num_stages,
+                    launch=launch,
+                    estimator=args.estimator,
+                    kernel_ms=round(ms, 3),
+                    dense_ms=round(dense_ms, 3),
+                    dense=dense_note,
+                    speedup=round(dense_ms / ms, 2),
+                    computed_fraction=round(flops / causal_flops(n), 4),
+                    ideal_ms=round(flops / dense_rate * 1e3, 3),
+                    tflops=round(flops / (ms * 1e-3) / 1e12, 1),
+                    rate=float(f"{flops / dense_rate * 1e3 / ms:.4g}"),  # tiny in interpret runs
+                    spot_rel_err=float(f"{err:.2e}"),
+                    index_ms=None if index_ms is None else round(index_ms, 3),
+                    speedup_with_index=None
+                    if index_ms is None
+                    else round(dense_ms / (ms + index_ms), 2),
+                    err_vs_dense=float(f"{err_dense:.2e}"),
+                )
+                rows.append(row)
+                print(
+                    f"  {case:13s} {args.backend:6s} {launch:15s} {ms:9.2f} ms  "
+                    f"x{row['speedup']:<6} "
+                    f"ideal {row['ideal_ms']:8.2f} ms  rate {row['rate']:.3f}  "
+                    f"{row['tflops']:6.1f} TFLOP/s  "
+                    f"computed {row['computed_fraction']:.4f}  err {err:.1e}  "
+                    f"index {row['index_ms']} ms  x{row['speedup_with_index']} with index  "
+                    f"err vs dense {err_dense:.1e}",
+                    flush=True,
+                )
+                del out
+            del index
         del q, k, v
 
     stem = args.out / (
         f"kernels_{device.replace(':', '_').replace(' ', '_')}"
         f"{'' if args.backend == 'pallas' else '_' + args.backend}"
         f"_{args.block_q}x{args.block_kv}_w{args.num_warps}_s{args.num_stages}"
-        f"{'_qin' if args.q_innermost else ''}{'_est-' + args.estimator if args.estimator else ''}"
+        f"{'_' + '_'.join(args.launch) if args.launch else ''}"
+        f"{'_est-' + args.estimator if args.estimator else ''}"
     )
     lines = (
         [
@@ -359,13 +373,14 @@ def main(argv=None):
             f"num_warps {args.num_warps or 'default'}, num_stages {args.num_stages or 'default'}, "
             f"median of {args.repeats}.",
             "",
-            "| N | case | backend | kernel ms | dense ms | speedup | ideal ms | rate "
+            "| N | case | backend | launch | kernel ms | dense ms | speedup | ideal ms | rate "
             "| TFLOP/s (computed tiles) | computed / causal | spot rel err | index ms "
             "| speedup with index | err vs dense |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         + [
-            f"| {r['seq_len']} | {r['case']} | {r['backend']} | {r['kernel_ms']} | {r['dense_ms']}"
+            f"| {r['seq_len']} | {r['case']} | {r['backend']} | {r['launch']} | {r['kernel_ms']} "
+            f"| {r['dense_ms']}"
             f"{'*' if r['dense'] != 'measured' else ''} | {r['speedup']} | {r['ideal_ms']} | "
             f"{r['rate']} | "
             f"{r['tflops']} | {r['computed_fraction']} | {r['spot_rel_err']} | "

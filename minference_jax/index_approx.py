@@ -650,9 +650,12 @@ def _block_scores_by_chunk(
             seq_len=n,
             num_heads=num_heads,
             group=group,
+            num_stages=antidiag_scores.NUM_STAGES,
+            tile_rows=tile_rows,
+            tile_cols=tile_cols,
             interpret=not on_gpu,
         )
-        probs = antidiag_scores.combine_row_sums(*parts, group=group)
+        probs = antidiag_scores.combine_row_sums(*parts, group=group, tile_cols=tile_cols)
         probs = probs[:, :rows, : width * block_kv // stride // group]
         return probs.reshape(batch, num_kv, num_heads // num_kv, rows, -1)
 

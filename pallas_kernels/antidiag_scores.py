@@ -30,13 +30,17 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.constants import LOG2E, MASK_VALUE
 
 TILE_ROWS = 64  # strided query rows per program
-TILE_COLS = 128  # strided key columns per loop step
+TILE_COLS = 64  # strided key columns per loop step
+# Triton's pipelining depth: 2 keeps every stride slot's K tile twice in shared memory (530 KB
+# and more at d = 128, past Hopper's 227 KB); 1 fits. Tiles and warps timed on an H100 (NOTES).
+NUM_STAGES = 1
+NUM_WARPS = 4
 MAX_GROUP = 8  # at most this many strided columns summed into one output group
 
 
 def column_group(columns_per_block: int) -> int:
     """Strided columns summed per output group: divides a key block's columns (both powers of
-    two) and leaves at least 16 groups per column tile (the smallest matmul Triton takes)."""
+    two) and leaves at least TILE_COLS / MAX_GROUP groups per column tile."""
     return min(columns_per_block, MAX_GROUP)
 
 
@@ -55,27 +59,29 @@ def _kernel(
     n_row_tiles: int,
     group: int,
     precision,
+    tile_cols: int,
 ):
+    tile_rows = q_ref.shape[1]
     i = n_row_tiles - 1 - pl.program_id(0)  # longest (last) row tiles are launched first
-    rows = row0_ref[0] + i * TILE_ROWS + jnp.arange(TILE_ROWS, dtype=jnp.int32)
+    rows = row0_ref[0] + i * tile_rows + jnp.arange(tile_rows, dtype=jnp.int32)
     n_col_tiles = tile_max_ref.shape[0]
-    groups = TILE_COLS // group
+    groups = tile_cols // group
     # Sums each `group` consecutive columns of a tile with one small matmul (no reshapes).
     to_groups = (
-        jnp.arange(TILE_COLS, dtype=jnp.int32)[:, None] // group
+        jnp.arange(tile_cols, dtype=jnp.int32)[:, None] // group
         == jnp.arange(groups, dtype=jnp.int32)[None, :]
     ).astype(jnp.float32)
     # Causal: column c is seen by rows >= c, so this tile needs columns <= its last row.
-    n_tiles = jnp.minimum((row0_ref[0] + (i + 1) * TILE_ROWS - 1) // TILE_COLS + 1, n_col_tiles)
+    n_tiles = jnp.minimum((row0_ref[0] + (i + 1) * tile_rows - 1) // tile_cols + 1, n_col_tiles)
 
     def step(t, carry):
         row_max, row_sum = carry
-        cols = t * TILE_COLS + jnp.arange(TILE_COLS, dtype=jnp.int32)
-        s = jnp.zeros((TILE_ROWS, TILE_COLS), jnp.float32)
+        cols = t * tile_cols + jnp.arange(tile_cols, dtype=jnp.int32)
+        s = jnp.zeros((tile_rows, tile_cols), jnp.float32)
         for j in range(stride):
             s += jax.lax.dot_general(
                 q_ref[j],
-                k_ref[j, pl.ds(t * TILE_COLS, TILE_COLS), :],
+                k_ref[j, pl.ds(t * tile_cols, tile_cols), :],
                 (((1,), (1,)), ((), ())),
                 preferred_element_type=jnp.float32,
                 precision=precision,
@@ -95,12 +101,12 @@ def _kernel(
         tile_max_ref[t, :] = new_max
         return new_max, row_sum
 
-    start = (jnp.full((TILE_ROWS,), MASK_VALUE, jnp.float32), jnp.zeros((TILE_ROWS,), jnp.float32))
+    start = (jnp.full((tile_rows,), MASK_VALUE, jnp.float32), jnp.zeros((tile_rows,), jnp.float32))
     row_max, row_sum = jax.lax.fori_loop(0, n_tiles, step, start)
 
     @pl.loop(n_tiles, n_col_tiles)
     def _(t):  # tiles past the causal limit: zero sums, any max <= the final one
-        sums_ref[:, pl.ds(t * groups, groups)] = jnp.zeros((TILE_ROWS, groups), jnp.float32)
+        sums_ref[:, pl.ds(t * groups, groups)] = jnp.zeros((tile_rows, groups), jnp.float32)
         tile_max_ref[t, :] = row_max
 
     row_max_ref[...] = row_max
@@ -123,7 +129,18 @@ def strided_keys(k: jax.Array, stride: int) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "seq_len", "num_heads", "group", "num_warps", "interpret")
+    jax.jit,
+    static_argnames=(
+        "scale",
+        "seq_len",
+        "num_heads",
+        "group",
+        "num_warps",
+        "num_stages",
+        "tile_rows",
+        "tile_cols",
+        "interpret",
+    ),
 )
 def antidiagonal_row_sums(
     q_strided: jax.Array,
@@ -134,7 +151,10 @@ def antidiagonal_row_sums(
     seq_len: int,
     num_heads: int,
     group: int,
-    num_warps: int = 8,
+    num_warps: int = NUM_WARPS,
+    num_stages: int = NUM_STAGES,
+    tile_rows: int = TILE_ROWS,
+    tile_cols: int = TILE_COLS,
     interpret: bool = False,
 ):
     """Per strided row: exp-sums of each `group` columns per column tile, the tile maxima, the
@@ -147,13 +167,13 @@ def antidiagonal_row_sums(
     """
     bh, stride, rows, head_dim = q_strided.shape
     bkv, _, cols, _ = k_strided.shape
-    if rows % TILE_ROWS or cols % TILE_COLS or TILE_COLS % group:
+    if rows % tile_rows or cols % tile_cols or tile_cols % group:
         raise ValueError(
-            f"strided rows ({rows}) must be a multiple of {TILE_ROWS}, columns ({cols}) of "
-            f"{TILE_COLS}, and group ({group}) must divide {TILE_COLS}"
+            f"strided rows ({rows}) must be a multiple of {tile_rows}, columns ({cols}) of "
+            f"{tile_cols}, and group ({group}) must divide {tile_cols}"
         )
     heads_per_kv = num_heads // (bkv // (bh // num_heads))
-    n_row_tiles = rows // TILE_ROWS
+    n_row_tiles = rows // tile_rows
 
     def kv_of(row_tile, head):  # [B * Hq] -> [B * Hkv]
         batch, h = head // num_heads, head % num_heads
@@ -166,10 +186,11 @@ def antidiagonal_row_sums(
         seq_len=seq_len,
         n_row_tiles=n_row_tiles,
         group=group,
+        tile_cols=tile_cols,
         precision=jax.lax.Precision.HIGHEST if q_strided.dtype == jnp.float32 else None,
     )
     flip = lambda t: n_row_tiles - 1 - t  # noqa: E731 - the kernel's launch order
-    n_col_tiles = cols // TILE_COLS
+    n_col_tiles = cols // tile_cols
     return pl.pallas_call(
         kernel,
         out_shape=(
@@ -181,24 +202,26 @@ def antidiagonal_row_sums(
         grid=(n_row_tiles, bh),
         in_specs=[
             pl.BlockSpec((1,), lambda t, h: (0,)),
-            pl.BlockSpec((None, stride, TILE_ROWS, head_dim), lambda t, h: (h, 0, flip(t), 0)),
+            pl.BlockSpec((None, stride, tile_rows, head_dim), lambda t, h: (h, 0, flip(t), 0)),
             pl.BlockSpec((None, stride, cols, head_dim), lambda t, h: (kv_of(t, h), 0, 0, 0)),
         ],
         out_specs=(
-            pl.BlockSpec((None, TILE_ROWS, cols // group), lambda t, h: (h, flip(t), 0)),
-            pl.BlockSpec((None, n_col_tiles, TILE_ROWS), lambda t, h: (h, 0, flip(t))),
-            pl.BlockSpec((None, TILE_ROWS), lambda t, h: (h, flip(t))),
-            pl.BlockSpec((None, TILE_ROWS), lambda t, h: (h, flip(t))),
+            pl.BlockSpec((None, tile_rows, cols // group), lambda t, h: (h, flip(t), 0)),
+            pl.BlockSpec((None, n_col_tiles, tile_rows), lambda t, h: (h, 0, flip(t))),
+            pl.BlockSpec((None, tile_rows), lambda t, h: (h, flip(t))),
+            pl.BlockSpec((None, tile_rows), lambda t, h: (h, flip(t))),
         ),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="minference_antidiagonal_scores",
     )(jnp.reshape(first_row, (1,)).astype(jnp.int32), q_strided, k_strided)
 
 
-def combine_row_sums(sums, tile_max, row_max, row_sum, *, group: int) -> jax.Array:
+def combine_row_sums(
+    sums, tile_max, row_max, row_sum, *, group: int, tile_cols: int = TILE_COLS
+) -> jax.Array:
     """[B*Hq, R, C / group]: each row's softmax mass per group of columns (rows sum to 1)."""
-    per_tile = TILE_COLS // group
+    per_tile = tile_cols // group
     # A tile's sums were taken under the running max of that moment (<= the final one).
     scale = jnp.exp2(jnp.minimum(tile_max - row_max[:, None, :], 0.0)) / row_sum[:, None, :]
     scale = jnp.repeat(jnp.swapaxes(scale, 1, 2), per_tile, axis=2)

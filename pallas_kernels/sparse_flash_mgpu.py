@@ -75,6 +75,11 @@ def check_interpreter_threads(num_threads: int) -> None:
 
 BITS = 32  # columns per mask word
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
+# Launch order: a head's query blocks one after another (True) or the heads of a query block.
+# A head's neighbouring query blocks read the same K/V tiles shifted by one block along each
+# diagonal, so in this order those tiles are still in L2 when spread (per-head) slash offsets
+# would otherwise fetch each from HBM (benchmarks/NOTES.md, "launch order").
+Q_INNERMOST = True
 
 
 def supports(dtype, head_dim: int, block_q: int, block_kv: int, stages: int = 2) -> bool:
@@ -329,7 +334,7 @@ def sparse_flash_attention_mgpu(
     interpret: bool = False,
     in_place: bool | None = None,
     poison: bool = False,
-    q_innermost: bool = False,
+    q_innermost: bool = Q_INNERMOST,
     lengths: SeqLengths | None = None,
 ) -> jax.Array:
     """Sparse causal prefill attention. q [B, N, Hq, D], k/v [B, N, Hkv, D] -> [B, N, Hq, D].

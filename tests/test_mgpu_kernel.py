@@ -103,11 +103,14 @@ def test_kernel_interpret_matches_reference(
     assert rel_err(out, ref) < 1e-2
 
 
-def test_query_blocks_innermost_launch_order_gives_the_same_output():
+@pytest.mark.parametrize("q_innermost", [True, False])
+def test_either_launch_order_gives_the_same_output(q_innermost):
     q, k, v = random_qkv(11, 2, 300, 2, 1, 64, jnp.bfloat16)
     patterns = (P.VerticalSlash(20, 60), P.AShape(16, 64))
     index = build_sparse_index(q, k, patterns, block_q=128, block_kv=128)
-    out = sparse_flash_attention_mgpu(q, k, v, index, interpret=True, poison=True, q_innermost=True)
+    out = sparse_flash_attention_mgpu(
+        q, k, v, index, interpret=True, poison=True, q_innermost=q_innermost
+    )
     ref = sparse_attention_reference(q, k, v, index)
     assert not np.isnan(np.asarray(out, np.float32)).any(), "unwritten (NaN-poisoned) elements"
     assert rel_err(out, ref) < 1e-2
@@ -248,13 +251,25 @@ def test_kernel_benchmark_mosaic_column_interpret_smoke(tmp_path):
             "1",
             "--cases",
             "a_shape",
+            "--launch",
+            "q-innermost",
+            "heads-innermost",
             "--out",
             str(tmp_path),
         ]
     )
     (result,) = tmp_path.glob("*_mosaic_*.json")
-    (row,) = json.loads(result.read_text())
-    assert row["backend"] == "mosaic" and row["spot_rel_err"] < 1e-2
+    rows = json.loads(result.read_text())
+    assert [r["launch"] for r in rows] == ["q-innermost", "heads-innermost"]
+    assert all(r["backend"] == "mosaic" and r["spot_rel_err"] < 1e-2 for r in rows)
+
+
+def test_kernel_benchmark_refuses_a_launch_order_for_the_triton_kernel(capsys):
+    from benchmarks import kernels
+
+    with pytest.raises(SystemExit):
+        kernels.main(["--seq-lens", "128", "--interpret", "--launch", "q-innermost"])
+    assert "--launch applies to --backend mosaic only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("capability, hopper", [("9.0", True), ("8.0", False), ("10.0", False)])
