@@ -67,6 +67,7 @@ RELATIVE_VS = (0.3, 0.1, 0.03, 0.01, 0.003)
 # Absolute thresholds (share of the row's estimated mass an entry must hold): the oracle's rule.
 ABSOLUTE_BLOCKS = (0.03, 0.01, 0.005, 0.002, 0.001, 0.0005, 0.0002)
 ABSOLUTE_VS = (0.003, 0.001, 3e-4, 1e-4, 3e-5)
+SAMPLED_ROWS_FEWER = (4, 2)  # SampledBlockSparse.rows besides its default 8
 # Jensen-Shannon distance below which a head switches to blocks: 1.0 always switches, so the
 # family shows the query-aware block pattern itself (on the synthetic inputs the distances are
 # 0.5-0.6 and FlexPrefill's 0.1 would never switch).
@@ -99,6 +100,13 @@ def cases() -> list[tuple[str, float | str, P.Pattern]]:
         for t in THRESHOLDS
     ]
     out += [("SampledBlocks absolute", t, P.SampledBlockSparse(t)) for t in ABSOLUTE_BLOCKS]
+    # Fewer sampled rows cost proportionally less to estimate (its GPU cost is ~rows / 64 of
+    # dense attention's softmax work): what each halving loses.
+    for rows in SAMPLED_ROWS_FEWER:
+        out += [
+            (f"SampledBlocks absolute, {rows} rows", t, P.SampledBlockSparse(t, rows=rows))
+            for t in ABSOLUTE_BLOCKS
+        ]
     return out
 
 

@@ -698,10 +698,17 @@ def _block_scores_by_chunk(
         limit = n if lengths is None else key_length[:, None, None]
         allowed = (key[None, None, :] <= rows[:, :, None]) & (key[None, None, :] < limit)
         allowed = allowed[:, None, None]  # [B, 1, 1, R, W * block_kv]
-        probs = jax.nn.softmax(jnp.where(allowed, s * scale, -jnp.inf), axis=-1)
-        probs = jnp.where(allowed, probs, 0.0)  # a sequence without keys: zero, not NaN
-        sums = probs.reshape(batch, num_kv, -1, chunk, sample_rows, width, block_kv)
-        return sums.sum(axis=(4, 6)).reshape(batch, num_heads, chunk, width) / sample_rows
+        # Softmax mass per key block without materialising the probabilities: the exp and the
+        # block sum fuse into one pass over the logits after the row max (two reads of the
+        # f32 logits instead of a softmax's reads and writes plus the sum's read).
+        s = jnp.where(allowed, s * scale, -jnp.inf)
+        row_max = s.max(axis=-1, keepdims=True)
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # a row without keys
+        shape = (batch, num_kv, -1, chunk, sample_rows, width, block_kv)
+        mass = jnp.exp(s - row_max).reshape(shape).sum(axis=-1)  # [B, Hkv, G, C, r, W]
+        total = mass.sum(axis=-1, keepdims=True)
+        mass = jnp.where(total > 0, mass / jnp.where(total > 0, total, 1.0), 0.0)
+        return mass.sum(axis=4).reshape(batch, num_heads, chunk, width) / sample_rows
 
     def scores(first, width):
         out = sampled_scores(first, width) if sample_rows else None

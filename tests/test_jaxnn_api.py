@@ -211,6 +211,8 @@ ESTIMATED = [
     P.AdaptiveVerticalSlash(threshold=0.5, max_vertical=64, max_slash=64),
     P.AdaptiveVerticalSlash(threshold=0.5, max_vertical=64, max_slash=64, query_aware=0.6),
     P.AntiDiagonalBlockSparse(threshold=0.6, stride=8, max_blocks=8),
+    # 0.2: a threshold at which reading the padding changes some sequence's blocks
+    P.SampledBlockSparse(threshold=0.2, rows=4, max_blocks=8),
 ]
 
 
@@ -240,6 +242,7 @@ BLOCK_CHOOSING = [
     P.AntiDiagonalBlockSparse(threshold=0.6, stride=8, max_blocks=8),
     # query_aware=1: every head takes the switch to key blocks scored from pooled q and k
     P.AdaptiveVerticalSlash(threshold=0.5, max_vertical=64, max_slash=64, query_aware=1.0),
+    P.SampledBlockSparse(threshold=0.02, rows=4, max_blocks=8),
 ]
 
 
