@@ -40,6 +40,7 @@ from minference_jax.sparse_index import (
     seq_lengths,
 )
 from pallas_kernels import antidiag_scores, vs_estimate
+from pallas_kernels import sampled_scores as sampled_scores_kernel
 
 # Above this many bytes of f32 estimation scores, loop over kv heads instead of vmapping.
 _SCORE_BYTES_PER_STEP = 2 << 30
@@ -193,6 +194,21 @@ def default_estimator(dtype, seq_len: int, rows: int, head_dim: int, *, on_gpu: 
     sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     supported = vs_estimate.supports(seq_len, rows, head_dim)
     return "pallas" if on_gpu and sixteen_bit and supported else "xla"
+
+
+def _sampled_rows_kernel(estimator, dtype, head_dim: int, lengths, *, on_gpu: bool) -> bool:
+    """Whether sampled rows score with `pallas_kernels.sampled_scores` (else the XLA logits):
+    "pallas" asks for it (interpreted off GPU); None takes it on GPU for bf16/f16 inputs of an
+    unpadded batch with a power-of-two head_dim (Triton's tile shapes)."""
+    supported = lengths is None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    if estimator == "pallas" and not supported:
+        raise ValueError(
+            "the Pallas sampled-rows scorer takes an unpadded batch and a power-of-two head_dim "
+            f"(got head_dim {head_dim}, sequence lengths {'given' if lengths else 'none'}): "
+            "use estimator='xla' or None"
+        )
+    sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return estimator == "pallas" or (estimator is None and on_gpu and sixteen_bit and supported)
 
 
 def vertical_slash_scores(
@@ -582,8 +598,11 @@ def _block_scores_by_chunk(
     n_q_blocks, n_kv_blocks = num_blocks(n, block_q), num_blocks(n, block_kv)
     on_gpu = jax.default_backend() == "gpu"
     if estimator == "pallas" and lengths is not None:
-        raise ValueError("the Pallas anti-diagonal scorer takes no sequence lengths; use 'xla'")
+        raise ValueError("the Pallas block scorers take no sequence lengths; use 'xla'")
     fused = bool(stride) and estimator == "pallas"
+    fused_sampled = bool(sample_rows) and _sampled_rows_kernel(
+        estimator, q.dtype, q.shape[-1], lengths, on_gpu=on_gpu
+    )
     strided_cols = n_kv_blocks * block_kv // stride if stride else 0
     pooled_cols = 0 if pooled_heads is None else n_kv_blocks
     # Bytes per query block of what a chunk holds: the XLA path's f32 logits, or the kernel's
@@ -592,7 +611,8 @@ def _block_scores_by_chunk(
     if fused:
         group = antidiag_scores.column_group(block_kv // stride)
         anti_floats = anti_floats // group + n_kv_blocks
-    sampled_floats = sample_rows * n_kv_blocks * block_kv  # the sampled rows' f32 logits
+    # The sampled rows' f32 logits, or the kernel's per-block sums and maxima and their mass.
+    sampled_floats = sample_rows * n_kv_blocks * (4 if fused_sampled else block_kv)
     per_q_block = batch * num_heads * 4 * (pooled_cols + anti_floats + sampled_floats)
     chunk = max(1, min(n_q_blocks, _SCORE_BYTES_PER_STEP // per_q_block))
     n_chunks = num_blocks(n_q_blocks, chunk)
@@ -681,6 +701,33 @@ def _block_scores_by_chunk(
         row_offsets = (np.arange(1, sample_rows + 1) * block_q) // sample_rows - 1
         k_padded = jnp.pad(k, ((0, 0), (0, n_kv_blocks * block_kv - n), (0, 0), (0, 0)))
         last_row = jnp.full((batch,), n - 1) if lengths is None else query_length - 1
+        if fused_sampled:  # head-major keys, once for every chunk
+            k_heads = jnp.transpose(k_padded, (0, 2, 1, 3)).reshape(
+                -1, *k_padded.shape[1:2], k.shape[-1]
+            )
+
+    def fused_sampled_scores(first, width):
+        """As `sampled_scores`, from the kernel (an unpadded batch: every row at one position)."""
+        rows = (first + jnp.arange(chunk))[:, None] * block_q + row_offsets[None, :]
+        n_rows = chunk * sample_rows
+        padded = (
+            num_blocks(n_rows, sampled_scores_kernel.TILE_ROWS) * sampled_scores_kernel.TILE_ROWS
+        )
+        rows = jnp.pad(jnp.minimum(rows.reshape(-1), n - 1), (0, padded - n_rows), mode="edge")
+        q_rows = jnp.transpose(q[:, rows], (0, 2, 1, 3)).reshape(batch * num_heads, padded, -1)
+        parts = sampled_scores_kernel.sampled_row_block_sums(
+            q_rows,
+            k_heads[:, : width * block_kv],
+            rows,
+            scale=scale,
+            seq_len=n,
+            num_heads=num_heads,
+            block_kv=block_kv,
+            interpret=not on_gpu,
+        )
+        mass = sampled_scores_kernel.block_mass(*parts)[:, :, :n_rows]  # [B*Hq, W, C*r]
+        mass = mass.reshape(batch, num_heads, width, chunk, sample_rows).mean(axis=-1)
+        return jnp.swapaxes(mass, 2, 3)
 
     def sampled_scores(first, width):
         q_blocks = first + jnp.arange(chunk)
@@ -711,7 +758,9 @@ def _block_scores_by_chunk(
         return mass.sum(axis=4).reshape(batch, num_heads, chunk, width) / sample_rows
 
     def scores(first, width):
-        out = sampled_scores(first, width) if sample_rows else None
+        out = None
+        if sample_rows:
+            out = (fused_sampled_scores if fused_sampled else sampled_scores)(first, width)
         if not stride:
             if pooled_heads is None:
                 return out

@@ -66,3 +66,22 @@ def masked_attention_f64(q, k, v, mask, scale=None):
 def rel_err(x, ref):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def sampled_rows_scores_oracle(q, k, rows, block, scale, block_kv=None):
+    """[B, Hq, nqb, nkb] block scores from the exact causal softmax of `rows` query rows spread
+    over each query block of `block` rows (rows floor((j + 1) * block / rows) - 1, clamped into
+    the sequence), summed per key block of `block_kv` (default `block`), averaged over the rows."""
+    block_kv = block_kv or block
+    b, n, hq, _ = q.shape
+    group = hq // k.shape[2]
+    nqb, nkb = -(-n // block), -(-n // block_kv)
+    out = np.zeros((b, hq, nqb, nkb))
+    for bi, h, i in np.ndindex(b, hq, nqb):
+        for j in range(rows):
+            row = min(i * block + ((j + 1) * block) // rows - 1, n - 1)
+            logits = k[bi, : row + 1, h // group] @ q[bi, row, h] * scale
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            out[bi, h, i] += np.bincount(np.arange(row + 1) // block_kv, probs, nkb) / rows
+    return out

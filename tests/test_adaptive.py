@@ -20,7 +20,13 @@ from minference_jax.index_approx import (
 )
 from minference_jax.recall import oracle_curves, row_recall, sample_block_rows, sample_rows
 from minference_jax.sparse_index import SENTINEL, block_mask_from_index, dense_mask_from_index
-from tests.oracles import block_rows_mask, masked_attention_f64, random_qkv, rel_err
+from tests.oracles import (
+    block_rows_mask,
+    masked_attention_f64,
+    random_qkv,
+    rel_err,
+    sampled_rows_scores_oracle,
+)
 
 SLACK = 2.0**-16  # the cumulative rule's relative slack (index_approx._MASS_SLACK)
 
@@ -162,23 +168,6 @@ def vs_scores_oracle(q, k, last_q, scale):
             cols[bi, h] += p
             diags[bi, h, : i + 1] += p[i::-1]
     return cols, diags
-
-
-def sampled_rows_scores_oracle(q, k, rows, block, scale):
-    """[B, Hq, nqb, nkb] block scores from the exact causal softmax of `rows` query rows spread
-    over each query block (rows floor((j + 1) * block / rows) - 1, clamped into the sequence)."""
-    b, n, hq, _ = q.shape
-    group = hq // k.shape[2]
-    nb = -(-n // block)
-    out = np.zeros((b, hq, nb, nb))
-    for bi, h, i in np.ndindex(b, hq, nb):
-        for j in range(rows):
-            row = min(i * block + ((j + 1) * block) // rows - 1, n - 1)
-            logits = k[bi, : row + 1, h // group] @ q[bi, row, h] * scale
-            probs = np.exp(logits - logits.max())
-            probs /= probs.sum()
-            out[bi, h, i] += np.bincount(np.arange(row + 1) // block, probs, nb) / rows
-    return out
 
 
 def block_sets(index):
