@@ -44,7 +44,7 @@ def _all_scores(q, k, estimator, *, rows, block_q, block_kv):
 @pytest.mark.parametrize(
     "batch, n, heads, kv_heads, head_dim, rows, block_q, block_kv",
     [
-        (1, 512, 2, 2, 32, 8, 64, 64),
+        (1, 2000, 2, 2, 32, 8, 64, 64),  # 4 row tiles: most key blocks seen whole, unmasked
         (2, 700, 4, 2, 16, 4, 64, 64),  # N not a multiple of any block, GQA, batch 2
         (1, 1100, 6, 2, 32, 8, 128, 64),  # two key blocks per query block, 3 heads a kv head
         (1, 600, 2, 1, 64, 1, 128, 128),  # one row per query block: a single-row tile tail
