@@ -6,6 +6,8 @@ import json
 import pathlib
 import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -28,6 +30,36 @@ def test_index_benchmark_writes_tables_to_its_default_folder(tmp_path, monkeypat
     (table,) = tmp_path.glob("*.md")
     assert "| 300 |" in table.read_text()
     assert f"wrote {tmp_path / table.stem}.json, {table}" in capsys.readouterr().out
+
+
+def test_index_benchmark_times_every_estimator_on_the_same_inputs(tmp_path):
+    from benchmarks import index_approx
+
+    argv = ["--seq-lens", "600", "--heads", "4", "--kv-heads", "2", "--head-dim", "32"]
+    argv += ["--pattern", "sbs:0.003", "--inputs", "structured", "--dtype", "float32"]
+    rows = index_approx.main([*argv, "--estimator", "xla", "pallas", "--out", str(tmp_path)])
+    assert [r["estimator"] for r in rows] == ["xla", "pallas"]
+    # Both scorers give the same index (the kernel's own tests check its scores).
+    assert all(r["same_tiles"] == 1.0 for r in rows)
+    assert rows[0]["computed_fraction"] == rows[1]["computed_fraction"]
+    assert rows[0]["blocks"] == "64x64" and rows[0]["dense_ms"] is None  # CPU: no cuDNN
+    (table,) = tmp_path.glob("index_approx_*_xla_pallas.md")
+    assert "| 600 | pallas |" in table.read_text()
+
+
+def test_index_benchmark_reads_a_dumped_layer(tmp_path):
+    from benchmarks import index_approx
+    from benchmarks.dump_qkv import save_qkv
+
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(kq, (1, 400, 6, 32), jnp.float32)
+    k, v = (jax.random.normal(key, (1, 400, 2, 32), jnp.float32) for key in (kk, kv))
+    save_qkv(tmp_path / "layer.npz", q, k, v)
+    argv = ["--dump", str(tmp_path / "layer.npz"), "--pattern", "vs:30,100", "--repeats", "1"]
+    (row,) = index_approx.main([*argv, "--out", str(tmp_path)])
+    # The dump's shapes replace the defaults (16384 tokens, 32 / 8 heads, d 128, bf16).
+    assert (row["seq_len"], row["heads"], row["kv_heads"]) == (400, 6, 2)
+    assert (row["head_dim"], row["dtype"], row["inputs"]) == (32, "float32", "dumped (layer.npz)")
 
 
 def test_index_profile_runs_every_stage(tmp_path, capsys):
