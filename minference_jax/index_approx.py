@@ -204,8 +204,9 @@ def _sampled_rows_kernel(estimator, dtype, head_dim: int, lengths, *, on_gpu: bo
     if estimator == "pallas" and not supported:
         raise ValueError(
             "the Pallas sampled-rows scorer takes an unpadded batch and a power-of-two head_dim "
-            f"(got head_dim {head_dim}, sequence lengths {'given' if lengths else 'none'}): "
-            "use estimator='xla' or None"
+            f"(got head_dim {head_dim}"
+            + (", sequence lengths" if lengths is not None else "")
+            + "): use estimator='xla' or None"
         )
     sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     return estimator == "pallas" or (estimator is None and on_gpu and sixteen_bit and supported)

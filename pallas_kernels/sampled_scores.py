@@ -29,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.constants import LOG2E, MASK_VALUE
 
 TILE_ROWS = 64  # sampled rows per program
-NUM_STAGES = 2  # one K tile per stage: 2 x 32 KB at block_kv 128, d 128
+NUM_STAGES = 2  # tiles, warps and stages timed on an H100: this default the fastest (NOTES)
 NUM_WARPS = 4
 
 

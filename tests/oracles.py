@@ -85,3 +85,14 @@ def sampled_rows_scores_oracle(q, k, rows, block, scale, block_kv=None):
             probs /= probs.sum()
             out[bi, h, i] += np.bincount(np.arange(row + 1) // block_kv, probs, nkb) / rows
     return out
+
+
+def moving_max_qk(seed, batch, n, heads, kv_heads, head_dim, dtype=jnp.float32):
+    """(q [B, N, Hq, D], k [B, N, Hkv, D]) with strong keys at the start (sinks) and every 97
+    tokens: a row's maximum often moves to a later key tile, which a kernel's running-max
+    rescaling must follow."""
+    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+    q = jax.random.normal(kq, (batch, n, heads, head_dim), jnp.float32) * 1.5
+    k = jax.random.normal(kk, (batch, n, kv_heads, head_dim), jnp.float32)
+    k = k.at[:, :5].multiply(3.0).at[:, 97::97].multiply(4.0)
+    return q.astype(dtype), k.astype(dtype)

@@ -1,7 +1,6 @@
 """The fused anti-diagonal scorer (pallas_kernels/antidiag_scores.py, interpreted on CPU) gives
 the block scores of the XLA path, which materialises the strided logits."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,16 +9,7 @@ from minference_jax import index_approx
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index
 from pallas_kernels import antidiag_scores
-
-
-def _inputs(seed, batch, n, heads, kv_heads, head_dim, dtype=jnp.float32):
-    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
-    q = jax.random.normal(kq, (batch, n, heads, head_dim), jnp.float32) * 1.5
-    k = jax.random.normal(kk, (batch, n, kv_heads, head_dim), jnp.float32)
-    # Strong keys at the start (sinks) and every 97 tokens: a row's maximum often moves to a
-    # later column tile, which the kernel's running-max rescaling must follow.
-    k = k.at[:, :5].multiply(3.0).at[:, 97::97].multiply(4.0)
-    return q.astype(dtype), k.astype(dtype)
+from tests.oracles import moving_max_qk
 
 
 def _all_scores(q, k, estimator, *, stride, block_q, block_kv, pooled_heads=None):
@@ -52,7 +42,7 @@ def _all_scores(q, k, estimator, *, stride, block_q, block_kv, pooled_heads=None
     ],
 )
 def test_fused_scores_match_the_xla_path(batch, n, heads, kv_heads, stride, block_q, block_kv):
-    q, k = _inputs(n + stride, batch, n, heads, kv_heads, 32)
+    q, k = moving_max_qk(n + stride, batch, n, heads, kv_heads, 32)
     kw = dict(stride=stride, block_q=block_q, block_kv=block_kv)
     want = _all_scores(q, k, "xla", **kw)
     got = _all_scores(q, k, "pallas", **kw)
@@ -63,7 +53,7 @@ def test_fused_scores_match_the_xla_path(batch, n, heads, kv_heads, stride, bloc
 
 
 def test_fused_scores_in_chunks_and_with_pooled_heads(monkeypatch):
-    q, k = _inputs(3, 1, 900, 4, 2, 32)
+    q, k = moving_max_qk(3, 1, 900, 4, 2, 32)
     kw = dict(stride=8, block_q=64, block_kv=64, pooled_heads=jnp.array([True, False] * 2))
     want = _all_scores(q, k, "xla", **kw)
     whole = _all_scores(q, k, "pallas", **kw)
@@ -74,7 +64,7 @@ def test_fused_scores_in_chunks_and_with_pooled_heads(monkeypatch):
 
 
 def test_bf16_index_from_the_kernel_matches_the_xla_one():
-    q, k = _inputs(5, 1, 1000, 4, 2, 64, jnp.bfloat16)
+    q, k = moving_max_qk(5, 1, 1000, 4, 2, 64, jnp.bfloat16)
     pattern = P.AntiDiagonalBlockSparse(0.9, stride=8)
     indices = [
         build_sparse_index(q, k, pattern, block_q=64, block_kv=64, estimator=estimator)

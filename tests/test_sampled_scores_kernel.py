@@ -1,7 +1,6 @@
 """The fused sampled-rows scorer (pallas_kernels/sampled_scores.py, interpreted on CPU) gives the
 exact block scores of sampled query rows: against a float64 oracle, the XLA path, and on GPU."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,17 +9,7 @@ from minference_jax import index_approx
 from minference_jax import patterns as P
 from minference_jax.index_approx import build_sparse_index
 from pallas_kernels import sampled_scores
-from tests.oracles import sampled_rows_scores_oracle
-
-
-def _inputs(seed, batch, n, heads, kv_heads, head_dim, dtype=jnp.float32):
-    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
-    q = jax.random.normal(kq, (batch, n, heads, head_dim), jnp.float32) * 1.5
-    k = jax.random.normal(kk, (batch, n, kv_heads, head_dim), jnp.float32)
-    # Strong keys at the start (sinks) and every 97 tokens: a row's maximum often moves to a
-    # later key block, which the kernel's running-max rescaling must follow.
-    k = k.at[:, :5].multiply(3.0).at[:, 97::97].multiply(4.0)
-    return q.astype(dtype), k.astype(dtype)
+from tests.oracles import moving_max_qk, sampled_rows_scores_oracle
 
 
 def _all_scores(q, k, estimator, *, rows, block_q, block_kv):
@@ -54,7 +43,7 @@ def _all_scores(q, k, estimator, *, rows, block_q, block_kv):
 def test_fused_scores_equal_the_oracle_and_the_xla_path(
     batch, n, heads, kv_heads, head_dim, rows, block_q, block_kv
 ):
-    q, k = _inputs(n + rows, batch, n, heads, kv_heads, head_dim)
+    q, k = moving_max_qk(n + rows, batch, n, heads, kv_heads, head_dim)
     kw = dict(rows=rows, block_q=block_q, block_kv=block_kv)
     got = _all_scores(q, k, "pallas", **kw)
     q64, k64 = np.asarray(q, np.float64), np.asarray(k, np.float64)
@@ -65,7 +54,7 @@ def test_fused_scores_equal_the_oracle_and_the_xla_path(
 
 
 def test_fused_scores_in_chunks(monkeypatch):
-    q, k = _inputs(3, 1, 900, 4, 2, 32)
+    q, k = moving_max_qk(3, 1, 900, 4, 2, 32)
     kw = dict(rows=8, block_q=64, block_kv=64)
     whole = _all_scores(q, k, "pallas", **kw)
     monkeypatch.setattr(index_approx, "_SCORE_BYTES_PER_STEP", 1)  # one query block a chunk
@@ -78,7 +67,7 @@ def test_fused_scores_in_chunks(monkeypatch):
 
 
 def test_index_from_the_kernel_equals_the_xla_one():
-    q, k = _inputs(5, 2, 1000, 4, 2, 32)
+    q, k = moving_max_qk(5, 2, 1000, 4, 2, 32)
     heads = tuple(P.SampledBlockSparse(t, rows=4, max_blocks=16) for t in (0.0, 0.01, 0.05, 0.2))
     indices = [
         build_sparse_index(q, k, heads, block_q=64, block_kv=64, estimator=estimator)
@@ -91,12 +80,12 @@ def test_index_from_the_kernel_equals_the_xla_one():
 
 
 def test_kernel_is_asked_for_only_where_it_runs():
-    q, k = _inputs(7, 1, 256, 2, 2, 48)  # head_dim 48: not a Triton tile
+    q, k = moving_max_qk(7, 1, 256, 2, 2, 48)  # head_dim 48: not a Triton tile
     pattern = P.SampledBlockSparse(0.01, rows=4)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         build_sparse_index(q, k, pattern, estimator="pallas")
     build_sparse_index(q, k, pattern, estimator=None)  # the XLA path, without a word
-    q, k = _inputs(7, 2, 256, 2, 2, 32)
+    q, k = moving_max_qk(7, 2, 256, 2, 2, 32)
     with pytest.raises(ValueError, match="no sequence lengths"):
         build_sparse_index(
             q, k, pattern, estimator="pallas", query_seq_lengths=jnp.array([256, 100])
@@ -115,7 +104,7 @@ def test_kernel_refuses_rows_it_cannot_tile():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, block_q, block_kv", [(8192, 128, 128), (5000, 64, 64)])
 def test_fused_scores_on_gpu_equal_the_xla_path(n, block_q, block_kv):
-    q, k = _inputs(11, 1, n, 8, 2, 128, jnp.bfloat16)
+    q, k = moving_max_qk(11, 1, n, 8, 2, 128, jnp.bfloat16)
     kw = dict(rows=8, block_q=block_q, block_kv=block_kv)
     got = _all_scores(q, k, "pallas", **kw)
     want = _all_scores(q, k, "xla", **kw)
