@@ -944,9 +944,10 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
     rules = {p.rule for _, p in adaptive}
     strides = {p.stride for _, p in adaptive if isinstance(p, P.AntiDiagonalBlockSparse)}
     rows = {min(p.rows, block_q) for _, p in adaptive if isinstance(p, P.SampledBlockSparse)}
+    n_kv_blocks = num_blocks(seq_len, block_kv)
     for h, p in adaptive:
         arrays["threshold"][h] = p.threshold
-        arrays["max_blocks"][h] = p.max_blocks
+        arrays["max_blocks"][h] = P.block_capacity(p, n_kv_blocks)
         if isinstance(p, P.AntiDiagonalBlockSparse):
             arrays["is_adb"][h] = 1
         elif isinstance(p, P.SampledBlockSparse):
@@ -958,14 +959,12 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
     avs = [p for _, p in adaptive if isinstance(p, P.AdaptiveVerticalSlash)]
     block_heads = [p for _, p in adaptive if not isinstance(p, P.AdaptiveVerticalSlash)]
     block_heads += [p for p in avs if p.query_aware > 0]
-    n_kv_blocks = num_blocks(seq_len, block_kv)
+    capacities = (P.block_capacity(p, n_kv_blocks) for p in block_heads)
     plan = AdaptivePlan(
         rule=rules.pop(),
         stride=strides.pop() if strides else 0,
         sample_rows=rows.pop() if rows else 0,
-        max_blocks=min(
-            _round_up_pow2(max((p.max_blocks for p in block_heads), default=0)), n_kv_blocks
-        ),
+        max_blocks=min(_round_up_pow2(max(capacities, default=0)), n_kv_blocks),
         max_vertical=min(_round_up_pow2(max((p.max_vertical for p in avs), default=0)), seq_len),
         max_slash=min(_round_up_pow2(max((p.max_slash for p in avs), default=0)), seq_len),
         query_aware=any(p.query_aware > 0 for p in avs),

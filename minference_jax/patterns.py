@@ -99,6 +99,32 @@ def _check_threshold(name: str, threshold, rule: str) -> None:
         raise ValueError(f"{name}.threshold must be in [0, 1], got {threshold}")
 
 
+def _check_block_capacity(name: str, max_blocks, rule: str) -> dict:
+    """`_check_sizes` arguments for `max_blocks`: None (derived, see `block_capacity`) is for
+    the absolute rule only, the one rule that bounds how many blocks pass."""
+    if max_blocks is None:
+        if rule != "absolute":
+            raise ValueError(
+                f"{name}.max_blocks=None (a capacity from the threshold) needs rule='absolute', "
+                f"got rule={rule!r}: give max_blocks"
+            )
+        return {}
+    return {"max_blocks": max_blocks}
+
+
+def block_capacity(pattern, n_kv_blocks: int) -> int:
+    """Key blocks an adaptive block-selecting head may keep per query block (besides the
+    always-kept ones): its `max_blocks`, or with `max_blocks=None` as many as its threshold lets
+    pass. Under the absolute rule a kept block holds >= threshold of the query block's estimated
+    mass, which sums to 1, so at most floor(1 / threshold) pass (one more for f32 rounding): a
+    capacity the threshold, not the prompt length, decides. Never more than `n_kv_blocks`."""
+    if pattern.max_blocks is not None:
+        return min(pattern.max_blocks, n_kv_blocks)
+    if pattern.threshold <= 0:
+        return n_kv_blocks
+    return min(int(1.0 / pattern.threshold) + 1, n_kv_blocks)
+
+
 @dataclasses.dataclass(frozen=True)
 class AntiDiagonalBlockSparse:
     """Per query block, the key blocks that hold `threshold` of its estimated attention.
@@ -107,13 +133,14 @@ class AntiDiagonalBlockSparse:
     `stride` x `stride` sub-block, the anti-diagonal's mean logit, softmaxed per strided query
     row and summed per (query block, key block). How many key blocks each query block keeps
     follows from the scores, per head and per input (`rule`: see `AdaptiveVerticalSlash`), at
-    most `max_blocks` (a static capacity). The first key block (attention sink) and the causal
-    diagonal blocks are always kept.
+    most `max_blocks` (a static capacity; None with the absolute rule: from the threshold, see
+    `block_capacity`). The first key block (attention sink) and the causal diagonal blocks are
+    always kept.
     """
 
     threshold: float = 0.9
     stride: int = 8
-    max_blocks: int = 512
+    max_blocks: int | None = 512
     rule: str = "cumulative"
     block_size: int = 64
 
@@ -122,8 +149,8 @@ class AntiDiagonalBlockSparse:
         _check_sizes(
             "AntiDiagonalBlockSparse",
             1,
+            **_check_block_capacity("AntiDiagonalBlockSparse", self.max_blocks, self.rule),
             stride=self.stride,
-            max_blocks=self.max_blocks,
             block_size=self.block_size,
         )
         if self.block_size % self.stride:
@@ -187,14 +214,15 @@ class SampledBlockSparse:
     scoring at stride 64 / rows, but a key that dominates some query is seen as it is, not
     averaged into a strided sum. Selection `rule` as in `AdaptiveVerticalSlash` (default
     "absolute": every key block holding >= `threshold` of the estimated mass), at most
-    `max_blocks` (a static capacity). The first key block (attention sink), the causal
+    `max_blocks` (a static capacity; None: from the threshold, `block_capacity`, so that the
+    threshold sets the budget at any length). The first key block (attention sink), the causal
     diagonal blocks and the query block before them (the local window, where most of the mass
     that unsampled rows alone hold lies) are always kept.
     """
 
     threshold: float = 0.005
     rows: int = 8
-    max_blocks: int = 512
+    max_blocks: int | None = 512
     rule: str = "absolute"
     block_size: int = 64
 
@@ -203,8 +231,8 @@ class SampledBlockSparse:
         _check_sizes(
             "SampledBlockSparse",
             1,
+            **_check_block_capacity("SampledBlockSparse", self.max_blocks, self.rule),
             rows=self.rows,
-            max_blocks=self.max_blocks,
             block_size=self.block_size,
         )
 

@@ -13,6 +13,7 @@ from minference_jax.config_io import PatternConfigError, load_pattern_config, sa
 from minference_jax.index_approx import (
     build_sparse_index,
     estimate_adaptive_vertical_slash,
+    plan_index,
     query_aware_distance,
     select_by_threshold,
     threshold_keep,
@@ -227,6 +228,32 @@ def test_sampled_block_sparse_index_matches_oracle(qkv, rows):
     )
     scores = sampled_rows_scores_oracle(*qkv[:2], rows, BLOCK, 16**-0.5)
     assert_blocks_match_oracle(qkv, heads, scores, thresholds, "absolute", local=1)
+
+
+def test_capacity_from_the_threshold_keeps_every_block_that_passes(qkv):
+    """max_blocks=None: the capacity never binds (at most 1 / threshold blocks pass)."""
+    thresholds = (0.0, 0.02, 0.1, 0.3)
+    heads = tuple(
+        P.SampledBlockSparse(t, rows=4, max_blocks=None, block_size=BLOCK) for t in thresholds
+    )
+    scores = sampled_rows_scores_oracle(*qkv[:2], 4, BLOCK, 16**-0.5)
+    assert_blocks_match_oracle(qkv, heads, scores, thresholds, "absolute", local=1)
+
+
+def test_block_capacity_follows_the_threshold_not_the_length():
+    derived = P.SampledBlockSparse(0.0003, max_blocks=None)
+    assert P.block_capacity(derived, 16384) == 3334  # 1M tokens in 64-key blocks
+    assert P.block_capacity(derived, 2048) == 2048  # 128K: every key block
+    assert P.block_capacity(P.SampledBlockSparse(0.0, max_blocks=None), 77) == 77
+    assert P.block_capacity(P.SampledBlockSparse(0.0003), 16384) == 512  # the default
+    layer = (derived, P.SampledBlockSparse(0.01, max_blocks=None))
+    plan, budgets = plan_index(layer, 1 << 20, 2, block_q=128, block_kv=64)
+    assert plan.adaptive.max_blocks == 4096  # 3334, bucketed to a power of two
+    np.testing.assert_array_equal(budgets["max_blocks"], [3334, 101])
+    with pytest.raises(ValueError, match="needs rule='absolute'"):
+        P.AntiDiagonalBlockSparse(0.9, max_blocks=None)
+    with pytest.raises(TypeError, match="max_blocks must be an int"):
+        P.SampledBlockSparse(0.01, max_blocks=2.5)
 
 
 def test_layer_mixing_sampled_rows_is_rejected():

@@ -275,7 +275,8 @@ def test_a_bad_config_is_one_line_from_prefill(capsys, tmp_path):
 
 
 def _int_fields(kind):
-    return [f.name for f in dataclasses.fields(kind) if f.type == "int"]
+    """Size fields: ints, or ints where None derives the size (`block_capacity`)."""
+    return [f.name for f in dataclasses.fields(kind) if f.type in ("int", "int | None")]
 
 
 def _required(kind):
