@@ -19,9 +19,10 @@ RoPE Qwen2.5 documents (`--yarn-factor` 4: 128K positions), shorter ones with th
 Accuracy runs force the sparse path at every length (as `benchmarks.niah`: the library's
 default would run short prompts densely and hide their accuracy). Speed: whole-model prefill
 time (every layer, batch 1, median of `--repeats` after a warm-up) with the library's default
-dispatch, dense cuDNN in the same process. Writes real_model_<device>.{json,md} and one heat map
-per mode (accuracy by length and depth) to --out, after every length; `--replot JSON` redraws
-the heat maps from the JSON alone, on any machine.
+dispatch, dense cuDNN in the same process; and layer 0 on the same prompt, its parts timed alone
+as `benchmarks.e2e_prefill` does (the share its index estimation takes). Writes
+real_model_<device>.{json,md} and one heat map per mode (accuracy by length and depth) to --out,
+after every length; `--replot JSON` redraws the heat maps from the JSON alone, on any machine.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from flax import nnx
 
 from benchmarks import heldout
 from benchmarks.device_guard import declare
+from benchmarks.e2e_prefill import layer0_breakdown
 from benchmarks.niah import Mode, build_modes
 from benchmarks.timing import DEFAULT_OUT, card_name, device_name, report_written, tokens_label
 from minference_jax.attention import plan_layers
@@ -297,11 +299,16 @@ def speed_rows(model, tokenizer, corpus, modes, args, length: int) -> list[dict]
                 first_seconds=times[0],
                 computed_fraction=float(np.mean([x.computed_fraction for x in layers])),
                 backends=sorted({x.backend for x in layers}),
+                # Layer 0 on the real prompt: its time and the shares of index estimation,
+                # attention kernel and the rest, each part timed alone.
+                **layer0_breakdown(model, jnp.asarray(ids), spec, CHUNK, args.repeats),
             )
         )
+        r = rows[-1]
         print(
-            f"{length:>7} {mode.name:<26} prefill {rows[-1]['seconds']:8.3f} s  computed "
-            f"{rows[-1]['computed_fraction']:.1%}  {','.join(rows[-1]['backends'])}",
+            f"{length:>7} {mode.name:<26} prefill {r['seconds']:8.3f} s  computed "
+            f"{r['computed_fraction']:.1%}  {','.join(r['backends'])}  layer 0: "
+            f"{r['layer0_ms']:.1f} ms, index {r['share_index']:.1%}",
             flush=True,
         )
     dense = next((r["seconds"] for r in rows if r["mode"] == "dense"), None)
@@ -464,21 +471,27 @@ def accuracy_table(rows: list[dict], modes: list[Mode]) -> list[str]:
     return lines
 
 
+def _cell(value, fmt: str) -> str:
+    """A table cell; "-" for a figure a run's JSON does not hold (runs before it was timed)."""
+    return "-" if value is None else fmt.format(value)
+
+
 def speed_table(rows: list[dict], modes: list[Mode]) -> list[str]:
     speed = [r for r in rows if r["kind"] == "speed"]
     if not speed:
         return []
     lines = [
         "| prompt tokens | mode | prefill s (all layers) | speedup vs dense | tiles computed "
-        "| ran on |",
-        "|---|---|---|---|---|---|",
+        "| ran on | layer 0 ms | index share of layer 0 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in speed:
         title = next(m.title for m in modes if m.name == r["mode"])
         gain = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         lines.append(
             f"| {tokens_label(r['length'])} | {title} | {r['seconds']:.3f} | {gain} | "
-            f"{100 * r['computed_fraction']:.1f}% | {', '.join(r['backends'])} |"
+            f"{100 * r['computed_fraction']:.1f}% | {', '.join(r['backends'])} | "
+            f"{_cell(r.get('layer0_ms'), '{:.1f}')} | {_cell(r.get('share_index'), '{:.1%}')} |"
         )
     return lines
 

@@ -100,6 +100,10 @@ def test_one_run_writes_accuracy_and_speed_for_every_mode(converted, tmp_path, c
                 ("ppl", mode, length),
             } <= kinds
         assert ("speed", mode, 640) in kinds
+    for row in (r for r in rows if r["kind"] == "speed"):  # layer 0's parts, timed alone
+        assert row["layer0_ms"] > 0 and 0.0 <= row["share_index"] <= 1.0
+    speed = {r["mode"]: r for r in rows if r["kind"] == "speed"}
+    assert speed["dense"]["share_index"] == 0.0 < speed["vs:64,64"]["share_index"]
     losses = {(r["mode"], r["length"]): r["nll"] for r in rows if r["kind"] == "ppl"}
     # VS(64, 64) keeps the diagonal and some columns: close to dense, not equal
     assert losses[("vs:64,64", 520)] == pytest.approx(losses[("dense", 520)], rel=0.05)
@@ -109,7 +113,7 @@ def test_one_run_writes_accuracy_and_speed_for_every_mode(converted, tmp_path, c
     saved = json.loads(report.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["meta"]["yarn_above"] == 600
     table = report.with_suffix(".md").read_text()
-    assert "VerticalSlash(64, 64)" in table and "640" in table
+    assert "VerticalSlash(64, 64)" in table and "640" in table and "index share of layer 0" in table
     assert report.with_suffix(".png").stat().st_size > 0
 
 
