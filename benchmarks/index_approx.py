@@ -189,7 +189,6 @@ def main(argv=None) -> list[dict]:
             )
             del index
         del q, k, v
-    dumped = None
 
     stem = args.out / f"index_approx_{device.replace(':', '_').replace(' ', '_')}"
     if args.estimator != ["auto"]:

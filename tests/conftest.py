@@ -54,10 +54,7 @@ GPU_AFTER_WORKERS = (
 
 
 def _workers_requested(config) -> bool:
-    return config.getoption("dist", "no") != "no" and config.getoption("numprocesses", 0) not in (
-        0,
-        None,
-    )
+    return config.getoption("dist", "no") != "no" and bool(config.getoption("numprocesses", 0))
 
 
 def pytest_configure(config):
