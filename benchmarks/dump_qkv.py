@@ -11,7 +11,8 @@ lines, tokenized with the checkpoint's tokenizer.json; a window of N tokens whos
 picks. Layers 0..L-1 run densely with the prefill's own step (`generation.layer_step`,
 projections and MLP over `--chunk`-token slices), then layer L's q [1, N, Hq, D] and k, v
 [1, N, Hkv, D] are taken after RoPE (v has none), in the model's dtype. Several layers come
-from one pass, one file each (DIR/layerLL.npz).
+from one pass, one file each (DIR/layerLL.npz). `--yarn-above 32768` runs a longer prompt with
+YaRN RoPE (`--yarn-factor`), as `benchmarks.real_model` does.
 
 The .npz holds q, k, v (bfloat16 stored as uint16 bit patterns, numpy having no bfloat16), `dtype`,
 `layer`, `tokens`, `seed`, `model` (the folder's name), `rope_type` and the prompt's token `ids`.
@@ -33,6 +34,7 @@ from flax import nnx
 
 from benchmarks.device_guard import declare
 from benchmarks.heldout import heldout_docs
+from benchmarks.real_model import yarn_config
 from minference_jax.models.checkpoint import DTYPES, CheckpointError, load_model
 from minference_jax.models.generation import layer_step
 from minference_jax.models.rope import rope_tables
@@ -178,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--chunk", type=int, default=CHUNK, help="projection slice length (the prefill's)"
     )
+    parser.add_argument(
+        "--yarn-above",
+        type=int,
+        default=None,
+        help="native context: a longer --tokens runs with YaRN RoPE, as benchmarks.real_model "
+        "runs it (default: the folder's own RoPE at any length)",
+    )
+    parser.add_argument(
+        "--yarn-factor", type=float, default=4.0, help="YaRN factor (default: %(default)s)"
+    )
     return parser
 
 
@@ -194,6 +206,8 @@ def run(args):
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json")
     tokenizer.check_vocab_size(config.vocab_size)
+    if args.yarn_above is not None and args.tokens > args.yarn_above:
+        config = yarn_config(config, args.yarn_factor, args.yarn_above)
     for layer in args.layer:
         if not 0 <= layer < config.num_layers:
             raise ValueError(f"--layer must be in [0, {config.num_layers}), got {layer}")

@@ -612,8 +612,9 @@ def _block_scores_by_chunk(
     if fused:
         group = antidiag_scores.column_group(block_kv // stride)
         anti_floats = anti_floats // group + n_kv_blocks
-    # The sampled rows' f32 logits, or the kernel's per-block sums and maxima and their mass.
-    sampled_floats = sample_rows * n_kv_blocks * (4 if fused_sampled else block_kv)
+    # The sampled rows' f32 logits, or the kernel's per-block sums and maxima (their mass is
+    # averaged over the rows in the same XLA fusion that computes it, never stored per row).
+    sampled_floats = sample_rows * n_kv_blocks * (2 if fused_sampled else block_kv)
     per_q_block = batch * num_heads * 4 * (pooled_cols + anti_floats + sampled_floats)
     chunk = max(1, min(n_q_blocks, _SCORE_BYTES_PER_STEP // per_q_block))
     n_chunks = num_blocks(n_q_blocks, chunk)

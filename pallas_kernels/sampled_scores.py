@@ -52,28 +52,43 @@ def _kernel(
     n_kv_blocks = tile_max_ref.shape[0]
     # Causal: key c is seen by rows at positions >= c, so the tile needs keys <= its last row.
     n_tiles = jnp.minimum(jnp.max(pos) // block_kv + 1, n_kv_blocks)
+    # Key blocks every row sees whole (all keys <= the first row and < seq_len) need no mask:
+    # all but the last ~tile_rows / rows-per-block of a tile's causal blocks.
+    n_whole = jnp.minimum(jnp.minimum(jnp.min(pos) + 1, seq_len) // block_kv, n_tiles)
     q = q_ref[...]
 
-    def step(t, carry):
-        row_max, row_sum = carry
-        keys = t * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-        s = jax.lax.dot_general(
+    def logits(t):
+        return jax.lax.dot_general(
             q,
             k_ref[pl.ds(t * block_kv, block_kv), :],
             (((1,), (1,)), ((), ())),
             preferred_element_type=jnp.float32,
             precision=precision,
         )
-        valid = (keys[None, :] <= pos[:, None]) & (keys[None, :] < seq_len)
-        s = jnp.where(valid, s * qk_scale, MASK_VALUE)
-        new_max = jnp.maximum(row_max, s.max(axis=1))
-        block_sum = jnp.where(valid, jnp.exp2(s - new_max[:, None]), 0.0).sum(axis=1)
+
+    def finish(t, row_max, row_sum, new_max, block_sum):
         sums_ref[t, :] = block_sum
         tile_max_ref[t, :] = new_max
         return new_max, row_sum * jnp.exp2(row_max - new_max) + block_sum
 
+    def whole_step(t, carry):
+        # The scale goes into the exp's argument (one FMA per logit); maxima are kept scaled.
+        s = logits(t)
+        new_max = jnp.maximum(carry[0], s.max(axis=1) * qk_scale)
+        block_sum = jnp.exp2(s * qk_scale - new_max[:, None]).sum(axis=1)
+        return finish(t, *carry, new_max, block_sum)
+
+    def masked_step(t, carry):
+        keys = t * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
+        valid = (keys[None, :] <= pos[:, None]) & (keys[None, :] < seq_len)
+        s = jnp.where(valid, logits(t) * qk_scale, MASK_VALUE)
+        new_max = jnp.maximum(carry[0], s.max(axis=1))
+        block_sum = jnp.where(valid, jnp.exp2(s - new_max[:, None]), 0.0).sum(axis=1)
+        return finish(t, *carry, new_max, block_sum)
+
     start = (jnp.full((tile_rows,), MASK_VALUE, jnp.float32), jnp.zeros((tile_rows,), jnp.float32))
-    row_max, row_sum = jax.lax.fori_loop(0, n_tiles, step, start)
+    carry = jax.lax.fori_loop(0, n_whole, whole_step, start)
+    row_max, row_sum = jax.lax.fori_loop(n_whole, n_tiles, masked_step, carry)
 
     @pl.loop(n_tiles, n_kv_blocks)
     def _(t):  # blocks past the causal limit: zero sums, any max <= the final one

@@ -142,3 +142,27 @@ def test_several_layers_in_one_pass_equal_single_layer_dumps(converted, tmp_path
     assert dump((0, 5), tmp_path / "y") == 2
     assert "--layer must be in [0, 2), got 5" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_yarn_above_the_native_context(converted, tmp_path):
+    """--yarn-above: a longer prompt gets real_model's YaRN RoPE, a shorter one the folder's."""
+    from benchmarks.real_model import yarn_config
+
+    common = ["--model", converted, "--layer", 0, "--tokens", N, "--seed", 1, "--dtype", "float32"]
+    for native, want_type in ((N - 1, "yarn"), (N, "default")):
+        out = tmp_path / f"yarn_{native}.npz"
+        argv = common + ["--out", out, "--yarn-above", native, "--yarn-factor", 2]
+        assert dump_qkv.main([str(a) for a in argv]) == 0
+        with np.load(out) as f:
+            assert str(f["rope_type"]) == want_type
+            ids = f["ids"]
+        model, config = load_model(converted, jnp.float32)
+        if want_type == "yarn":
+            config = yarn_config(config, 2.0, native)
+        q, k, _ = dump_qkv.load_qkv(out)
+        want_q, want_k, _ = dump_qkv.layer_qkv(model, config, ids, 0)
+        np.testing.assert_allclose(q, want_q, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(k, want_k, rtol=1e-6, atol=1e-6)
+    plain_q, _, _ = dump_qkv.layer_qkv(model, config, ids, 0)
+    yarn_q = dump_qkv.load_qkv(tmp_path / f"yarn_{N - 1}.npz")[0]
+    assert not np.allclose(yarn_q, plain_q, atol=1e-3)  # the RoPE did change

@@ -53,6 +53,19 @@ def test_fused_scores_equal_the_oracle_and_the_xla_path(
     np.testing.assert_allclose(got, _all_scores(q, k, "xla", **kw), rtol=1e-4, atol=1e-6)
 
 
+def test_fused_scores_keep_peaked_rows():
+    """Logits in the thousands: a running max kept at the wrong scale underflows every exp."""
+    q, k = moving_max_qk(11, 1, 1500, 2, 1, 32)
+    q = q * 60.0
+    kw = dict(rows=8, block_q=64, block_kv=64)
+    got = _all_scores(q, k, "pallas", **kw)
+    want = sampled_rows_scores_oracle(
+        np.asarray(q, np.float64), np.asarray(k, np.float64), 8, 64, 32**-0.5
+    )
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_fused_scores_in_chunks(monkeypatch):
     q, k = moving_max_qk(3, 1, 900, 4, 2, 32)
     kw = dict(rows=8, block_q=64, block_kv=64)
