@@ -38,6 +38,7 @@ from benchmarks.real_model import yarn_config
 from minference_jax.models.checkpoint import DTYPES, CheckpointError, load_model
 from minference_jax.models.generation import layer_step
 from minference_jax.models.rope import rope_tables
+from minference_jax.shipped import resolve_checkpoint
 from minference_jax.tokenization import TokenizerError, load_tokenizer
 
 CHUNK = 8192  # the prefill's default chunk_size
@@ -201,6 +202,7 @@ def run(args):
     """Dump each --layer; yields one dict per layer (its arrays, meta and file)."""
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    args.model = resolve_checkpoint(args.model)  # a folder, or a shipped model's name
     tokenizer = load_tokenizer(args.model) if args.model.is_dir() else None
     model, config = load_model(args.model, DTYPES[args.dtype])  # checks the folder exists
     if tokenizer is None:

@@ -58,12 +58,13 @@ from benchmarks.timing import (
 from minference_jax import passkey
 from minference_jax import patterns as P
 from minference_jax.attention import forced_sparse_implementation, plan_layers
-from minference_jax.config_io import load_pattern_config, shipped_configs
+from minference_jax.config_io import PatternConfigError, load_pattern_config, shipped_configs
 from minference_jax.models import AttentionSpec
-from minference_jax.models.checkpoint import load_model
+from minference_jax.models.checkpoint import CheckpointError, load_model
 from minference_jax.models.generation import generate, layer_step
 from minference_jax.models.rope import rope_tables
 from minference_jax.search import parse_candidate
+from minference_jax.shipped import resolve_checkpoint, resolve_pattern_config
 
 CHECKPOINT = pathlib.Path(__file__).parents[1] / "minference_jax" / "checkpoints" / "passkey-tiny"
 SYNTHETIC_MODELS = ("passkey-tiny",)  # trained on the synthetic haystack only
@@ -88,6 +89,14 @@ def searched_config(model_path: pathlib.Path) -> pathlib.Path | None:
     return shipped_configs().get(f"{name}_searched")
 
 
+def resolve_model_arg(model: pathlib.Path) -> pathlib.Path:
+    """--model: a checkpoint folder, or a shipped model's name from any folder (one-line exit)."""
+    try:
+        return resolve_checkpoint(model)
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def build_modes(args, config) -> list[Mode]:
     impl = forced_sparse_implementation(getattr(jnp, args.dtype), config.head_dim)
     layers, heads = config.num_layers, config.num_heads
@@ -101,7 +110,11 @@ def build_modes(args, config) -> list[Mode]:
             path = path or searched_config(args.model)
             if path is None:
                 raise SystemExit(f"{name}: no searched config for {args.model.name}; give one")
-            table = load_pattern_config(path, num_layers=layers, num_heads=heads)
+            try:  # a path, or a shipped config's name from any folder
+                path = resolve_pattern_config(path)
+                table = load_pattern_config(path, num_layers=layers, num_heads=heads)
+            except PatternConfigError as err:
+                raise SystemExit(f"error: {err}") from None
             modes.append(Mode(name, f"config {path.stem}", AttentionSpec(table, impl)))
             continue
         try:
@@ -310,6 +323,7 @@ def main(argv=None):
     if args.replot:
         report_written(replot(args.replot, args.out / (args.name or args.replot[0].stem)))
         return []
+    args.model = resolve_model_arg(args.model)
     model, config = load_model(args.model, getattr(jnp, args.dtype))
     modes = build_modes(args, config)
     device = device_name()

@@ -43,7 +43,7 @@ from flax import nnx
 from benchmarks import heldout
 from benchmarks.device_guard import declare
 from benchmarks.e2e_prefill import layer0_breakdown
-from benchmarks.niah import Mode, build_modes
+from benchmarks.niah import Mode, build_modes, resolve_model_arg
 from benchmarks.timing import DEFAULT_OUT, card_name, device_name, report_written, tokens_label
 from minference_jax.attention import plan_layers
 from minference_jax.models import AttentionSpec
@@ -379,6 +379,7 @@ def main(argv=None) -> list[dict]:
         parser.error("--model is required (except with --replot)")
     if not args.lengths and not args.speed_lengths:
         parser.error("give --lengths (accuracy) and/or --speed-lengths (prefill time)")
+    args.model = resolve_model_arg(args.model)
     model, native_config = load_model(args.model, getattr(jnp, args.dtype))
     tokenizer = load_tokenizer(args.model, native_config.vocab_size)
     if tokenizer is None:

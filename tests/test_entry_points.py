@@ -7,13 +7,14 @@ import shutil
 import sys
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import minference_jax
 from minference_jax import patterns as P
 from minference_jax.config_io import PatternConfigError, load_pattern_config, shipped_configs
-from minference_jax.models.checkpoint import CheckpointError
+from minference_jax.models.checkpoint import CheckpointError, load_model
 from minference_jax.models.defaults import CHECKPOINT, PASSKEY_TINY, default_prompt
 from minference_jax.pattern_spec import (
     SPEC_KINDS,
@@ -99,6 +100,32 @@ def test_prefill_takes_names_from_another_folder(tmp_path, monkeypatch, capsys):
     assert "pattern config not found: nope" in err and "pytext_12m_searched" in err
     err = _one_line_error(capsys, main, ["--model", "nope", "--quiet"])
     assert "checkpoint folder not found: nope" in err and "pytext-12m" in err
+
+
+def test_benchmarks_take_names_from_another_folder(tmp_path, monkeypatch):
+    """niah / real_model (build_modes) and dump_qkv read --model and --pattern-config as
+    prefill does: a shipped name from any folder, one-line errors otherwise."""
+    import argparse
+
+    from benchmarks.niah import build_modes, resolve_model_arg
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_arg(pathlib.Path("pytext-12m")) == CHECKPOINT
+    with pytest.raises(SystemExit, match="checkpoint folder not found: nope"):
+        resolve_model_arg(pathlib.Path("nope"))
+    _, config = load_model(CHECKPOINT, jnp.float32)
+    for given in ("pytext_12m_searched", "minference_jax/configs/pytext_12m_searched.json"):
+        args = argparse.Namespace(
+            modes=["minference"],
+            pattern_config=pathlib.Path(given),
+            model=CHECKPOINT,
+            dtype="float32",
+        )
+        (mode,) = build_modes(args, config)
+        assert mode.title == "config pytext_12m_searched"
+    args.pattern_config = pathlib.Path("nope")
+    with pytest.raises(SystemExit, match="pattern config not found: nope"):
+        build_modes(args, config)
 
 
 # --- the shipped config made for a model ----------------------------------------------------
