@@ -956,7 +956,9 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
         else:
             arrays["is_avs"][h] = 1
             arrays["query_aware"][h] = p.query_aware
-            arrays["max_vertical"][h], arrays["max_slash"][h] = p.max_vertical, p.max_slash
+            arrays["max_vertical"][h], arrays["max_slash"][h] = P.vertical_slash_capacities(
+                p, seq_len
+            )
     avs = [p for _, p in adaptive if isinstance(p, P.AdaptiveVerticalSlash)]
     block_heads = [p for _, p in adaptive if not isinstance(p, P.AdaptiveVerticalSlash)]
     block_heads += [p for p in avs if p.query_aware > 0]
@@ -966,8 +968,8 @@ def _plan_adaptive(patterns, seq_len: int, block_q: int, block_kv: int):
         stride=strides.pop() if strides else 0,
         sample_rows=rows.pop() if rows else 0,
         max_blocks=min(_round_up_pow2(max(capacities, default=0)), n_kv_blocks),
-        max_vertical=min(_round_up_pow2(max((p.max_vertical for p in avs), default=0)), seq_len),
-        max_slash=min(_round_up_pow2(max((p.max_slash for p in avs), default=0)), seq_len),
+        max_vertical=min(_round_up_pow2(int(arrays["max_vertical"].max())), seq_len),
+        max_slash=min(_round_up_pow2(int(arrays["max_slash"].max())), seq_len),
         query_aware=any(p.query_aware > 0 for p in avs),
     )
     return plan, arrays

@@ -24,6 +24,7 @@ class SpecKind:
     aliases: tuple[str, ...] = ()  # the prefill's --mode names for the same pattern
     rule: str | None = None  # the adaptive kinds' selection rule ("r" kinds: relative)
     summary: str = ""  # what the pattern keeps, for help texts
+    fixed: tuple[tuple[str, object], ...] = ()  # other fields this kind sets, e.g. capacities
 
     def usage(self, name: str) -> str:
         shown = [f.upper() for f in self.fields]
@@ -78,6 +79,14 @@ SPEC_KINDS = {
         1,
         rule="relative",
         summary="columns and diagonals scoring >= THRESHOLD x the row's maximum",
+    ),
+    "avsa": SpecKind(
+        P.AdaptiveVerticalSlash,
+        ("threshold", "query_aware"),
+        1,
+        rule="absolute",
+        fixed=(("max_vertical", None), ("max_slash", None)),
+        summary="every column and diagonal holding >= THRESHOLD of the mass (as many as pass)",
     ),
     "sbs": SpecKind(
         P.SampledBlockSparse,
@@ -139,6 +148,7 @@ def parse_pattern_spec(text: str) -> P.Pattern:
     fields = dict(zip(kind.fields, values, strict=False))
     if kind.rule is not None:
         fields["rule"] = kind.rule
+    fields.update(kind.fixed)
     try:
         return kind.pattern(**fields)
     except (TypeError, ValueError) as err:

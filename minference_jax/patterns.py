@@ -99,30 +99,46 @@ def _check_threshold(name: str, threshold, rule: str) -> None:
         raise ValueError(f"{name}.threshold must be in [0, 1], got {threshold}")
 
 
-def _check_block_capacity(name: str, max_blocks, rule: str) -> dict:
-    """`_check_sizes` arguments for `max_blocks`: None (derived, see `block_capacity`) is for
-    the absolute rule only, the one rule that bounds how many blocks pass."""
-    if max_blocks is None:
-        if rule != "absolute":
+def _check_capacities(name: str, rule: str, **capacities) -> dict:
+    """`_check_sizes` arguments for static capacities (`max_blocks`, `max_vertical`, ...): None
+    (derived from the threshold, see `threshold_capacity`) is for the absolute rule only, the
+    one rule that bounds how many entries pass."""
+    for field, value in capacities.items():
+        if value is None and rule != "absolute":
             raise ValueError(
-                f"{name}.max_blocks=None (a capacity from the threshold) needs rule='absolute', "
-                f"got rule={rule!r}: give max_blocks"
+                f"{name}.{field}=None (a capacity from the threshold) needs rule='absolute', "
+                f"got rule={rule!r}: give {field}"
             )
-        return {}
-    return {"max_blocks": max_blocks}
+    return {field: value for field, value in capacities.items() if value is not None}
+
+
+def threshold_capacity(pattern, capacity: int | None, limit: int) -> int:
+    """How many entries (key blocks of a query block, key columns, diagonals) an adaptive head
+    may keep besides the always-kept ones: `capacity`, or with None as many as its threshold
+    lets pass. Under the absolute rule a kept entry holds >= threshold of its row's estimated
+    mass, which sums to the total, so at most floor(1 / threshold) pass (one more for f32
+    rounding): a capacity the threshold, not the prompt length, decides. Never more than
+    `limit` (the entries there are)."""
+    if capacity is not None:
+        return min(capacity, limit)
+    if pattern.threshold <= 0:
+        return limit
+    return min(int(1.0 / pattern.threshold) + 1, limit)
 
 
 def block_capacity(pattern, n_kv_blocks: int) -> int:
-    """Key blocks an adaptive block-selecting head may keep per query block (besides the
-    always-kept ones): its `max_blocks`, or with `max_blocks=None` as many as its threshold lets
-    pass. Under the absolute rule a kept block holds >= threshold of the query block's estimated
-    mass, which sums to 1, so at most floor(1 / threshold) pass (one more for f32 rounding): a
-    capacity the threshold, not the prompt length, decides. Never more than `n_kv_blocks`."""
-    if pattern.max_blocks is not None:
-        return min(pattern.max_blocks, n_kv_blocks)
-    if pattern.threshold <= 0:
-        return n_kv_blocks
-    return min(int(1.0 / pattern.threshold) + 1, n_kv_blocks)
+    """Key blocks an adaptive block-selecting head may keep per query block (`max_blocks`,
+    `threshold_capacity`)."""
+    return threshold_capacity(pattern, pattern.max_blocks, n_kv_blocks)
+
+
+def vertical_slash_capacities(pattern, seq_len: int) -> tuple[int, int]:
+    """(columns, diagonals) an `AdaptiveVerticalSlash` head may keep besides the always-kept
+    ones (`max_vertical`, `max_slash`, `threshold_capacity`)."""
+    return (
+        threshold_capacity(pattern, pattern.max_vertical, seq_len),
+        threshold_capacity(pattern, pattern.max_slash, seq_len),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +165,7 @@ class AntiDiagonalBlockSparse:
         _check_sizes(
             "AntiDiagonalBlockSparse",
             1,
-            **_check_block_capacity("AntiDiagonalBlockSparse", self.max_blocks, self.rule),
+            **_check_capacities("AntiDiagonalBlockSparse", self.rule, max_blocks=self.max_blocks),
             stride=self.stride,
             block_size=self.block_size,
         )
@@ -167,7 +183,9 @@ class AdaptiveVerticalSlash:
     From the last `LAST_Q` queries' softmax (the Vertical-Slash estimator's), the fewest key
     columns and the fewest diagonals whose estimated mass reaches `threshold` of the total; the
     first 30 columns and the 100 most local diagonals are always kept, and at most `max_vertical`
-    / `max_slash` others (their largest; static capacities). Selection `rule`:
+    / `max_slash` others (their largest; static capacities; None with the absolute rule: from
+    the threshold, `vertical_slash_capacities`, so the threshold sets the budget at any length).
+    Selection `rule`:
     - "cumulative": the fewest entries whose summed score reaches `threshold` of the row's total
       (top-p; a sort-free radix search over the f32 bit patterns, 16 masked-sum passes);
     - "relative": every entry >= `threshold` x the row's maximum (one max, one count: cheaper,
@@ -183,10 +201,10 @@ class AdaptiveVerticalSlash:
     """
 
     threshold: float = 0.9
-    max_vertical: int = 4096
-    max_slash: int = 8192
+    max_vertical: int | None = 4096
+    max_slash: int | None = 8192
     query_aware: float = 0.0
-    max_blocks: int = 512
+    max_blocks: int | None = 512
     rule: str = "cumulative"
     block_size: int = 64
 
@@ -195,9 +213,13 @@ class AdaptiveVerticalSlash:
         _check_sizes(
             "AdaptiveVerticalSlash",
             1,
-            max_vertical=self.max_vertical,
-            max_slash=self.max_slash,
-            max_blocks=self.max_blocks,
+            **_check_capacities(
+                "AdaptiveVerticalSlash",
+                self.rule,
+                max_vertical=self.max_vertical,
+                max_slash=self.max_slash,
+                max_blocks=self.max_blocks,
+            ),
             block_size=self.block_size,
         )
         q = self.query_aware
@@ -231,7 +253,7 @@ class SampledBlockSparse:
         _check_sizes(
             "SampledBlockSparse",
             1,
-            **_check_block_capacity("SampledBlockSparse", self.max_blocks, self.rule),
+            **_check_capacities("SampledBlockSparse", self.rule, max_blocks=self.max_blocks),
             rows=self.rows,
             block_size=self.block_size,
         )

@@ -315,6 +315,51 @@ def test_adaptive_vertical_slash_index_matches_oracle(qkv):
         np.testing.assert_array_equal(got[b, h], want & causal, err_msg=f"{b} {h}")
 
 
+def test_adaptive_vertical_slash_capacities_from_the_threshold(qkv):
+    """max_vertical=max_slash=None under the absolute rule: every column and diagonal holding
+    >= threshold of the estimated mass is kept, however many (no static cap binds)."""
+    q, k, _ = qkv
+    thresholds = (0.0, 0.002, 0.01, 0.05)
+    heads = tuple(
+        P.AdaptiveVerticalSlash(
+            t, max_vertical=None, max_slash=None, rule="absolute", block_size=BLOCK
+        )
+        for t in thresholds
+    )
+    qj, kj = jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32)
+    index = build_sparse_index(qj, kj, heads, block_q=BLOCK, block_kv=BLOCK)
+    cols, diags = (
+        np.asarray(x) for x in vertical_slash_scores(qj, kj, scale=16**-0.5, estimator="xla")
+    )
+    causal = np.arange(N)[None, :] < (np.arange(-(-N // BLOCK))[:, None] + 1) * BLOCK
+    got = np.asarray(block_mask_from_index(index))[..., :N] & causal
+    for b, h in np.ndindex(2, 4):
+        t = thresholds[h]
+        verticals = with_always_kept_oracle(cols[b, h], t, N, 30, "absolute")
+        slashes = with_always_kept_oracle(diags[b, h], t, N, 100, "absolute")
+        want = block_rows_mask(N, BLOCK, BLOCK, slashes=slashes, verticals=verticals)
+        np.testing.assert_array_equal(got[b, h], want & causal, err_msg=f"{b} {h}")
+    assert got[0, 1].sum() > got[0, 3].sum()  # the thresholds set different budgets
+
+
+def test_vertical_slash_capacities_follow_the_threshold_not_the_length(tmp_path):
+    derived = P.AdaptiveVerticalSlash(1e-4, max_vertical=None, max_slash=None, rule="absolute")
+    assert P.vertical_slash_capacities(derived, 1 << 20) == (10001, 10001)
+    assert P.vertical_slash_capacities(derived, 4096) == (4096, 4096)
+    capped = P.AdaptiveVerticalSlash(1e-4, max_slash=None, rule="absolute")
+    assert P.vertical_slash_capacities(capped, 1 << 20) == (4096, 10001)
+    layer = (derived, P.AdaptiveVerticalSlash(0.01, max_vertical=None, rule="absolute"))
+    plan, budgets = plan_index(layer, 1 << 20, 2, block_q=128, block_kv=64)
+    assert (plan.adaptive.max_vertical, plan.adaptive.max_slash) == (16384, 16384)
+    np.testing.assert_array_equal(budgets["max_vertical"], [10001, 101])
+    np.testing.assert_array_equal(budgets["max_slash"], [10001, 8192])
+    with pytest.raises(ValueError, match="max_slash=None .* needs rule='absolute'"):
+        P.AdaptiveVerticalSlash(0.9, max_slash=None)
+    path = tmp_path / "derived.json"
+    save_pattern_config(P.HeadPatterns((layer,)), path)
+    assert load_pattern_config(path).layers == (layer,)  # None written as null and read back
+
+
 def with_always_kept_oracle(row, threshold, limit, always, rule="cumulative"):
     """Indices: the first `always`, plus the kept others (at most their `limit` largest)."""
     x = np.where(row > 0, row, 0).astype(np.float32)

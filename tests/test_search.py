@@ -89,6 +89,11 @@ def test_min_recall_upgrades_only_the_heads_below_it():
         ("adbr:0.1,16", P.AntiDiagonalBlockSparse(0.1, 16, rule="relative")),
         ("avs:0.95", P.AdaptiveVerticalSlash(0.95)),
         ("avsr:0.01,0.2", P.AdaptiveVerticalSlash(0.01, query_aware=0.2, rule="relative")),
+        (
+            "avsa:1e-4",
+            P.AdaptiveVerticalSlash(1e-4, max_vertical=None, max_slash=None, rule="absolute"),
+        ),
+        ("sbs:0.0003,4", P.SampledBlockSparse(0.0003, rows=4)),
     ],
 )
 def test_parse_candidate_kinds(text, expected):
