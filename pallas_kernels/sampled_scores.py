@@ -8,6 +8,8 @@ causal key blocks once with an online max:
   - per key block it writes each row's exp-sum over the block under the running max of that
     moment, and that max;
   - at the end, the row's final max and exp-sum.
+Key blocks that every row of the tile sees whole (nearly all of them) run without the causal
+mask, with the scale folded into the exp's argument; only the last few are masked.
 `block_mass` rescales every block to the final max and normalises (XLA, on arrays block_kv times
 smaller than the logits): the same softmax mass the XLA path computes.
 
