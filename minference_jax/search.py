@@ -8,6 +8,11 @@ candidate pattern is scored on the last `score_queries` queries of each prompt:
 Each head takes the candidate with the highest recall among those costing no more than the
 reference candidate (by default the uniform VerticalSlash(1000, 6096)); the reference is itself
 a candidate, so the searched config keeps at least its recall at no more cost, head by head.
+With `--recall-target R` there is no per-head bound: the heads share one budget, the fewest
+tiles whose mean recall over all heads reaches R (`allocate_for_recall`); with one adaptive
+estimator at several thresholds as candidates this gives each head its own threshold.
+`--score-rows spread` scores recall on query blocks spread over each prompt instead of its last
+queries (for estimators, like sampled blocks, that read the whole prompt).
 
     python -m minference_jax.search --out pytext_2k.json \\
         --candidates vs:300,100 vs:100,100 vs:30,128 a-shape:64,256 block:8 --min-recall 0.95
@@ -29,7 +34,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,8 +52,8 @@ from minference_jax.models.memory import DoesNotFitError, check_fits
 from minference_jax.models.modeling import CausalLM, layer_body
 from minference_jax.models.rope import rope_tables
 from minference_jax.pattern_spec import format_pattern_spec, parse_pattern_spec, spec_help
+from minference_jax.recall import row_recall, sample_block_rows
 from minference_jax.shipped import resolve_checkpoint
-from minference_jax.sparse_index import block_mask_from_index
 from minference_jax.tokenization import TokenizerError, load_tokenizer
 
 # Budgets of the original tool's search space (tokens), the reference (default) first.
@@ -74,33 +78,75 @@ class SearchResult:
     reference_cost: np.ndarray
 
 
-def _scored_rows_mask(index, n: int, score_queries: int) -> jax.Array:
-    """[B, H, Qs, N] bool: keys the index gives the last `score_queries` queries (causal)."""
-    per_block = block_mask_from_index(index)[..., :n]  # [B, H, nqb, N]
-    rows = jnp.arange(n - score_queries, n)
-    mask = per_block[:, :, rows // index.block_q]  # [B, H, Qs, N]
-    return mask & (jnp.arange(n)[None, :] <= rows[:, None])
+SCORE_ROWS = ("last", "spread")
 
 
-def _dense_probs(q_last, k, n: int) -> jax.Array:
-    """Softmax of the last queries q_last [B, Qs, H, D] over keys k [B, N, Hkv, D]."""
-    b, qs, h, d = q_last.shape
-    hkv = k.shape[2]
-    qg = q_last.reshape(b, qs, hkv, h // hkv, d).astype(jnp.float32)
-    logits = jnp.einsum("bqkgd,bnkd->bkgqn", qg, k.astype(jnp.float32)) * d**-0.5
-    rows = jnp.arange(n - qs, n)
-    logits = jnp.where(jnp.arange(n)[None, :] <= rows[:, None], logits, -jnp.inf)
-    return jax.nn.softmax(logits, axis=-1).reshape(b, h, qs, n)
+def scored_rows(n: int, score_queries: int, how: str, block: int = 64) -> np.ndarray:
+    """Query positions whose recall a candidate is scored on: the last `score_queries` rows, or
+    ("spread") whole `block`-row query blocks spread evenly over the prompt, about as many rows
+    (an estimate that reads only the last queries is then judged on the whole prompt)."""
+    if how == "last":
+        return np.arange(n - score_queries, n, dtype=np.int32)
+    if how == "spread":
+        return sample_block_rows(n, -(-score_queries // block), block)
+    raise ValueError(f"score rows must be one of {SCORE_ROWS}, got {how!r}")
 
 
-def _score(q, k, candidate, score_queries: int, block: int):
-    """(recall [H], cost [H]) of one candidate for every head, averaged over the batch."""
-    n = q.shape[1]
+def _score(q, k, candidate, rows, block: int):
+    """(recall [H], cost [H]) of one candidate for every head, averaged over the batch: the dense
+    attention mass its index keeps on query rows `rows`, and the key tiles it computes for the
+    whole prompt over a dense causal kernel's."""
     index = build_sparse_index(q, k, candidate, block_q=block, block_kv=block)
-    probs = _dense_probs(q[:, n - score_queries :], k, n)
-    recall = (probs * _scored_rows_mask(index, n, score_queries)).sum(-1).mean(axis=(0, 2))
+    recall = row_recall(q, k, index, rows).mean(axis=(0, 2))
     cost = index.num_tiles().sum(-1).mean(0) / index.causal_tiles
     return np.asarray(recall), np.asarray(cost)
+
+
+def allocate_for_recall(recall: np.ndarray, cost: np.ndarray, target: float) -> np.ndarray:
+    """[...] candidate per head (recall, cost [C, ...]): about the fewest mean tiles whose mean
+    recall over all heads reaches `target`, heads trading recall for tiles with each other.
+
+    Each head starts at its cheapest candidate and climbs its (cost, recall) upper hull; the
+    steps of all heads are taken in order of recall gained per tile until the mean recall reaches
+    `target` (every head at its best recall when it cannot); then each head moves to a cheaper
+    candidate where the target still holds. Within one head's step of the best any choice
+    reaching `target` could cost (it is an integral knapsack)."""
+    c, *shape = recall.shape
+    flat_r, flat_c = recall.reshape(c, -1).T, cost.reshape(c, -1).T  # [heads, C]
+    choice = np.zeros(flat_r.shape[0], np.int64)
+    steps = []  # (recall per tile, head, step, candidate)
+    for h, (r, t) in enumerate(zip(flat_r, flat_c, strict=True)):
+        order = np.lexsort((-r, t))  # cheapest first; at equal cost the best recall
+        hull = [order[0]]
+        for i in order[1:]:
+            if r[i] <= r[hull[-1]] + 1e-12:
+                continue  # dominated: costs no less, keeps no more
+            while len(hull) >= 2:  # keep the slopes decreasing (upper hull)
+                a, b = hull[-2], hull[-1]
+                if (r[b] - r[a]) * (t[i] - t[a]) <= (r[i] - r[a]) * (t[b] - t[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(i)
+        choice[h] = hull[0]
+        for step, (a, b) in enumerate(zip(hull[:-1], hull[1:], strict=True)):
+            gain = (r[b] - r[a]) / max(t[b] - t[a], 1e-12)
+            steps.append((-gain, h, step, b))
+    total = flat_r[np.arange(flat_r.shape[0]), choice].sum()
+    need = target * flat_r.shape[0] - 1e-9
+    for _, h, _, b in sorted(steps):
+        if total >= need:
+            break
+        total += flat_r[h, b] - flat_r[h, choice[h]]
+        choice[h] = b
+    if total >= need:  # the last step may overshoot: any head that can, moves to a cheaper pick
+        for h in range(flat_r.shape[0]):
+            fits = total - flat_r[h, choice[h]] + flat_r[h] >= need
+            cheaper = np.where(fits, flat_c[h], np.inf)
+            if cheaper.min() < flat_c[h, choice[h]]:
+                total += flat_r[h, cheaper.argmin()] - flat_r[h, choice[h]]
+                choice[h] = cheaper.argmin()
+    return choice.reshape(shape)
 
 
 def search_patterns(
@@ -112,6 +158,8 @@ def search_patterns(
     score_queries: int = 64,
     block: int = 64,
     min_recall: float | None = None,
+    recall_target: float | None = None,
+    score_rows: str = "last",
     progress=None,
 ) -> SearchResult:
     """Pick one pattern per (layer, head); `candidates[reference]` bounds every head's cost.
@@ -119,6 +167,11 @@ def search_patterns(
     min_recall: a head whose best pick under the cost bound keeps less attention mass than this
     takes instead the cheapest candidate that reaches it, or Dense() when none does (recall and
     cost 1) — diffuse heads then cost more than the reference, on purpose.
+    recall_target: instead of the per-head cost bound, the fewest tiles whose mean recall over
+    all heads and layers reaches it (`allocate_for_recall`): e.g. one estimator at several
+    thresholds as candidates, each head getting the threshold where its tiles buy the most.
+    score_rows: `scored_rows` ("last": the last `score_queries` queries; "spread": about as
+    many rows in query blocks spread over each prompt).
     progress: None, or a callable(prompt_id, num_prompts, layer_id, num_layers) called after
     each layer of each prompt.
     """
@@ -132,6 +185,10 @@ def search_patterns(
         raise ValueError(f"score_queries must be >= 1, got {score_queries}")
     if min_recall is not None and not 0.0 <= min_recall <= 1.0:
         raise ValueError(f"min_recall must be in [0, 1], got {min_recall}")
+    if recall_target is not None and not 0.0 <= recall_target <= 1.0:
+        raise ValueError(f"recall_target must be in [0, 1], got {recall_target}")
+    if recall_target is not None and min_recall is not None:
+        raise ValueError("give min_recall (per-head cost bound) or recall_target, not both")
     _check_candidates(candidates, block)
     num_layers, num_heads = config.num_layers, config.num_heads
     recall = np.zeros((len(candidates), num_layers, num_heads))
@@ -145,8 +202,9 @@ def search_patterns(
         x = model.embed[...][ids]
         for layer_id, layer in enumerate(model.layers):
             q, k, _ = layer.attn.qkv(layer.input_norm(x), cos, sin)
+            rows = scored_rows(n, score_queries, score_rows, block)
             for c, candidate in enumerate(candidates):
-                r, s = _score(q, k, candidate, score_queries, block)
+                r, s = _score(q, k, candidate, rows, block)
                 recall[c, layer_id] += r / len(prompts)
                 cost[c, layer_id] += s / len(prompts)
             x, _, _ = layer_body(layer, x, cos, sin, None, plan=None, implementation=None, chunk=n)
@@ -154,6 +212,8 @@ def search_patterns(
                 progress(prompt_id, len(prompts), layer_id, num_layers)
     allowed = cost <= cost[reference][None] + 1e-9  # [C, L, H]
     best = np.argmax(np.where(allowed, recall - 1e-6 * cost, -np.inf), axis=0)  # ties: cheaper
+    if recall_target is not None:
+        best = allocate_for_recall(recall, cost, recall_target)
     if min_recall is not None:
         # Dense as an extra last candidate: keeps all the mass at the full causal cost.
         candidates += (P.Dense(),)
@@ -224,7 +284,14 @@ def build_parser() -> ArgumentParser:
         "--score-queries",
         type=int,
         default=64,
-        help="last queries of each prompt on which recall is measured",
+        help="queries of each prompt on which recall is measured (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--score-rows",
+        choices=SCORE_ROWS,
+        default="last",
+        help="which: the last --score-queries, or as many in 64-row query blocks spread over "
+        "the prompt (for estimators that read the whole prompt, e.g. sbs) (default: last)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     parser.add_argument(
@@ -246,6 +313,14 @@ def build_parser() -> ArgumentParser:
         "candidate reaching it, or dense (default: none)",
     )
     parser.add_argument(
+        "--recall-target",
+        type=float,
+        default=None,
+        help="in [0, 1]: no per-head cost bound; the fewest tiles whose mean recall over all "
+        "heads reaches this, heads trading recall for tiles with each other (candidates: e.g. "
+        "one estimator at several thresholds, sbs:0.01 sbs:0.003 sbs:0.001 sbs:0.0003)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         help="compute dtype (default: the checkpoint's; float32 for the embedded model)",
@@ -263,6 +338,10 @@ def _check_args(args) -> None:
     check_at_least("--seed", args.seed, 0)
     if args.min_recall is not None and not 0.0 <= args.min_recall <= 1.0:  # NaN fails too
         raise CliError(f"--min-recall must be in [0, 1], got {args.min_recall}")
+    if args.recall_target is not None and not 0.0 <= args.recall_target <= 1.0:
+        raise CliError(f"--recall-target must be in [0, 1], got {args.recall_target}")
+    if args.recall_target is not None and args.min_recall is not None:
+        raise CliError("pass --min-recall or --recall-target, not both")
     if args.prompt_file and args.synthetic_tokens is not None:
         raise CliError("pass --prompt-file or --synthetic-tokens, not both")
     if args.synthetic_tokens is None and args.model is not None and not args.prompt_file:
@@ -438,6 +517,8 @@ def run(args) -> SearchResult:
         candidates=candidates,
         score_queries=args.score_queries,
         min_recall=args.min_recall,
+        recall_target=args.recall_target,
+        score_rows=args.score_rows,
         progress=_Progress(prompts, len(candidates), args.quiet),
     )
     try:

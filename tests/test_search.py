@@ -104,3 +104,77 @@ def test_parse_candidate_kinds(text, expected):
 def test_parse_candidate_refuses(text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse_candidate(text)
+
+
+def _brute_force_cost(recall, cost, target):
+    """The fewest mean tiles over every choice of one candidate per head reaching target."""
+    import itertools
+
+    c, heads = recall.shape
+    best = np.inf
+    for choice in itertools.product(range(c), repeat=heads):
+        r = recall[list(choice), np.arange(heads)].mean()
+        if r >= target - 1e-12:
+            best = min(best, cost[list(choice), np.arange(heads)].mean())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_for_recall_is_within_one_step_of_the_best(seed):
+    from minference_jax.search import allocate_for_recall
+
+    rng = np.random.default_rng(seed)
+    c, heads = 4, 5
+    cost = rng.uniform(0.05, 1.0, (c, heads))
+    recall = np.clip(0.5 + 0.5 * cost + rng.normal(0, 0.1, (c, heads)), 0, 1)  # noisy trade-off
+    for target in np.linspace(recall.min(0).mean(), recall.max(0).mean(), 7):
+        choice = allocate_for_recall(recall, cost, target)
+        got_r = recall[choice, np.arange(heads)].mean()
+        got_c = cost[choice, np.arange(heads)].mean()
+        assert got_r >= target - 1e-9
+        # One head's last step is all the greedy can overspend (an integral knapsack).
+        step = (cost.max(0) - cost.min(0)).max() / heads
+        assert got_c <= _brute_force_cost(recall, cost, target) + step + 1e-12
+    unreachable = allocate_for_recall(recall, cost, 1.5)
+    np.testing.assert_array_equal(recall[unreachable, np.arange(heads)], recall.max(0))
+    np.testing.assert_array_equal(allocate_for_recall(recall, cost, 0.0), cost.argmin(0))
+
+
+def test_allocate_for_recall_spends_tiles_where_they_buy_the_most():
+    """Two heads, one cheap to satisfy: the target is reached on it, not on the other."""
+    from minference_jax.search import allocate_for_recall
+
+    recall = np.array([[0.5, 0.5], [0.99, 0.6], [1.0, 0.99]])  # [C, H]
+    cost = np.array([[0.1, 0.1], [0.2, 0.5], [0.9, 0.9]])
+    np.testing.assert_array_equal(allocate_for_recall(recall, cost, 0.79), [1, 1])
+    np.testing.assert_array_equal(allocate_for_recall(recall, cost, 0.74), [1, 0])
+
+
+def test_recall_target_search_on_spread_rows(tmp_path, capsys):
+    """A mean recall target over every head, scored on query blocks spread over the prompt."""
+    from minference_jax.search import scored_rows
+
+    np.testing.assert_array_equal(scored_rows(240, 32, "last", 16), np.arange(208, 240))
+    spread = scored_rows(240, 32, "spread", 16)
+    assert spread.size == 32 and spread.min() == 0 and spread.max() == 239
+    model, config = load_hf(LLAMA, jnp.float32)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, config.vocab_size, 240) for _ in range(2)]
+    candidates = tuple(P.SampledBlockSparse(t, rows=4, block_size=16) for t in (0.2, 0.05, 0.0))
+    kwargs = dict(candidates=candidates, score_queries=32, block=16, score_rows="spread")
+    cheapest = search_patterns(model, prompts, recall_target=0.0, **kwargs)
+    target = float(cheapest.recall.mean() + 1.0) / 2
+    result = search_patterns(model, prompts, recall_target=target, **kwargs)
+    assert result.recall.mean() >= target - 1e-9
+    assert result.cost.mean() > cheapest.cost.mean()
+    assert len({p for layer in result.patterns.layers for p in layer}) >= 2  # per-head thresholds
+    with pytest.raises(ValueError, match="not both"):
+        search_patterns(model, prompts, recall_target=0.9, min_recall=0.5, **kwargs)
+    out = tmp_path / "target.json"
+    argv = ["--model", str(LLAMA), "--out", str(out), "--num-prompts", "1", "--score-rows"]
+    argv += ["spread", "--synthetic-tokens", "240", "--score-queries", "32", "--candidates"]
+    argv += ["sbs:0.2,4", "sbs:0.0,4", "--recall-target", "0.9"]
+    assert main(argv) == 0
+    assert load_pattern_config(out, num_layers=2, num_heads=4).num_layers == 2
+    assert main([*argv, "--min-recall", "0.5"]) == 2
+    assert "pass --min-recall or --recall-target, not both" in capsys.readouterr().err
